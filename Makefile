@@ -1,0 +1,48 @@
+# Two entry points for people (README): `make demo` and `make test`. Both work on a fresh machine with
+# only python3 (>= 3.11) installed: they create .venv, install pinned dependencies, then do their job.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+PIP     = $(BIN)/python -m pip --disable-pip-version-check -q
+# The CPU build of torch; installed alone and first, so nothing later pulls a CUDA build.
+TORCH  ?= torch==2.13.0
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup demo test lint typecheck unit e2e check-generated generate lock clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH)
+	$(PIP) install -c requirements/constraints.txt -e '.[worker,operator,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mlds run examples/quick.yaml --workers 2 --store runs/quick
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+typecheck: $(STAMP)
+	$(BIN)/mypy contract worker operator cli
+
+check-generated: $(STAMP)
+	$(BIN)/python -m mlds_operator.generate --check
+
+generate: $(STAMP)
+	$(BIN)/python -m mlds_operator.generate
+
+test: $(STAMP) lint typecheck
+	$(BIN)/python -m pytest -q
+
+lock:
+	$(PYTHON) -m venv /tmp/mlds-lock && /tmp/mlds-lock/bin/pip install -q $(TORCH) && \
+	/tmp/mlds-lock/bin/pip install -q -e '.[worker,operator,dev]' && \
+	{ echo "# Exact versions for every install (pip -c). Regenerate: make lock. torch is installed first, alone (see Makefile)."; \
+	  /tmp/mlds-lock/bin/pip freeze | grep -v -iE '^(mlds|-e)' | sed 's/+cpu//'; } > requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
