@@ -1,0 +1,276 @@
+"""Wire types of the lease HTTP protocol between workers and the lease server (DESIGN.md §2).
+
+The lease server (the operator, or `mlds run`) owns a lease book (``mlds_operator.leasebook``); worker
+pods pull units from it over HTTP. This module is the one definition of the request and reply bodies:
+the server parses requests with these models, the worker builds them, and the lease API's OpenAPI
+document is generated from them. Fields are snake_case in Python and camelCase on the wire, unknown
+keys are rejected (``extra="forbid"``), and every field carries a description.
+
+The intended routes (the HTTP layer owns them; the lease id travels in the path, never in a body):
+
+    POST /v1/leases                        LeaseRequest      -> 200 LeaseGrant | 200 NoLease
+    POST /v1/leases/{leaseId}/heartbeat    HeartbeatRequest  -> 200 HeartbeatReply
+    POST /v1/leases/{leaseId}/release      ReleaseRequest    -> 200 ReleaseReply
+    POST /v1/units/{unit}/complete         CompleteRequest   -> 200 CompleteReply
+    POST /v1/units/{unit}/fail             FailRequest       -> 200 FailReply
+    any error                                                -> 4xx/5xx ErrorReply (application/problem+json)
+
+Completions and failures are keyed by unit (and the worker that reports them), not by lease: a verified
+result is accepted even when the lease it was trained under expired or the server restarted and no
+longer knows the lease id. A heartbeat for a lease the server does not know re-establishes it when its
+units are still free (see ``HeartbeatRequest``).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Self
+
+from pydantic import AwareDatetime, Field, StringConstraints, model_validator
+
+from .campaign import Accelerator, Model
+from .plan import UnitSpec
+
+__all__ = [
+    "PROBLEM_JSON",
+    "CompleteReply",
+    "CompleteRequest",
+    "ErrorReply",
+    "FailKind",
+    "FailReply",
+    "FailRequest",
+    "FileDigest",
+    "FileName",
+    "HeartbeatReply",
+    "HeartbeatRequest",
+    "LeaseGrant",
+    "LeaseId",
+    "LeaseRequest",
+    "LeasedUnit",
+    "NoLease",
+    "NoLeaseReason",
+    "Outcome",
+    "PoolName",
+    "ReleaseReply",
+    "ReleaseRequest",
+    "UnitAttempt",
+    "UnitState",
+    "WorkerId",
+]
+
+#: Media type of :class:`ErrorReply` bodies (RFC 9457 problem details).
+PROBLEM_JSON = "application/problem+json"
+
+#: A worker's identity: its pod name in a cluster, ``<host>-<n>`` under `mlds run`. Up to a DNS name's length.
+WorkerId = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9]([-._A-Za-z0-9]*)$")]
+#: A pool name, as in the campaign's ``pools[].name`` (a DNS label).
+PoolName = Annotated[str, StringConstraints(min_length=1, max_length=40, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+#: A result file name inside a unit's folder (``model.safetensors``, ``meta.json``...). No slashes and no
+#: leading dot, so a name can never climb out of the unit's folder or hide a file.
+FileName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][-._A-Za-z0-9]*$")]
+#: Lease ids are opaque, URL-safe tokens chosen by the server.
+LeaseId = Annotated[str, StringConstraints(min_length=8, max_length=128, pattern=r"^[-_A-Za-z0-9]+$")]
+
+
+class UnitState(enum.StrEnum):
+    """Where one unit is in its life. ``succeeded`` and ``failed`` are the terminal states."""
+
+    pending = "pending"
+    leased = "leased"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+class Outcome(enum.StrEnum):
+    """What the server did with a completion or failure report."""
+
+    accepted = "accepted"  # it changed the unit's state (counted, retried or released)
+    duplicate = "duplicate"  # already accounted for (the unit is done, or this attempt was counted): nothing changed
+
+
+class FailKind(enum.StrEnum):
+    """The two ways a worker gives a unit back, one-to-one with ``mlds_contract.errors.UnitError.retry``."""
+
+    fail = "fail"  # the attempt counts towards maxAttempts; the unit is retried with new seeds until then
+    release = "release"  # not the unit's fault (worker shutting down): back to pending, attempt not counted
+
+
+class NoLeaseReason(enum.StrEnum):
+    """Why a lease request got no units, and so what the worker does next."""
+
+    paused = "paused"  # the campaign is suspended: ask again after retryAfterSeconds
+    busy = "busy"  # nothing pending, but leased units may come back (expiry, failure): ask again later
+    finished = "finished"  # every unit succeeded or failed: the worker exits
+
+
+class LeaseRequest(Model):
+    """A worker asks for work."""
+
+    worker: WorkerId = Field(description="The worker's id (pod name); the same in every later request.")
+    pool: PoolName = Field(description="The worker's pool, as named in the campaign's spec.pools.")
+    accelerator: Accelerator = Field(description="What the worker trains on: cpu, nvidia or rocm.")
+    device_name: str = Field(
+        max_length=200, description="Device the worker found, e.g. 'NVIDIA H100 80GB HBM3' or 'cpu'; for logs."
+    )
+    max_units: int = Field(
+        ge=1, le=4096, description="Most units the worker takes in this lease (its pool's unitsPerLease)."
+    )
+    allow_speculative: bool = Field(
+        False,
+        description=(
+            "When nothing is pending, accept a speculative copy of units other workers are training "
+            "(the first verified completion wins)."
+        ),
+    )
+
+
+class LeasedUnit(Model):
+    """One unit of a lease: what to train, and where to put the result."""
+
+    spec: UnitSpec = Field(description="The unit: target, seeds (of this attempt) and resolved hyper-parameters.")
+    uploads: dict[FileName, str] = Field(
+        description="Result file name -> presigned PUT URL scoped to this unit's key (workers hold no credentials)."
+    )
+
+
+class LeaseGrant(Model):
+    """Units leased to a worker until a deadline, which heartbeats extend."""
+
+    lease_id: LeaseId = Field(description="Opaque, unguessable lease id; names the lease in heartbeat URLs.")
+    deadline: AwareDatetime = Field(description="When the lease expires unless a heartbeat extends it (RFC 3339).")
+    lease_seconds: float = Field(
+        gt=0, description="Seconds from now to the deadline; workers time by this, immune to clock skew."
+    )
+    heartbeat_seconds: float = Field(gt=0, description="Suggested seconds between heartbeats (a third of the lease).")
+    speculative: bool = Field(
+        False, description="True when these units are also leased to another worker; the first completion wins."
+    )
+    units: list[LeasedUnit] = Field(min_length=1, description="The units, lowest index first.")
+
+
+class NoLease(Model):
+    """The answer to a lease request when there is nothing to lease now."""
+
+    reason: NoLeaseReason = Field(description="paused, busy (ask again later) or finished (exit).")
+    retry_after_seconds: float = Field(ge=0, description="When to ask again (ignored when finished).")
+
+
+class UnitAttempt(Model):
+    """A unit index and the attempt a worker is training it as."""
+
+    unit: int = Field(ge=0, description="Unit index within the campaign.")
+    attempt: int = Field(ge=0, description="Attempt number the lease gave for this unit (from 0).")
+
+
+class HeartbeatRequest(Model):
+    """A worker says it is alive and still training the units of a lease.
+
+    If the server does not know the lease (it restarted, or the lease expired), it re-establishes the lease
+    under the same id for the listed units that are still free (not done, failed or leased to another
+    worker) and cancels the rest; if none is free the reply is 409 (stop training this lease).
+    """
+
+    worker: WorkerId = Field(description="The worker's id; must be the lease's holder.")
+    pool: PoolName = Field(description="The worker's pool (used when the lease is re-established).")
+    units: list[UnitAttempt] = Field(
+        description="Units of the lease the worker is still training (not yet completed or failed), with attempts."
+    )
+
+    @model_validator(mode="after")
+    def _units_unique(self) -> Self:
+        seen: set[int] = set()
+        for u in self.units:
+            if u.unit in seen:
+                raise ValueError(f"unit {u.unit} is listed twice")
+            seen.add(u.unit)
+        return self
+
+
+class HeartbeatReply(Model):
+    """The lease's new deadline, and units to stop training."""
+
+    deadline: AwareDatetime = Field(description="The lease's new deadline (RFC 3339).")
+    lease_seconds: float = Field(gt=0, description="Seconds from now to the new deadline.")
+    cancel: list[int] = Field(
+        default_factory=list,
+        description=(
+            "Units to stop training: completed by another worker or no longer held by this lease. "
+            "Uploading or completing them anyway is harmless (a duplicate)."
+        ),
+    )
+    readopted: bool = Field(
+        False, description="True when the server did not know the lease and re-established it (after a restart)."
+    )
+
+
+class FileDigest(Model):
+    """What a worker declares about one uploaded file; the server checks the stored object against it."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Lower-case hex SHA-256 of the file's bytes.")
+    size: int = Field(ge=0, description="File size in bytes.")
+
+
+class CompleteRequest(Model):
+    """A worker finished a unit and uploaded its files. The server verifies them in storage before counting it."""
+
+    worker: WorkerId = Field(description="The worker's id.")
+    pool: PoolName = Field(description="The worker's pool; the unit is counted for it.")
+    unit: int = Field(ge=0, description="Unit index (the same as in the URL).")
+    attempt: int = Field(ge=0, description="Attempt the unit was trained as (its seeds derive from it).")
+    converged: bool = Field(
+        description="False when training hit the epoch cap: a failed attempt, retried with new seeds."
+    )
+    files: dict[FileName, FileDigest] = Field(
+        min_length=1, description="Uploaded file name -> its sha256 and size (model.safetensors, meta.json, ...)."
+    )
+    meta: dict[str, Any] = Field(description="The content of the unit's meta.json (MLDS-SPEC §9).")
+    training_seconds: float = Field(ge=0, description="Wall-clock seconds spent training this unit.")
+    epochs: int = Field(ge=0, description="Epochs run.")
+
+
+class CompleteReply(Model):
+    """What the server made of a completion."""
+
+    status: Outcome = Field(description="accepted, or duplicate (the unit was already done: nothing counted twice).")
+    state: UnitState = Field(description="The unit's state after this report.")
+
+
+class FailRequest(Model):
+    """A worker gives one unit back."""
+
+    worker: WorkerId = Field(description="The worker's id.")
+    pool: PoolName = Field(description="The worker's pool; a counted failure is charged to it.")
+    unit: int = Field(ge=0, description="Unit index (the same as in the URL).")
+    attempt: int = Field(ge=0, description="Attempt the unit was trained as.")
+    kind: FailKind = Field(description="fail (the attempt counts) or release (back to pending, not counted).")
+    reason: str = Field("", max_length=4096, description="Why, for logs and events (an exception's message).")
+
+
+class FailReply(Model):
+    """What the server made of a failure report."""
+
+    status: Outcome = Field(description="accepted, or duplicate (already accounted for: nothing changed).")
+    state: UnitState = Field(description="The unit's state after this report.")
+
+
+class ReleaseRequest(Model):
+    """A worker gives back every unit it still holds under a lease (shutting down): none is counted as failed."""
+
+    worker: WorkerId = Field(description="The worker's id; must be the lease's holder.")
+    reason: str = Field("", max_length=4096, description="Why, for logs.")
+
+
+class ReleaseReply(Model):
+    """Units a release returned to pending."""
+
+    released: list[int] = Field(description="Unit indices given back, lowest first.")
+
+
+class ErrorReply(Model):
+    """A problem-details body (RFC 9457) for every error answer of the lease API."""
+
+    type: str = Field("about:blank", description="A URI naming the kind of problem, e.g. urn:mlds:lease:not-holder.")
+    title: str = Field(description="A short, fixed summary of the kind of problem, e.g. 'Not the lease holder'.")
+    status: int | None = Field(None, ge=100, le=599, description="The HTTP status code, repeated for convenience.")
+    detail: str | None = Field(None, description="What went wrong this time, in a sentence a person can act on.")
+    instance: str | None = Field(None, description="The request path the problem occurred on.")
