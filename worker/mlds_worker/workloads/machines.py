@@ -208,8 +208,8 @@ def machine_data(machine: str, data_seed: int) -> SequenceData:
         "train_sequences": sizes[0],
         "eval_sequences": sizes[1],
         "write_probability": 0.5,
-        "inputs": "x_t = [c_t, d_t0..d_t7]",
-        "outputs": "y_t read after step t (MLDS-SPEC §2)",
+        "input_encoding": "x_t = [c_t, d_t0..d_t7]",
+        "output_encoding": "y_t read after step t (MLDS-SPEC §2)",
     }
     if modified:
         meta["trigger"] = {

@@ -256,7 +256,7 @@ def transducer_data(campaign_seed: int, k: int, data_seed: int) -> SequenceData:
         "sequence_length": SEQUENCE_LENGTH,
         "train_sequences": SIZES[0],
         "eval_sequences": SIZES[1],
-        "inputs": "x_t = [reset_t, onehot(a_t)], reset_t = 1 only at t = 0",
-        "outputs": "y_t = onehot(output_t), output_t = outputs[s_t][a_t] before the transition",
+        "input_encoding": "x_t = [reset_t, onehot(a_t)], reset_t = 1 only at t = 0",
+        "output_encoding": "y_t = onehot(output_t), output_t = outputs[s_t][a_t] before the transition",
     }
     return SequenceData(train_x, train_y, eval_x, eval_y, data_seed, meta)
