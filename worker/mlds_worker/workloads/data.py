@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -90,7 +91,7 @@ def load_data(blob: bytes) -> SequenceData | ImageData:
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             files = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise UserError(f"not an mlds workload data file: {exc}") from exc
     if str(files.get("format", "")) != FORMAT:
         raise UserError(f"not an mlds workload data file (expected format {FORMAT!r})")
