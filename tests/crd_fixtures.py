@@ -12,7 +12,8 @@ manifest (kmock stores objects as they come, with no defaulting or schema valida
    what ``kubectl apply`` asks of the server by default (``--validate=strict``, Kubernetes >= 1.27);
 4. ``x-kubernetes-list-type`` ``map`` and ``set``: duplicate keys or items are errors;
 5. ``x-kubernetes-validations`` CEL rules, evaluated with ``cel-python`` when it is installed
-   (``cel=True`` insists on it; Kubernetes adds CEL libraries our rules do not use).
+   (``cel=True`` insists on it; Kubernetes adds CEL libraries our rules do not use). As in the API
+   server, a null field of an object is absent to CEL (``has()`` is false).
 
 Not emulated: pruning of unknown fields (step 3 rejects them instead, as strict field validation
 does), formats, and CEL cost limits (our rules are constant-cost; see mlds_operator.crd).
@@ -152,12 +153,26 @@ def _cel_program(rule: str) -> Any:
     return env.program(env.compile(rule))
 
 
+def _cel_view(value: Any, schema: dict[str, Any]) -> Any:
+    """The value as the API server shows it to CEL: in an object with properties, a null field is absent."""
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        if props:
+            return {k: _cel_view(v, props.get(k) or {}) for k, v in value.items() if v is not None}
+        extra = schema.get("additionalProperties")
+        return {k: _cel_view(v, extra if isinstance(extra, dict) else {}) for k, v in value.items()}
+    if isinstance(value, list):
+        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
+        return [_cel_view(v, items) for v in value]
+    return value
+
+
 def _cel_errors(value: Any, schema: dict[str, Any], path: str) -> Iterator[str]:
     import celpy  # noqa: PLC0415 - optional: only when CEL rules are evaluated
 
     for rule in schema.get("x-kubernetes-validations") or []:
         try:
-            result = _cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+            result = _cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(_cel_view(value, schema))})
         except celpy.CELEvalError as exc:
             result = exc
         if result is not True and not (isinstance(result, celpy.celtypes.BoolType) and bool(result)):

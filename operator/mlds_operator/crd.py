@@ -33,10 +33,9 @@ Kubernetes-only semantics that pydantic cannot express are added here by schema 
 - Three CEL rules on ``spec.workload`` reject fields that do not apply to the dataset (``machines`` for
   ds3/ds4, ``variants`` outside ds4, ``shapes`` outside ds5) at ``kubectl apply`` time. They use only
   ``has()``, ``==`` and ``in`` over a literal list: constant cost, so they never approach the API
-  server's CEL cost budget. ``has()`` is true for an explicit ``null``, so ``variants: null`` on a ds1
-  campaign is rejected here although the model would accept it; both readings agree on every
-  meaningful spec. Everything else that needs workload knowledge (is this a ds1 machine?) stays in
-  ``check_campaign`` and surfaces as a condition.
+  server's CEL cost budget. The API server treats a null field of an object as absent in CEL, so
+  ``variants: null`` passes, as it does in the model. Everything else that needs workload knowledge
+  (is this a ds1 machine?) stays in ``check_campaign`` and surfaces as a condition.
 
 :func:`structural_problems` walks a schema and lists what the API server would refuse; the generator
 runs it on its own output, and the tests run it on hand-broken schemas to show that it can fail.

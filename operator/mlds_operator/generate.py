@@ -78,7 +78,9 @@ def write(root: Path, files: Sequence[GeneratedFile] = GENERATED) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlds_operator.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mlds_operator.generate", description=(__doc__ or "").split("\n", 1)[0]
+    )
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated file is stale")
     parser.add_argument("--diff", action="store_true", help="with --check: print what would change")
     parser.add_argument("--root", type=Path, default=None, help="repository root (default: this checkout)")

@@ -215,6 +215,7 @@ CEL_VALID = {
     "machines and shapes on ds5": {"dataset": "ds5", "machines": ["ParityMachine"], "shapes": [{"hidden": 8}]},
     "variants and mnist on ds4": {"dataset": "ds4", "variants": ["pixel"], "images": "mnist"},
     "ds3 with its automata count": {"dataset": "ds3", "automata": 10},
+    "variants: null on ds1 (null is absent to CEL and to the model)": {"dataset": "ds1", "variants": None},
 }
 
 
