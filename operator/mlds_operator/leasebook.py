@@ -304,7 +304,10 @@ class LeaseBook:
 
     def now(self) -> float:
         """The book's clock (deadlines are on it); the HTTP layer turns ``deadline - now()`` into wire times."""
-        return self._clock()
+        return self._now()
+
+    def _now(self) -> float:
+        return float(self._clock())
 
     # ------------------------------------------------------------------------------------ the protocol
 
@@ -316,7 +319,7 @@ class LeaseBook:
         """
         if max_units < 1:
             raise ValueError(f"max_units must be >= 1, got {max_units}")
-        now = self._clock()
+        now = self._now()
         self.expire(now)
         self._seen(worker, pool, now)
         if self._paused:
@@ -345,7 +348,7 @@ class LeaseBook:
         Raises :class:`NotHolder` when another worker holds the lease or none of the units is free, and
         :class:`UnknownLease` when the lease is unknown and no units are given.
         """
-        now = self._clock()
+        now = self._now()
         self._seen(worker, pool, now)
         lease = self._leases.get(lease_id)
         if lease is None:
@@ -367,7 +370,7 @@ class LeaseBook:
         :meth:`fail` with ``retry=False``.
         """
         self._check_unit(unit)
-        self._seen(worker, pool, self._clock())
+        self._seen(worker, pool, self._now())
         if not converged:
             return self._report_failure(unit, worker, pool, attempt)
         if self._state[unit] == _DONE:
@@ -382,7 +385,7 @@ class LeaseBook:
         orphaned unit (leased before a restart, not re-adopted) goes back to pending at once.
         """
         self._check_unit(unit)
-        self._seen(worker, pool, self._clock())
+        self._seen(worker, pool, self._now())
         if self._state[unit] in (_DONE, _FAILED):
             return Outcome.duplicate
         if not retry:
@@ -408,7 +411,7 @@ class LeaseBook:
             raise UnknownLease(f"no lease {lease_id!r}")
         if lease.worker != worker:
             raise NotHolder(f"lease {lease_id!r} is held by another worker, not {worker!r}")
-        self._seen(worker, lease.pool, self._clock())
+        self._seen(worker, lease.pool, self._now())
         held: list[int] = self._held(lease).tolist()
         for unit in held:
             self._give_back(unit, lease, counted=False)
@@ -420,7 +423,7 @@ class LeaseBook:
         Also ends the grace of units orphaned by a restore. The server calls this periodically; grants
         call it too.
         """
-        now = self._clock() if now is None else now
+        now = self._now() if now is None else now
         if self._orphan_deadline is not None and now >= self._orphan_deadline:
             self._orphan_deadline = None
             orphans = np.flatnonzero(self._holder == _ORPHAN)
@@ -473,7 +476,7 @@ class LeaseBook:
 
     def stats(self, *, active_seconds: float = 300.0, failed_max_chars: int | None = 4096) -> BookStats:
         """Counts by state, per-pool figures (workers seen in the last ``active_seconds``) and failed ranges."""
-        now = self._clock()
+        now = self._now()
         workers: dict[str, int] = {}
         for pool, last_seen in self._workers.values():
             if last_seen >= now - active_seconds:

@@ -1,0 +1,221 @@
+"""The lease protocol's wire types: camelCase JSON, round trips, and readable refusals of bad bodies."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from mlds_contract import lease as wire
+from mlds_contract.campaign import CampaignSpec, Model, Workload
+from mlds_contract.errors import UnitError
+from mlds_contract.lease import (
+    CompleteReply,
+    CompleteRequest,
+    ErrorReply,
+    FailKind,
+    FailReply,
+    FailRequest,
+    FileDigest,
+    HeartbeatReply,
+    HeartbeatRequest,
+    LeasedUnit,
+    LeaseGrant,
+    LeaseRequest,
+    NoLease,
+    NoLeaseReason,
+    Outcome,
+    ReleaseReply,
+    ReleaseRequest,
+    UnitAttempt,
+    UnitState,
+)
+from mlds_contract.plan import unit_spec
+from pydantic import BaseModel, ValidationError
+
+SHA = "ab" * 32
+DEADLINE = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def a_unit(unit: int = 3, attempt: int = 1) -> LeasedUnit:
+    spec = CampaignSpec(workload=Workload(dataset="ds1", machines=["ParityMachine"]), networks_per_target=5)
+    return LeasedUnit(
+        spec=unit_spec(spec, unit, attempt, campaign="parity"),
+        uploads={"model.safetensors": "http://s3.local/b/k?X-Amz-Signature=1", "meta.json": "http://s3.local/b/m"},
+    )
+
+
+EXAMPLES: list[Model] = [
+    LeaseRequest(
+        worker="parity-cpu-0-x7k2p", pool="cpu", accelerator="nvidia", device_name="NVIDIA H100", max_units=16
+    ),
+    LeaseGrant(
+        lease_id="Z3c9xQk1_-aaaaaaaaaa",
+        deadline=DEADLINE,
+        lease_seconds=600,
+        heartbeat_seconds=200,
+        units=[a_unit(3), a_unit(4, 0)],
+    ),
+    NoLease(reason=NoLeaseReason.busy, retry_after_seconds=5),
+    HeartbeatRequest(worker="w-1", pool="cpu", units=[UnitAttempt(unit=3, attempt=1), UnitAttempt(unit=4, attempt=0)]),
+    HeartbeatReply(deadline=DEADLINE, lease_seconds=600, cancel=[4], readopted=True),
+    CompleteRequest(
+        worker="w-1",
+        pool="cpu",
+        unit=3,
+        attempt=1,
+        converged=True,
+        files={"model.safetensors": FileDigest(sha256=SHA, size=17_000), "meta.json": FileDigest(sha256=SHA, size=900)},
+        meta={"target": "ParityMachine", "init_seed": 12, "eval_loss": 3.2e-5},
+        training_seconds=41.5,
+        epochs=812,
+    ),
+    CompleteReply(status=Outcome.duplicate, state=UnitState.succeeded),
+    FailRequest(worker="w-1", pool="cpu", unit=3, attempt=1, kind=FailKind.release, reason="SIGTERM"),
+    FailReply(status=Outcome.accepted, state=UnitState.pending),
+    ReleaseRequest(worker="w-1", reason="shutting down"),
+    ReleaseReply(released=[3, 4]),
+    ErrorReply(
+        type="urn:mlds:lease:not-holder",
+        title="Not the lease holder",
+        status=409,
+        detail="lease x is held by another worker",
+    ),
+]
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_every_message_survives_a_json_round_trip(message: Model) -> None:
+    text = json.dumps(message.wire())
+    assert type(message).model_validate_json(text) == message
+
+
+def test_every_wire_type_has_an_example_here() -> None:
+    models = {
+        name
+        for name, obj in vars(wire).items()
+        if inspect.isclass(obj) and issubclass(obj, Model) and obj.__module__ == wire.__name__
+    }
+    assert models - {"LeasedUnit", "UnitAttempt", "FileDigest"} == {type(m).__name__ for m in EXAMPLES}
+
+
+def _all_models(model: type[BaseModel], seen: set[type[BaseModel]]) -> set[type[BaseModel]]:
+    if model in seen:
+        return seen
+    seen.add(model)
+    for f in model.model_fields.values():
+        for arg in [f.annotation, *getattr(f.annotation, "__args__", ())]:
+            for inner in [arg, *getattr(arg, "__args__", ())]:
+                if inspect.isclass(inner) and issubclass(inner, BaseModel):
+                    _all_models(inner, seen)
+    return seen
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_every_field_says_what_it_is(message: Model) -> None:
+    for model in _all_models(type(message), set()):
+        missing = [name for name, f in model.model_fields.items() if not f.description]
+        assert missing == [], f"{model.__name__} fields without a description: {missing}"
+
+
+def test_keys_are_camel_case_on_the_wire() -> None:
+    grant = EXAMPLES[1].wire()
+    assert set(grant) == {"leaseId", "deadline", "leaseSeconds", "heartbeatSeconds", "speculative", "units"}
+    assert grant["deadline"] == "2026-01-01T12:00:00Z"
+    assert set(grant["units"][0]) == {"spec", "uploads"}
+    assert grant["units"][0]["spec"]["initSeed"] > 0
+    assert grant["units"][0]["spec"]["attempt"] == 1
+    request = EXAMPLES[0].wire()
+    assert {"deviceName", "maxUnits", "allowSpeculative"} <= set(request)
+    complete = EXAMPLES[5].wire()
+    assert {"trainingSeconds", "files", "meta"} <= set(complete)
+    assert complete["meta"]["init_seed"] == 12  # meta.json content travels as is, never re-cased
+
+
+def test_python_names_are_accepted_too() -> None:
+    body = {"worker": "w", "pool": "cpu", "accelerator": "cpu", "device_name": "cpu", "max_units": 1}
+    assert LeaseRequest.model_validate(body).max_units == 1
+
+
+def _error(model: type[Model], body: dict[str, Any]) -> str:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(body)
+    return str(info.value)
+
+
+LEASE_REQUEST = {"worker": "w-1", "pool": "cpu", "accelerator": "cpu", "deviceName": "cpu", "maxUnits": 4}
+COMPLETE = {
+    "worker": "w-1",
+    "pool": "cpu",
+    "unit": 1,
+    "attempt": 0,
+    "converged": True,
+    "meta": {},
+    "trainingSeconds": 1,
+    "epochs": 1,
+    "files": {"model.safetensors": {"sha256": SHA, "size": 1}},
+}
+GRANT = {"leaseId": "abcdefgh", "deadline": "2026-01-01T12:00:00Z", "leaseSeconds": 1, "heartbeatSeconds": 1}
+
+
+def param(model: type[Model], body: dict[str, Any], message: str, story: str) -> Any:
+    return pytest.param(model, body, message, id=story)
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "message"),
+    [
+        param(LeaseRequest, {**LEASE_REQUEST, "lease": 1}, "lease\n  Extra inputs are not permitted", "unknown key"),
+        param(
+            LeaseRequest, {**LEASE_REQUEST, "maxUnits": "x"}, "maxUnits\n  Input should be a valid integer", "a word"
+        ),
+        param(LeaseRequest, {**LEASE_REQUEST, "maxUnits": 0}, "greater than or equal to 1", "zero units"),
+        param(LeaseRequest, {**LEASE_REQUEST, "accelerator": "tpu"}, "'cpu', 'nvidia' or 'rocm'", "a TPU"),
+        param(LeaseRequest, {**LEASE_REQUEST, "pool": "CPU_Pool"}, "pool\n  String should match", "not a DNS label"),
+        param(LeaseRequest, {"pool": "cpu"}, "worker\n  Field required", "missing worker"),
+        param(
+            HeartbeatRequest,
+            {"worker": "w", "pool": "cpu", "units": [{"unit": 1, "attempt": 0}, {"unit": 1, "attempt": 1}]},
+            "unit 1 is listed twice",
+            "a unit listed twice",
+        ),
+        param(HeartbeatReply, {"deadline": "2026-01-01T12:00:00", "leaseSeconds": 5}, "timezone", "no time zone"),
+        param(
+            FailRequest,
+            {"worker": "w", "pool": "cpu", "unit": 1, "attempt": 0, "kind": "crash"},
+            "'fail' or 'release'",
+            "unknown failure kind",
+        ),
+        param(
+            CompleteRequest,
+            {**COMPLETE, "files": {"../../etc/passwd": {"sha256": SHA, "size": 1}}},
+            "files.`../../etc/passwd`.[key]\n  String should match pattern",
+            "a file name that climbs out of the unit folder",
+        ),
+        param(
+            CompleteRequest,
+            {**COMPLETE, "files": {"model.safetensors": {"sha256": "ABC", "size": 1}}},
+            "sha256\n  String should match pattern '^[0-9a-f]{64}$'",
+            "a digest that is not lower-case hex sha256",
+        ),
+        param(
+            CompleteRequest, {**COMPLETE, "files": {}}, "files\n  Dictionary should have at least 1 item", "no files"
+        ),
+        param(
+            CompleteRequest, {**COMPLETE, "unit": -1}, "unit\n  Input should be greater than or equal to 0", "unit -1"
+        ),
+        param(LeaseGrant, {**GRANT, "units": []}, "units\n  List should have at least 1 item", "a grant of nothing"),
+    ],
+)
+def test_bad_bodies_are_refused_with_a_readable_message(model: type[Model], body: dict[str, Any], message: str) -> None:
+    assert message in _error(model, body)
+
+
+def test_unset_optional_fields_stay_off_the_wire() -> None:
+    assert ErrorReply(title="Not found").wire() == {"type": "about:blank", "title": "Not found"}
+
+
+def test_a_fail_kind_matches_the_unit_error_retry_flag() -> None:
+    assert {FailKind(("fail", "release")[UnitError("x", retry=r).retry]) for r in (False, True)} == set(FailKind)
