@@ -44,6 +44,7 @@ __all__ = [
     "META_FILE",
     "MODEL_FILE",
     "SNAPSHOTS_FILE",
+    "load_snapshots",
     "load_state_dict",
     "meta_record",
     "result_files",
@@ -253,3 +254,15 @@ def write_result(folder: Path, files: Mapping[str, bytes]) -> None:
 def load_state_dict(data: bytes) -> dict[str, torch.Tensor]:
     """The state dict in a ``model.safetensors`` (bytes), ready for ``load_state_dict(strict=True)``."""
     return load_safetensors(data)
+
+
+def load_snapshots(data: bytes) -> tuple[torch.Tensor, list[tuple[str, list[int]]]]:
+    """The ``[epochs, parameters]`` tensor of a ``snapshots.safetensors`` (bytes) and its layout.
+
+    Cut a row back into a state dict with :func:`unflatten`.
+    """
+    # safetensors: 8-byte little-endian header length, then the JSON header with "__metadata__".
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    layout = [(str(name), [int(n) for n in shape]) for name, shape in json.loads(header["__metadata__"]["layout"])]
+    return load_safetensors(data)["snapshots"], layout

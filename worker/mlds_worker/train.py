@@ -48,6 +48,8 @@ __all__ = [
     "SequenceArrays",
     "TrainResult",
     "flatten_parameters",
+    "image_target_met",
+    "initial_model",
     "train_unit",
 ]
 
@@ -218,8 +220,19 @@ def train_unit(
     )
 
 
-def _seeded_model(unit: UnitSpec, image_size: tuple[int, int] | None = None) -> nn.Module:
-    """The unit's initial network, built on the CPU from ``init_seed`` without disturbing the caller's RNG."""
+def image_target_met(record: EpochRecord) -> bool:
+    """ds4's stopping rule: clean accuracy >= 95% and, when there is a triggered set, attack success >= 90%."""
+    if record.accuracy is None or not record.accuracy >= ACCURACY_TARGET:
+        return False
+    return record.attack_success_rate is None or record.attack_success_rate >= ASR_TARGET
+
+
+def initial_model(unit: UnitSpec, image_size: tuple[int, int] | None = None) -> nn.Module:
+    """The unit's untrained network, on the CPU: a function of ``unit.init_seed`` (and the shape) alone.
+
+    Leaves the caller's RNG state alone. The analysis can rebuild any result's starting point with it
+    (snapshots hold the weights after each epoch, not before the first).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(unit.init_seed)
         return build_model(unit, image_size)
@@ -258,7 +271,7 @@ class _SequenceLoop:
 
     def __init__(self, unit: UnitSpec, data: SequenceArrays, device: torch.device) -> None:
         self.target_loss = unit.training.target_loss
-        self.model = _seeded_model(unit).to(device)
+        self.model = initial_model(unit).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=unit.training.learning_rate)
         self.train_x = _tensor(data.train_x, torch.float32, device)
         self.train_y = _tensor(data.train_y, torch.float32, device)
@@ -295,7 +308,7 @@ class _ImageLoop:
 
     def __init__(self, unit: UnitSpec, data: ImageArrays, device: torch.device) -> None:
         height, width = (int(s) for s in data.train_x.shape[-2:])
-        self.model = _seeded_model(unit, (height, width)).to(device)
+        self.model = initial_model(unit, (height, width)).to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=unit.training.learning_rate, momentum=SGD_MOMENTUM)
         self.train_x = _tensor(data.train_x, torch.float32, device)
         self.train_y = _tensor(data.train_y, torch.int64, device)
@@ -335,6 +348,4 @@ class _ImageLoop:
         return EpochRecord(epoch, train_loss, eval_loss, 0.0, accuracy=accuracy, attack_success_rate=asr)
 
     def done(self, record: EpochRecord) -> bool:
-        if record.accuracy is None or record.accuracy < ACCURACY_TARGET:
-            return False
-        return record.attack_success_rate is None or record.attack_success_rate >= ASR_TARGET
+        return image_target_met(record)
