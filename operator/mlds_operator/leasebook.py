@@ -331,7 +331,7 @@ class LeaseBook:
             self._holder[units] = lease.slot
             self._counts[_PENDING] -= units.size
             self._counts[_LEASED] += units.size
-            return self._view(lease)
+            return self._view(lease, all_held=True)
         if speculative:
             return self._grant_speculative(worker, pool, max_units, now)
         return None
@@ -412,9 +412,7 @@ class LeaseBook:
         if lease.worker != worker:
             raise NotHolder(f"lease {lease_id!r} is held by another worker, not {worker!r}")
         self._seen(worker, lease.pool, self._now())
-        held: list[int] = self._held(lease).tolist()
-        for unit in held:
-            self._give_back(unit, lease, counted=False)
+        held: list[int] = self._give_back_all(lease, counted=False).tolist()
         return held
 
     def expire(self, now: float | None = None) -> list[LeaseView]:
@@ -443,10 +441,8 @@ class LeaseBook:
                 # Heartbeats move deadlines without touching the heap; re-file the lease under its new one.
                 heapq.heappush(self._heap, (lease.deadline, seq, lease_id))
                 continue
-            view = self._view(lease)
-            for unit in view.units:
-                self._give_back(unit, lease, counted=not self._paused)
-            expired.append(view)
+            expired.append(self._view(lease))
+            self._give_back_all(lease, counted=not self._paused)
         return expired
 
     # ---------------------------------------------------------------------------------------- queries
@@ -595,6 +591,10 @@ class LeaseBook:
         need = min(k, self._counts[_PENDING])
         found: list[npt.NDArray[np.int64]] = []
         lo = self._low
+        if need and not self._state[lo : lo + need].any() and lo + need <= self._n:
+            # The common case: the pending frontier is contiguous (pending is state 0).
+            self._low = lo + need
+            return np.arange(lo, lo + need, dtype=np.int64)
         chunk = 4096  # grows geometrically, so a scan across a long leased/done stretch stays cheap
         while need > 0 and lo < self._n:
             hi = min(self._n, lo + chunk)
@@ -718,11 +718,6 @@ class LeaseBook:
     def _holds(self, lease: _Lease, unit: int) -> bool:
         return 0 <= unit < self._n and lease.slot in (self._holder[unit], self._spare[unit])
 
-    def _held(self, lease: _Lease) -> npt.NDArray[np.int64]:
-        u = lease.units
-        held: npt.NDArray[np.int64] = u[(self._holder[u] == lease.slot) | (self._spare[u] == lease.slot)]
-        return held
-
     def _holding_lease(self, unit: int, worker: str) -> _Lease | None:
         """The lease through which ``worker`` holds ``unit``, if any (a worker never holds a unit twice)."""
         for slot in (int(self._holder[unit]), int(self._spare[unit])):
@@ -735,14 +730,17 @@ class LeaseBook:
     def _attempt_of(self, lease: _Lease, unit: int) -> int:
         return int(lease.attempts[int(np.searchsorted(lease.units, unit))])
 
-    def _view(self, lease: _Lease) -> LeaseView:
-        mask = (self._holder[lease.units] == lease.slot) | (self._spare[lease.units] == lease.slot)
+    def _view(self, lease: _Lease, *, all_held: bool = False) -> LeaseView:
+        units, attempts = lease.units, lease.attempts
+        if not all_held:
+            mask = (self._holder[units] == lease.slot) | (self._spare[units] == lease.slot)
+            units, attempts = units[mask], attempts[mask]
         return LeaseView(
             lease_id=lease.lease_id,
             worker=lease.worker,
             pool=lease.pool,
-            units=tuple(lease.units[mask].tolist()),
-            attempts=tuple(lease.attempts[mask].tolist()),
+            units=tuple(units.tolist()),
+            attempts=tuple(attempts.tolist()),
             deadline=lease.deadline,
             granted_at=lease.granted_at,
             speculative=lease.speculative,
@@ -785,6 +783,39 @@ class LeaseBook:
                 self._count_failure(unit, attempt)
             else:
                 self._set_state(unit, _PENDING)
+
+    def _give_back_all(self, lease: _Lease, *, counted: bool) -> npt.NDArray[np.int64]:
+        """:meth:`_give_back` for every unit ``lease`` holds, vectorised (a mass expiry after an outage); ends it."""
+        u, a, slot = lease.units, lease.attempts, lease.slot
+        as_primary = self._holder[u] == slot
+        as_spare = self._spare[u] == slot
+        held: npt.NDArray[np.int64] = u[as_primary | as_spare]
+        self._spare[u[as_spare]] = _NOBODY
+        primary, primary_attempts = u[as_primary], a[as_primary]
+        spare = self._spare[primary]
+        promote = spare >= 0  # the speculative copy carries on as the holder
+        self._holder[primary[promote]] = spare[promote]
+        self._spare[primary[promote]] = _NOBODY
+        last, last_attempts = primary[~promote], primary_attempts[~promote]
+        self._holder[last] = _NOBODY
+        if counted:
+            counter = np.maximum(self._attempts[last].astype(np.int64), last_attempts + 1)
+            self._attempts[last] = np.minimum(counter, _MAX_COUNTER).astype(np.uint16)
+            failed = counter >= self._max_attempts
+            self._pools[lease.pool].failed += int(held.size)
+        else:
+            failed = np.zeros(last.size, dtype=bool)
+        self._state[last] = np.where(failed, _FAILED, _PENDING).astype(np.uint8)
+        n_failed = int(np.count_nonzero(failed))
+        self._counts[_LEASED] -= int(last.size)
+        self._counts[_FAILED] += n_failed
+        self._counts[_PENDING] += int(last.size) - n_failed
+        pending = last[~failed]
+        if pending.size:
+            self._low = min(self._low, int(pending[0]))  # units are ascending
+        lease.held = 0
+        self._end(lease)
+        return held
 
     def _count_failure(self, unit: int, attempt: int) -> None:
         """Count ``attempt`` of a unit no live lease holds: pending with the next attempt, or failed."""

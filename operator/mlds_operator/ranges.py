@@ -27,16 +27,26 @@ class RangeSyntaxError(UserError, ValueError):
     """A range string that does not parse; the message quotes the offending item."""
 
 
-def to_ranges(indices: Iterable[int] | npt.NDArray[np.integer]) -> list[tuple[int, int]]:
-    """Sorted, merged, inclusive ``(first, last)`` runs of the given non-negative indices (duplicates allowed)."""
-    a = np.unique(np.fromiter(indices, dtype=np.int64) if not isinstance(indices, np.ndarray) else indices)
+def _runs(indices: Iterable[int] | npt.NDArray[np.integer]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """First and last index of each maximal run of consecutive indices, ascending."""
+    arr = indices if isinstance(indices, np.ndarray) else np.fromiter(indices, dtype=np.int64)
+    a = arr.astype(np.int64, copy=False).ravel()
     if a.size == 0:
-        return []
+        return a, a
+    if not bool(np.all(a[1:] > a[:-1])):  # already sorted and distinct (np.flatnonzero's output): no sort
+        a = np.sort(a)
+        a = a[np.concatenate(([True], a[1:] != a[:-1]))]
     if a[0] < 0:
         raise ValueError(f"indices must be non-negative, got {int(a[0])}")
     breaks = np.flatnonzero(np.diff(a) != 1)
-    starts = np.concatenate(([a[0]], a[breaks + 1]))
-    ends = np.concatenate((a[breaks], [a[-1]]))
+    starts = np.concatenate((a[:1], a[breaks + 1]))
+    ends = np.concatenate((a[breaks], a[-1:]))
+    return starts, ends
+
+
+def to_ranges(indices: Iterable[int] | npt.NDArray[np.integer]) -> list[tuple[int, int]]:
+    """Sorted, merged, inclusive ``(first, last)`` runs of the given non-negative indices (duplicates allowed)."""
+    starts, ends = _runs(indices)
     return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
@@ -45,16 +55,20 @@ def format_ranges(indices: Iterable[int] | npt.NDArray[np.integer], *, max_chars
 
     With ``max_chars``, a longer result is cut after the last whole item that fits and ends with
     ``" (+N more)"`` (N indices left out), and is at most ``max_chars`` long (when that is room for
-    the suffix at all). A cut string is for people;
-    :func:`parse_ranges` rejects it.
+    the suffix at all). A cut string is for people; :func:`parse_ranges` rejects it.
     """
-    runs = to_ranges(indices)
+    starts, ends = _runs(indices)
+    total = int((ends - starts + 1).sum())
+    if max_chars is not None:
+        # Every item takes at least two characters with its comma: more than max_chars items never fit,
+        # so a million scattered indices cost no more than a short list.
+        starts, ends = starts[: max_chars + 1], ends[: max_chars + 1]
+    runs = list(zip(starts.tolist(), ends.tolist(), strict=True))
     parts = [str(s) if s == e else f"{s}-{e}" for s, e in runs]
     text = ",".join(parts)
-    if max_chars is None or len(text) <= max_chars:
+    if max_chars is None or (len(text) <= max_chars and sum(e - s + 1 for s, e in runs) == total):
         return text
-    # Cut: keep whole items while the text plus the worst-case suffix still fits.
-    total = sum(e - s + 1 for s, e in runs)
+    # Cut: keep whole items while the text plus the suffix still fits.
     kept: list[str] = []
     shown = 0
     length = 0
