@@ -705,6 +705,10 @@ class LeaseBook:
             speculative=speculative,
             held=int(units.size),
         )
+        if len(self._heap) > 2 * len(self._leases) + 1024:
+            # Entries of ended leases stay until their deadline passes; with fast turnover they would pile up.
+            self._heap = [(x.deadline, x.seq, x.lease_id) for x in self._leases.values()]
+            heapq.heapify(self._heap)
         self._slots[slot] = lease
         self._leases[lease_id] = lease
         heapq.heappush(self._heap, (lease.deadline, lease.seq, lease_id))

@@ -187,6 +187,21 @@ def test_heartbeats_keep_a_lease_alive() -> None:
     assert w.attempts(0) == 1
 
 
+def test_expiry_stays_right_through_a_long_run_of_short_leases() -> None:
+    w = world(5000)
+    kept = w.grant("keeper", 1)
+    doomed = w.grant("doomed", 1)
+    for _ in range(3000):  # enough turnover to make the book tidy its deadline queue
+        lease = w.grant("busy", 1)
+        w.complete(lease.units[0], "busy")
+        w.clock.advance(0.01)
+    w.heartbeat(kept)
+    w.clock.advance(LEASE - 20)
+    assert [v.worker for v in w.book.expire()] == ["doomed"]
+    assert w.book.lease(kept.lease_id) is not None
+    assert w.state(doomed.units[0]) is UnitState.pending
+
+
 def test_a_late_heartbeat_before_the_sweep_still_saves_the_lease() -> None:
     w = world(3)
     lease = w.grant("w1", 1)
