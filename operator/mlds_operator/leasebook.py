@@ -616,6 +616,8 @@ class LeaseBook:
         return np.concatenate(found).astype(np.int64, copy=False)
 
     def _grant_speculative(self, worker: str, pool: str, k: int, now: float) -> LeaseView | None:
+        if not bool(np.any((self._holder >= 0) & (self._spare == _NOBODY))):
+            return None  # every leased unit already has its copy: skip walking the leases (idle workers poll)
         picked_units: list[npt.NDArray[np.int64]] = []
         picked_attempts: list[npt.NDArray[np.int64]] = []
         got = 0
