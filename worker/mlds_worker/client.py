@@ -1,0 +1,171 @@
+"""The worker's client of the lease API (:mod:`mlds_operator.api` serves it; the wire types are shared).
+
+Used by the worker loop (:mod:`mlds_worker.loop`). Maps HTTP answers onto what the worker does next:
+
+    LeaseApiError
+    ├── Unauthorized   401: wrong token or campaign gone: the worker exits non-zero (a config error)
+    ├── NotHeld        409: the lease is not ours (any more): stop training its units
+    ├── Rejected       422/404/400: our request or result was refused: fail the unit, do not repeat
+    └── Unreachable    connection errors, timeouts, 5xx, 503: retry with backoff (a server restart
+                       or an outage; the lease survives it, see HeartbeatRequest)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aiohttp
+from mlds_contract.errors import MldsError
+from mlds_contract.lease import (
+    CompleteReply,
+    CompleteRequest,
+    FailReply,
+    FailRequest,
+    HeartbeatReply,
+    HeartbeatRequest,
+    LeaseGrant,
+    LeaseRequest,
+    NoLease,
+    ReleaseReply,
+    ReleaseRequest,
+)
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+__all__ = ["LeaseApiError", "LeaseClient", "NotHeld", "Rejected", "Unauthorized", "Unreachable", "upload"]
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+_GRANT_OR_NONE: TypeAdapter[LeaseGrant | NoLease] = TypeAdapter(LeaseGrant | NoLease)
+
+
+class LeaseApiError(MldsError):
+    """An answer of the lease API that is not a success."""
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class Unauthorized(LeaseApiError):
+    """401: the token is wrong, or the campaign no longer exists."""
+
+
+class NotHeld(LeaseApiError):
+    """409: the worker does not hold this lease."""
+
+
+class Rejected(LeaseApiError):
+    """4xx other than 401/409: the request or the result was refused; repeating it will not help."""
+
+
+class Unreachable(LeaseApiError):
+    """The server could not be reached or answered 5xx: retry later."""
+
+
+class LeaseClient:
+    """An aiohttp session bound to one campaign's base URL and token."""
+
+    def __init__(self, base_url: str, token: str, *, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> LeaseClient:
+        self._session = aiohttp.ClientSession(timeout=self._timeout, headers={"Authorization": f"Bearer {self._token}"})
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("LeaseClient is used outside `async with`")
+        return self._session
+
+    async def _post(self, path: str, body: BaseModel) -> Any:
+        url = f"{self.base_url}{path}"
+        try:
+            async with self.session.post(
+                url, data=body.model_dump_json(by_alias=True), headers={"Content-Type": "application/json"}
+            ) as resp:
+                text = await resp.text()
+                if resp.status == 200:
+                    return text
+                raise _error(resp.status, text, resp.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unreachable(f"lease server unreachable at {url}: {exc!r}") from exc
+
+    async def _call(self, path: str, body: BaseModel, reply: type[M]) -> M:
+        text = await self._post(path, body)
+        try:
+            return reply.model_validate_json(text)
+        except ValidationError as exc:
+            raise Unreachable(f"unexpected reply from {path}: {exc}") from exc
+
+    async def lease(self, req: LeaseRequest) -> LeaseGrant | NoLease:
+        text = await self._post("/leases", req)
+        try:
+            return _GRANT_OR_NONE.validate_json(text)
+        except ValidationError as exc:
+            raise Unreachable(f"unexpected lease reply: {exc}") from exc
+
+    async def heartbeat(self, lease_id: str, req: HeartbeatRequest) -> HeartbeatReply:
+        return await self._call(f"/leases/{lease_id}/heartbeat", req, HeartbeatReply)
+
+    async def release(self, lease_id: str, req: ReleaseRequest) -> ReleaseReply:
+        return await self._call(f"/leases/{lease_id}/release", req, ReleaseReply)
+
+    async def complete(self, req: CompleteRequest) -> CompleteReply:
+        return await self._call(f"/units/{req.unit}/complete", req, CompleteReply)
+
+    async def fail(self, req: FailRequest) -> FailReply:
+        return await self._call(f"/units/{req.unit}/fail", req, FailReply)
+
+
+async def upload(session: aiohttp.ClientSession, url: str, data: bytes) -> None:
+    """PUT one result file to its presigned URL.
+
+    Always ``application/octet-stream``: some S3 servers store a body sent with a form content type as an
+    empty object. Raises :class:`Unreachable` (retry) or :class:`Rejected` (e.g. an expired URL).
+    """
+    try:
+        # A bare request: presigned URLs carry their own authorisation and must not get our bearer token.
+        async with session.put(
+            url, data=data, headers={"Content-Type": "application/octet-stream"}, skip_auto_headers=["Authorization"]
+        ) as resp:
+            if resp.status in (200, 201, 204):
+                return
+            text = (await resp.text())[:300]
+            if resp.status >= 500:
+                raise Unreachable(f"upload failed with HTTP {resp.status}: {text}", status=resp.status)
+            raise Rejected(f"upload refused with HTTP {resp.status}: {text}", status=resp.status)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise Unreachable(f"upload failed: {exc!r}") from exc
+
+
+def _error(status: int, text: str, retry_after: str | None) -> LeaseApiError:
+    detail = text
+    try:
+        body = json.loads(text)
+        if isinstance(body, dict):
+            detail = str(body.get("detail") or body.get("title") or text)
+    except ValueError:
+        pass
+    delay = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
+    if status == 401:
+        return Unauthorized(f"unauthorized: {detail}", status=status)
+    if status == 409:
+        return NotHeld(detail, status=status)
+    if status >= 500 or status == 429:
+        return Unreachable(f"HTTP {status}: {detail}", status=status, retry_after=delay)
+    return Rejected(f"HTTP {status}: {detail}", status=status)

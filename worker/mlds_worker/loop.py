@@ -1,0 +1,424 @@
+"""The worker loop: lease -> train -> upload -> complete, heartbeating meanwhile (`mlds worker`).
+
+Runs in every worker pod (and as the worker processes of ``mlds run``). One loop per process; training
+runs in a thread so the event loop keeps heartbeating. What happens when:
+
+- **Nothing to lease**: ``busy``/``paused`` -> ask again after the server's Retry-After; ``finished``
+  -> exit 0 (a Job whose pods all exit 0 completes).
+- **Lease server unreachable** (restart, network): retry with capped exponential backoff and jitter. A
+  lease survives a server restart: the next heartbeat re-establishes it, so training goes on meanwhile.
+- **Heartbeat says cancel** (another worker finished the unit first) or **409** (the lease is lost):
+  stop training those units at the next epoch; a result already trained is still reported (it is
+  verified and accepted if the unit is not done yet).
+- **Upload or storage outage**: retry the upload and the completion with backoff; results live in
+  memory until acknowledged.
+- **Training error** (a bug, NaN, out of memory): the unit is reported ``fail`` (the attempt counts).
+- **SIGTERM/SIGINT**: stop at the next epoch, release the lease's remaining units (not counted as
+  failures) and exit 0; the units go straight back to pending for other workers.
+
+Every log line carries campaign, lease, unit and device as key=value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+from mlds_contract.campaign import Accelerator
+from mlds_contract.errors import UserError
+from mlds_contract.lease import (
+    CompleteRequest,
+    FailKind,
+    FailRequest,
+    FileDigest,
+    HeartbeatRequest,
+    LeasedUnit,
+    LeaseGrant,
+    LeaseRequest,
+    NoLease,
+    NoLeaseReason,
+    ReleaseRequest,
+    UnitAttempt,
+)
+
+from .client import LeaseApiError, LeaseClient, NotHeld, Rejected, Unauthorized, Unreachable, upload
+from .device import describe_device, resolve_device
+from .results import result_files, sha256_hex
+from .train import EpochRecord, train_unit
+
+__all__ = ["WorkerConfig", "run_worker", "worker_command"]
+
+log = logging.getLogger("mlds.worker")
+
+#: Backoff for an unreachable server or store: first delay, cap (seconds). The cap stays well under a
+#: lease's duration so a worker reconnects before its lease could expire.
+BACKOFF_FIRST, BACKOFF_CAP = 0.5, 15.0
+#: How long results are retried before the unit is given up (released, uncounted): an outage longer than
+#: this means the lease has expired anyway and the unit is someone else's.
+DELIVERY_PATIENCE_SECONDS = 3600.0
+
+
+class _Stop(Exception):
+    """Raised from the training callback to abandon a unit (shutdown, or the unit was cancelled)."""
+
+
+@dataclass
+class WorkerConfig:
+    url: str
+    token: str
+    pool: str
+    worker_id: str
+    accelerator: Accelerator = Accelerator.cpu
+    device: str = "auto"
+    max_units: int = 1
+    speculative: bool = True
+    exit_when_idle: bool = False
+
+
+@dataclass
+class _LeaseState:
+    grant: LeaseGrant
+    remaining: dict[int, int]  # unit -> attempt, not yet completed or failed
+    cancelled: set[int] = field(default_factory=set)
+    lost: bool = False
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.stop = asyncio.Event()
+        self._device: Any = None
+        self._device_name = "unknown"
+        self._device_type = cfg.accelerator.value
+
+    def _log(self, level: int, msg: str, **kv: object) -> None:
+        fields = " ".join(f"{k}={v}" for k, v in {"pool": self.cfg.pool, "device": self._device_type, **kv}.items())
+        log.log(level, "%s %s", msg, fields)
+
+    async def _backoff(self, attempt: int, hint: float | None = None) -> None:
+        delay = hint if hint is not None else min(BACKOFF_CAP, BACKOFF_FIRST * 2**attempt)
+        delay *= random.uniform(0.8, 1.2)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), timeout=delay)
+
+    def _setup_device(self) -> None:
+        self._device = resolve_device(self.cfg.device)
+        info = describe_device(self._device)
+        self._device_name, self._device_type = info.name, info.type
+
+    async def run(self) -> int:
+        """The loop. Returns the process exit status."""
+        await asyncio.to_thread(self._setup_device)
+        async with LeaseClient(self.cfg.url, self.cfg.token) as client:
+            failures = 0
+            while not self.stop.is_set():
+                request = LeaseRequest(
+                    worker=self.cfg.worker_id,
+                    pool=self.cfg.pool,
+                    accelerator=self.cfg.accelerator,
+                    device_name=self._device_name[:200],
+                    max_units=self.cfg.max_units,
+                    allow_speculative=self.cfg.speculative,
+                )
+                try:
+                    reply = await client.lease(request)
+                except Unauthorized as exc:
+                    self._log(logging.ERROR, "lease refused; check the token and campaign", error=exc)
+                    return 3
+                except Unreachable as exc:
+                    self._log(logging.WARNING, "lease server unreachable; retrying", error=exc)
+                    await self._backoff(failures, exc.retry_after)
+                    failures += 1
+                    continue
+                except Rejected as exc:
+                    self._log(logging.ERROR, "lease request rejected", error=exc)
+                    return 2
+                failures = 0
+                if isinstance(reply, NoLease):
+                    if reply.reason is NoLeaseReason.finished:
+                        self._log(logging.INFO, "campaign finished; exiting")
+                        return 0
+                    if self.cfg.exit_when_idle:
+                        return 0
+                    await self._backoff(0, reply.retry_after_seconds)
+                    continue
+                await self._work(client, reply)
+            return 0
+
+    # ------------------------------------------------------------------------------------------ a lease
+
+    async def _work(self, client: LeaseClient, grant: LeaseGrant) -> None:
+        state = _LeaseState(grant, {u.spec.unit: u.spec.attempt for u in grant.units})
+        campaign = grant.units[0].spec.campaign
+        self._log(
+            logging.INFO,
+            "leased",
+            campaign=campaign,
+            lease=grant.lease_id,
+            units=len(grant.units),
+            speculative=grant.speculative,
+        )
+        beats = asyncio.create_task(self._heartbeats(client, state))
+        try:
+            for leased in grant.units:
+                unit = leased.spec.unit
+                if self.stop.is_set() or state.lost:
+                    break
+                if unit in state.cancelled:
+                    state.remaining.pop(unit, None)
+                    continue
+                await self._one(client, state, leased)
+        finally:
+            beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beats
+        if state.remaining and not state.lost:
+            # Shutting down (or cancelled): give the rest back so nobody waits for the lease to expire.
+            try:
+                released = await client.release(
+                    grant.lease_id, ReleaseRequest(worker=self.cfg.worker_id, reason="worker stopping")
+                )
+                self._log(
+                    logging.INFO, "released", campaign=campaign, lease=grant.lease_id, units=len(released.released)
+                )
+            except LeaseApiError as exc:
+                self._log(logging.WARNING, "release failed; the lease will expire", lease=grant.lease_id, error=exc)
+
+    async def _heartbeats(self, client: LeaseClient, state: _LeaseState) -> None:
+        interval = state.grant.heartbeat_seconds
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.9, 1.0))
+            if not state.remaining:
+                continue
+            body = HeartbeatRequest(
+                worker=self.cfg.worker_id,
+                pool=self.cfg.pool,
+                units=[UnitAttempt(unit=u, attempt=a) for u, a in sorted(state.remaining.items())],
+            )
+            try:
+                reply = await client.heartbeat(state.grant.lease_id, body)
+            except NotHeld as exc:
+                self._log(logging.WARNING, "lease lost; stopping its units", lease=state.grant.lease_id, error=exc)
+                state.lost = True
+                state.cancelled.update(state.remaining)
+                return
+            except LeaseApiError as exc:
+                self._log(logging.WARNING, "heartbeat failed; retrying", lease=state.grant.lease_id, error=exc)
+                interval = min(max(1.0, state.grant.heartbeat_seconds / 4), 5.0)
+                continue
+            interval = reply.lease_seconds / 3.0
+            if reply.readopted:
+                self._log(logging.INFO, "lease re-established after a server restart", lease=state.grant.lease_id)
+            if reply.cancel:
+                state.cancelled.update(reply.cancel)
+
+    async def _one(self, client: LeaseClient, state: _LeaseState, leased: LeasedUnit) -> None:
+        spec = leased.spec
+        kv: dict[str, object] = {
+            "campaign": spec.campaign,
+            "lease": state.grant.lease_id,
+            "unit": spec.unit,
+            "target": spec.target,
+            "attempt": spec.attempt,
+        }
+
+        def on_epoch(_record: EpochRecord) -> None:
+            if self.stop.is_set() or spec.unit in state.cancelled:
+                raise _Stop
+
+        started = time.monotonic()
+        try:
+            result = await asyncio.to_thread(train_unit, spec, device=self._device, on_epoch=on_epoch)
+        except _Stop:
+            if spec.unit in state.cancelled:
+                state.remaining.pop(spec.unit, None)
+                self._log(logging.INFO, "unit cancelled (completed elsewhere)", **kv)
+            return  # shutdown: the unit stays in `remaining` and is released
+        except Exception as exc:
+            self._log(logging.ERROR, "training failed", **kv, error=repr(exc))
+            await self._report_fail(client, state, spec.unit, spec.attempt, FailKind.fail, f"training failed: {exc!r}")
+            return
+        seconds = time.monotonic() - started
+        files = result_files(result, pool=self.cfg.pool)
+        self._log(
+            logging.INFO,
+            "trained",
+            **kv,
+            epochs=result.epochs,
+            converged=result.converged,
+            eval_loss=f"{result.eval_loss:.3g}",
+            seconds=f"{seconds:.1f}",
+        )
+        request = CompleteRequest(
+            worker=self.cfg.worker_id,
+            pool=self.cfg.pool,
+            unit=spec.unit,
+            attempt=spec.attempt,
+            converged=result.converged,
+            files={name: FileDigest(sha256=sha256_hex(data), size=len(data)) for name, data in files.items()},
+            meta={},
+            training_seconds=seconds,
+            epochs=result.epochs,
+        )
+        request.meta = json.loads(files["meta.json"])
+        await self._deliver(client, state, leased, files, request, kv)
+
+    async def _deliver(
+        self,
+        client: LeaseClient,
+        state: _LeaseState,
+        leased: LeasedUnit,
+        files: dict[str, bytes],
+        request: CompleteRequest,
+        kv: dict[str, object],
+    ) -> None:
+        deadline = time.monotonic() + DELIVERY_PATIENCE_SECONDS
+        attempt = 0
+        uploaded: set[str] = set()
+        while True:
+            try:
+                for name in leased.uploads:
+                    if name not in uploaded:
+                        await upload(client.session, leased.uploads[name], files[name])
+                        uploaded.add(name)
+                reply = await client.complete(request)
+                state.remaining.pop(request.unit, None)
+                self._log(logging.INFO, f"completed ({reply.status.value})", **kv, state=reply.state.value)
+                return
+            except Unauthorized as exc:
+                self._log(logging.ERROR, "completion refused: token no longer valid", **kv, error=exc)
+                state.remaining.pop(request.unit, None)
+                return
+            except Rejected as exc:
+                # The server read back something other than what we sent (or the URL expired): one
+                # fresh upload may fix a torn object; after that the attempt is reported failed.
+                if attempt == 0 and uploaded:
+                    uploaded.clear()
+                    attempt += 1
+                    continue
+                self._log(logging.ERROR, "result rejected", **kv, error=exc)
+                await self._report_fail(client, state, request.unit, request.attempt, FailKind.fail, str(exc))
+                return
+            except (Unreachable, LeaseApiError) as exc:
+                if time.monotonic() > deadline:
+                    self._log(logging.ERROR, "giving up delivering a result", **kv, error=exc)
+                    state.remaining.pop(request.unit, None)
+                    return
+                self._log(logging.WARNING, "delivery failed; retrying", **kv, error=exc)
+                await asyncio.sleep(min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** min(attempt, 8)) * random.uniform(0.8, 1.2))
+                attempt += 1
+
+    async def _report_fail(
+        self, client: LeaseClient, state: _LeaseState, unit: int, attempt: int, kind: FailKind, reason: str
+    ) -> None:
+        body = FailRequest(
+            worker=self.cfg.worker_id, pool=self.cfg.pool, unit=unit, attempt=attempt, kind=kind, reason=reason[:4000]
+        )
+        for n in range(6):
+            try:
+                await client.fail(body)
+                break
+            except Unreachable:
+                await asyncio.sleep(min(BACKOFF_CAP, BACKOFF_FIRST * 2**n))
+            except LeaseApiError:
+                break
+        state.remaining.pop(unit, None)
+
+
+async def run_worker(cfg: WorkerConfig) -> int:
+    """Run the loop until the campaign is drained or a signal stops it; returns the exit status."""
+    worker = Worker(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, worker.stop.set)
+    return await worker.run()
+
+
+def _default_worker_id() -> str:
+    # In a pod, POD_NAME (downward API) or HOSTNAME is the pod name; locally host + pid keeps ids unique.
+    name = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    return "".join(c if c.isalnum() or c in "-._" else "-" for c in name)[:253].lstrip("-._") or "worker"
+
+
+@click.command("worker")
+@click.option(
+    "--url",
+    envvar="MLDS_LEASE_URL",
+    required=True,
+    help="The campaign's lease API base URL, e.g. http://mlds:8080/v1/campaigns/NS/NAME.",
+)
+@click.option(
+    "--token-file",
+    envvar="MLDS_TOKEN_FILE",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File holding the campaign's bearer token (mounted from its Secret).",
+)
+@click.option("--pool", envvar="MLDS_POOL", default="cpu", show_default=True, help="This worker's pool name.")
+@click.option(
+    "--accelerator",
+    envvar="MLDS_ACCELERATOR",
+    type=click.Choice([a.value for a in Accelerator]),
+    default="cpu",
+    show_default=True,
+)
+@click.option(
+    "--device", envvar="MLDS_DEVICE", default="auto", show_default=True, help="torch device: auto, cpu, cuda, cuda:N."
+)
+@click.option(
+    "--units-per-lease",
+    envvar="MLDS_UNITS_PER_LEASE",
+    type=click.IntRange(1, 4096),
+    default=1,
+    show_default=True,
+    help="Units to ask for per lease.",
+)
+@click.option("--worker-id", envvar="MLDS_WORKER_ID", default=None, help="Default: the pod name, or host-pid.")
+@click.option("--no-speculative", is_flag=True, help="Never take speculative copies of other workers' units.")
+@click.option("--log-level", envvar="MLDS_LOG_LEVEL", default="INFO", show_default=True)
+def worker_command(
+    url: str,
+    token_file: Path,
+    pool: str,
+    accelerator: str,
+    device: str,
+    units_per_lease: int,
+    worker_id: str | None,
+    no_speculative: bool,
+    log_level: str,
+) -> None:
+    """Lease, train and upload units until the campaign is drained."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported (MLDS-SPEC §4)
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        raise UserError(f"cannot read the token file {token_file}: {exc.strerror}") from exc
+    if not token:
+        raise UserError(f"the token file {token_file} is empty")
+    cfg = WorkerConfig(
+        url=url,
+        token=token,
+        pool=pool,
+        worker_id=worker_id or _default_worker_id(),
+        accelerator=Accelerator(accelerator),
+        device=device,
+        max_units=units_per_lease,
+        speculative=not no_speculative,
+    )
+    sys.exit(asyncio.run(run_worker(cfg)))
