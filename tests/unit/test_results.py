@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import stat
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def ds1_result() -> TrainResult:
 
 @pytest.fixture(scope="module")
 def ds3_result() -> TrainResult:
-    return train_unit(gru_unit(Dataset.ds3, max_epochs=3, target_loss=1e-12), data=sequences())
+    data = replace(sequences(), meta={"generator": "mlds-transducers/1", "states": 5, "sha256": "ab" * 32})
+    return train_unit(gru_unit(Dataset.ds3, max_epochs=3, target_loss=1e-12), data=data)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,7 @@ def test_meta_json_holds_every_field_the_spec_lists(ds1_result: TrainResult) -> 
     assert (meta["unit"], meta["replica"], meta["attempt"]) == (unit.unit, unit.replica, unit.attempt)
     assert (meta["init_seed"], meta["sgd_seed"]) == (unit.init_seed, unit.sgd_seed)
     assert meta["data_seed"] == 3  # the seed the data was actually made from
+    assert meta["automaton_states"] is None
     assert (meta["shape"], meta["gru_layers"], meta["hidden"], meta["linear_layers"]) == ("h12-g4-l4", 4, 12, 4)
     assert meta["parameters"] == 4364
     assert (meta["optimizer"], meta["learning_rate"], meta["batch_size"]) == ("adam", 1e-3, 32)
@@ -123,6 +126,13 @@ def test_ds3_results_keep_per_epoch_snapshots_that_unflatten_to_state_dicts(ds3_
     net = GRUNet()
     net.load_state_dict(unflatten(snapshots[-1], layout), strict=True)
     assert all(torch.equal(t, ds3_result.state_dict[k]) for k, t in net.state_dict().items())
+
+
+def test_ds3_meta_names_the_automaton(ds3_result: TrainResult) -> None:
+    meta = meta_record(ds3_result, sha256="0" * 64)
+    assert (meta["dataset"], meta["target"], meta["automaton"]) == ("ds3", "automaton-00000", 0)
+    assert (meta["automaton_states"], meta["automaton_sha256"]) == (5, "ab" * 32)
+    assert meta["data_generator"] == "mlds-transducers/1"
 
 
 def test_unflatten_refuses_a_row_of_the_wrong_length() -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from mlds_contract.campaign import Dataset, Shape, Variant
+from mlds_contract.errors import UnitError
 from mlds_worker.nets import count_parameters
 from mlds_worker.train import EpochRecord, TrainResult, flatten_parameters, image_target_met, initial_model, train_unit
 from mlds_worker.workloads import SequenceData
@@ -274,3 +275,16 @@ def test_sequence_data_from_workloads_is_accepted_read_only() -> None:
     assert isinstance(data, SequenceData)
     assert not data.train_x.flags.writeable
     train_unit(gru_unit(max_epochs=1), data=data)  # warnings are errors: no "non-writable array" warning
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pytest.param({"train_x": np.zeros((4, 9), np.float32)}, id="not-sequences"),
+        pytest.param({"eval_y": np.zeros((3, 12, 8), np.float32)}, id="eval-count-mismatch"),
+        pytest.param({"train_x": np.zeros((0, 12, 9), np.float32), "train_y": np.zeros((0, 12, 8))}, id="empty"),
+    ],
+)
+def test_data_of_the_wrong_shape_fails_the_unit_clearly(broken: dict[str, Any]) -> None:
+    with pytest.raises(UnitError, match="data of shape"):
+        train_unit(gru_unit(max_epochs=1), data=replace(sequences(), **broken))

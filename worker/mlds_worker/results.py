@@ -76,6 +76,9 @@ META_FIELDS: tuple[str, ...] = (
     "init_seed",
     "sgd_seed",
     "data_seed",
+    "data_generator",  # the workload generator and its version, e.g. mlds-machines/1
+    "automaton_states",  # ds3: hidden states of the transducer
+    "automaton_sha256",  # ds3: hash of its canonical tables (unique within a campaign)
     "architecture",  # GRUNet or DigitsCNN
     "shape",  # GRU: slug such as h12-g4-l4; ds4: image size such as 8x8
     "gru_layers",
@@ -118,6 +121,14 @@ def _number(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else value
 
 
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _integer(value: object) -> int | None:
+    return value if isinstance(value, int) else None
+
+
 def meta_record(result: TrainResult, *, sha256: str, pool: str | None = None) -> dict[str, Any]:
     """The meta.json object of ``result``, keys in :data:`META_FIELDS` order."""
     unit = result.unit
@@ -145,6 +156,9 @@ def meta_record(result: TrainResult, *, sha256: str, pool: str | None = None) ->
         "init_seed": unit.init_seed,
         "sgd_seed": unit.sgd_seed,
         "data_seed": result.data_seed if result.data_seed is not None else unit.data_seed,
+        "data_generator": _text(result.data_meta.get("generator")),
+        "automaton_states": _integer(result.data_meta.get("states")) if unit.dataset is Dataset.ds3 else None,
+        "automaton_sha256": _text(result.data_meta.get("sha256")) if unit.dataset is Dataset.ds3 else None,
         "architecture": result.architecture,
         "shape": shape_text,
         "gru_layers": shape.gru_layers if shape is not None else None,

@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from mlds_contract.campaign import Dataset
+from mlds_contract.errors import UnitError
 from mlds_contract.plan import UnitSpec
 from torch import nn
 
@@ -160,7 +161,8 @@ def train_unit(
     ``data`` defaults to the unit's target data (:func:`mlds_worker.workloads.target_data`); pass it to
     share one target's data between units or to train on synthetic arrays. ``on_epoch`` is called after
     every epoch (progress bars, lease heartbeats); an exception it raises aborts training and
-    propagates. ``snapshots`` keeps the weights after every epoch (default: ds3 only).
+    propagates. ``snapshots`` keeps the weights after every epoch (default: ds3 only). Data of the
+    wrong shape raises :class:`mlds_contract.errors.UnitError` (the attempt fails; retrying cannot help).
     """
     if data is None:
         from .workloads import target_data  # noqa: PLC0415 - heavy (sklearn); only when the caller has no data
@@ -273,6 +275,11 @@ class _SequenceLoop:
         self.target_loss = unit.training.target_loss
         self.model = initial_model(unit).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=unit.training.learning_rate)
+        for x, y, part in ((data.train_x, data.train_y, "training"), (data.eval_x, data.eval_y, "evaluation")):
+            if x.ndim != 3 or y.ndim != 3 or x.shape[:2] != y.shape[:2] or len(x) == 0:
+                raise UnitError(
+                    f"{part} data of shape {x.shape} -> {y.shape} is not (N, steps, inputs) -> (N, steps, 8)"
+                )
         self.train_x = _tensor(data.train_x, torch.float32, device)
         self.train_y = _tensor(data.train_y, torch.float32, device)
         self.eval_x = _tensor(data.eval_x, torch.float32, device)
@@ -307,6 +314,8 @@ class _ImageLoop:
     """ds4: SGD with momentum on cross-entropy; done on clean accuracy (and attack success rate)."""
 
     def __init__(self, unit: UnitSpec, data: ImageArrays, device: torch.device) -> None:
+        if data.train_x.ndim != 4 or len(data.train_x) != len(data.train_y) or len(data.train_x) == 0:
+            raise UnitError(f"image data of shape {data.train_x.shape} is not (N, 1, height, width)")
         height, width = (int(s) for s in data.train_x.shape[-2:])
         self.model = initial_model(unit, (height, width)).to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=unit.training.learning_rate, momentum=SGD_MOMENTUM)
