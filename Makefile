@@ -35,7 +35,7 @@ check-generated: $(STAMP)
 generate: $(STAMP)
 	$(BIN)/python -m mlds_operator.generate
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) lint typecheck check-generated
 	$(BIN)/python -m pytest -q
 
 lock:
