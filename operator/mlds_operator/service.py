@@ -242,7 +242,9 @@ class CampaignService:
         """Constant-time check of an ``Authorization: Bearer <token>`` header."""
         if not header or not header.startswith("Bearer "):
             return False
-        return hmac.compare_digest(header[7:].strip().encode(), self.token.encode())
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape: encode them back the same way, or a
+        # non-UTF-8 header would raise (a 500) instead of being just a wrong token.
+        return hmac.compare_digest(header[7:].strip().encode("utf-8", "surrogateescape"), self.token.encode())
 
     # ------------------------------------------------------------------------------------------ protocol
 
