@@ -15,8 +15,9 @@ base URL and its campaign's bearer token. Routes (bodies: :mod:`mlds_contract.le
 
 Errors are RFC 9457 problem details (``ErrorReply``): 401 missing or wrong token (the same answer for
 an unknown campaign, so tokens cannot be probed per campaign), 404 unknown unit, 409 a lease the worker
-does not hold, 422 a malformed body or a result that fails verification, 503 storage outage (with
-Retry-After). Anything else is a bug and answers 500 with no internals.
+does not hold, 413 a body over :data:`MAX_BODY`, 422 a malformed body or a
+result that fails verification, 503 storage outage (with Retry-After). Anything else is a bug and
+answers 500 with no internals.
 """
 
 from __future__ import annotations
@@ -128,8 +129,23 @@ def _readable(exc: ValidationError) -> str:
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
 
 
+async def _body(request: web.Request) -> bytes:
+    """The request body, refused past MAX_BODY (the app's client_max_size is the upload route's, far larger)."""
+    too_large = _HttpProblem(413, "Too large", f"request bodies are limited to {MAX_BODY} bytes", kind="too-large")
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 16):  # chunked bodies announce no length
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _parse(request: web.Request, model: type[M]) -> M:
-    raw = await request.read()
+    raw = await _body(request)
     try:
         return model.model_validate_json(raw or b"null")
     except ValidationError as exc:
