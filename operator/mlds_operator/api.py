@@ -15,7 +15,7 @@ base URL and its campaign's bearer token. Routes (bodies: :mod:`mlds_contract.le
 
 Errors are RFC 9457 problem details (``ErrorReply``): 401 missing or wrong token (the same answer for
 an unknown campaign, so tokens cannot be probed per campaign), 404 unknown unit, 409 a lease the worker
-does not hold, 413 a body over :data:`MAX_BODY`, 422 a malformed body or a
+does not hold, 413 a body over :data:`MAX_BODY`, 422 a malformed body (types are checked strictly) or a
 result that fails verification, 503 storage outage (with Retry-After). Anything else is a bug and
 answers 500 with no internals.
 """
@@ -147,7 +147,8 @@ async def _body(request: web.Request) -> bytes:
 async def _parse(request: web.Request, model: type[M]) -> M:
     raw = await _body(request)
     try:
-        return model.model_validate_json(raw or b"null")
+        # Strict: "2", 2.0 and true are not an integer, "yes" is not a boolean (the OpenAPI document's types).
+        return model.model_validate_json(raw or b"null", strict=True)
     except ValidationError as exc:
         raise _HttpProblem(422, "Malformed request body", _readable(exc), kind="malformed") from exc
 
