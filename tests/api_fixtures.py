@@ -1,0 +1,300 @@
+"""Builders for lease-API tests: a campaign service over a LocalStore, served by aiohttp on loopback.
+
+Who uses it: tests/unit/test_api.py (protocol stories and error answers) and tests/e2e/test_api_fuzz.py
+(schema-driven fuzzing). pytest-aiohttp is not a dependency, so :func:`open_api` starts the app with
+aiohttp's own :class:`~aiohttp.test_utils.TestServer` (a real server on 127.0.0.1, random port) and
+talks to it through :class:`~aiohttp.test_utils.TestClient`.
+
+Time is a :class:`FakeClock`: the lease book reads it as its monotonic clock, and the service's wall
+clock and the store's URL-expiry clock read ``WALL_EPOCH + clock()``, so one ``clock.advance(s)`` moves
+deadlines, lease expiry and presigned-URL expiry together and no test sleeps.
+
+Typical use::
+
+    async with open_api(tmp_path, networks=8) as api:
+        grant = await api.lease("w-1", max_units=2)
+        files = result_files(grant.units[0].spec)
+        await api.upload(grant.units[0], files)
+        status, body = await api.post(api.complete_path(0), api.completion(grant.units[0], files, worker="w-1"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+from mlds_contract.campaign import CampaignSpec, LeaseSettings, Pool, Workload
+from mlds_contract.lease import (
+    CompleteRequest,
+    FileDigest,
+    LeasedUnit,
+    LeaseGrant,
+    LeaseRequest,
+    NoLease,
+)
+from mlds_contract.plan import UnitSpec
+from mlds_operator.api import Campaigns, RequestObserver, create_app
+from mlds_operator.service import CampaignService, ServiceSettings, result_files_for
+from mlds_operator.store import LocalStore
+from pydantic import BaseModel, TypeAdapter
+
+__all__ = [
+    "NAME",
+    "NAMESPACE",
+    "POOL",
+    "TOKEN",
+    "WALL_EPOCH",
+    "ApiHarness",
+    "FakeClock",
+    "a_campaign",
+    "digests",
+    "open_api",
+    "result_files",
+]
+
+NAMESPACE = "research"
+NAME = "parity"
+POOL = "cpu"
+TOKEN = "campaign-token-0123456789abcdef"  # a test value, never a real credential
+#: Unix seconds the fake wall clock starts from (2026-01-01T00:00:00Z): wall = WALL_EPOCH + clock().
+WALL_EPOCH = 1_767_225_600.0
+
+_GRANT_OR_NONE: TypeAdapter[LeaseGrant | NoLease] = TypeAdapter(LeaseGrant | NoLease)
+
+
+class FakeClock:
+    """A clock tests move by hand; starts at 1,000 s (any origin works: only differences matter)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def wall(self) -> float:
+        """Unix seconds on the same time line (the service's and the store's wall clock)."""
+        return WALL_EPOCH + self.now
+
+
+def a_campaign(
+    *, networks: int = 8, lease_seconds: int = 600, max_attempts: int = 3, suspend: bool = False, dataset: str = "ds1"
+) -> CampaignSpec:
+    """One ParityMachine target (ds1), ``networks`` units, one pool named ``cpu``."""
+    machines = ["ParityMachine"] if dataset in ("ds1", "ds2") else None
+    return CampaignSpec(
+        workload=Workload(dataset=dataset, machines=machines),
+        networks_per_target=networks,
+        pools=[Pool(name=POOL, units_per_lease=4)],
+        leases=LeaseSettings(duration_seconds=lease_seconds, max_attempts=max_attempts),
+        suspend=suspend,
+    )
+
+
+def result_files(spec: UnitSpec, *, converged: bool = True, pool: str = POOL) -> dict[str, bytes]:
+    """Plausible result files of one unit (what a worker uploads), meta.json agreeing with the model."""
+    model = b"safetensors:" + hashlib.sha256(f"{spec.unit}/{spec.attempt}".encode()).digest() * 8
+    files: dict[str, bytes] = {
+        "model.safetensors": model,
+        "history.csv": b"epoch,train_loss,eval_loss,seconds\n0,0.25,0.25,0.1\n",
+    }
+    if "snapshots.safetensors" in result_files_for(spec.dataset):
+        files["snapshots.safetensors"] = b"snapshots" * 4
+    meta = {
+        "dataset": spec.dataset.value,
+        "target": spec.target,
+        "unit": spec.unit,
+        "replica": spec.replica,
+        "attempt": spec.attempt,
+        "converged": converged,
+        "sha256": hashlib.sha256(model).hexdigest(),
+        "pool": pool,
+        "epochs": 1,
+    }
+    files["meta.json"] = json.dumps(meta).encode()
+    return files
+
+
+def digests(files: Mapping[str, bytes]) -> dict[str, FileDigest]:
+    return {name: FileDigest(sha256=hashlib.sha256(data).hexdigest(), size=len(data)) for name, data in files.items()}
+
+
+@dataclass
+class ApiHarness:
+    """A served campaign and the means to talk to it (see the module docstring)."""
+
+    client: TestClient[Any, Any]
+    service: CampaignService
+    store: LocalStore
+    campaigns: Campaigns
+    clock: FakeClock
+    spec: CampaignSpec
+    settings: ServiceSettings
+    token: str = TOKEN
+
+    @property
+    def base(self) -> str:
+        return f"/v1/campaigns/{NAMESPACE}/{NAME}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def complete_path(self, unit: int | str) -> str:
+        return f"{self.base}/units/{unit}/complete"
+
+    def fail_path(self, unit: int | str) -> str:
+        return f"{self.base}/units/{unit}/fail"
+
+    def heartbeat_path(self, lease_id: str) -> str:
+        return f"{self.base}/leases/{lease_id}/heartbeat"
+
+    def release_path(self, lease_id: str) -> str:
+        return f"{self.base}/leases/{lease_id}/release"
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: BaseModel | Mapping[str, Any] | bytes | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], Any]:
+        """Send one request (authorised unless ``headers`` are given); returns status, headers, parsed JSON body."""
+        if isinstance(body, BaseModel):
+            data: bytes | None = body.model_dump_json(by_alias=True).encode()
+        elif isinstance(body, Mapping):
+            data = json.dumps(body).encode()
+        else:
+            data = body
+        sent = dict(self.auth if headers is None else headers)
+        if data is not None:
+            sent.setdefault("Content-Type", "application/json")
+        # BytesIO: aiohttp warns (a ResourceWarning, an error here) about sending large raw bytes.
+        payload = io.BytesIO(data) if data is not None else None
+        async with self.client.request(method, path, data=payload, headers=sent) as resp:
+            raw = await resp.read()
+            parsed = json.loads(raw) if raw and resp.content_type.endswith("json") else raw
+            return resp.status, dict(resp.headers), parsed
+
+    async def post(
+        self, path: str, body: BaseModel | Mapping[str, Any] | bytes | None, *, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, Any]:
+        status, _, parsed = await self.request("POST", path, body, headers=headers)
+        return status, parsed
+
+    async def lease(
+        self, worker: str = "w-1", *, max_units: int = 1, speculative: bool = False
+    ) -> LeaseGrant | NoLease:
+        body = LeaseRequest(
+            worker=worker,
+            pool=POOL,
+            accelerator="cpu",
+            device_name="cpu",
+            max_units=max_units,
+            allow_speculative=speculative,
+        )
+        status, reply = await self.post(f"{self.base}/leases", body)
+        assert status == 200, reply
+        return _GRANT_OR_NONE.validate_python(reply)
+
+    async def grant(self, worker: str = "w-1", *, max_units: int = 1) -> LeaseGrant:
+        """A lease that must be granted."""
+        reply = await self.lease(worker, max_units=max_units)
+        assert isinstance(reply, LeaseGrant), reply
+        return reply
+
+    async def upload(self, leased: LeasedUnit, files: Mapping[str, bytes]) -> None:
+        """PUT each file to its presigned URL, as the worker does (octet-stream, no bearer token)."""
+        for name, data in files.items():
+            async with self.client.session.put(
+                leased.uploads[name], data=data, headers={"Content-Type": "application/octet-stream"}
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+
+    def completion(
+        self,
+        leased: LeasedUnit,
+        files: Mapping[str, bytes],
+        *,
+        worker: str = "w-1",
+        converged: bool = True,
+        declared: Mapping[str, FileDigest] | None = None,
+    ) -> CompleteRequest:
+        """The completion a worker sends for ``files`` (``declared`` overrides the digests it claims)."""
+        meta = json.loads(files["meta.json"]) if "meta.json" in files else {}
+        return CompleteRequest(
+            worker=worker,
+            pool=POOL,
+            unit=leased.spec.unit,
+            attempt=leased.spec.attempt,
+            converged=converged,
+            files=dict(declared) if declared is not None else digests(files),
+            meta=meta,
+            training_seconds=12.5,
+            epochs=1,
+        )
+
+    async def deliver(self, leased: LeasedUnit, *, worker: str = "w-1") -> tuple[int, Any]:
+        """Upload a unit's files and complete it; returns the completion's status and body."""
+        files = result_files(leased.spec)
+        await self.upload(leased, files)
+        return await self.post(self.complete_path(leased.spec.unit), self.completion(leased, files, worker=worker))
+
+    async def restart(self) -> CampaignService:
+        """Simulate a server restart: checkpoint, then serve a service opened afresh from the same store."""
+        await self.service.flush()
+        service = await CampaignService.open(
+            NAME, self.spec, self.store, token=self.token, clock=self.clock, settings=self.settings
+        )
+        service.wall = self.clock.wall
+        self.campaigns.add(NAMESPACE, NAME, service)
+        self.service = service
+        return service
+
+
+@asynccontextmanager
+async def open_api(
+    tmp_path: Path,
+    *,
+    spec: CampaignSpec | None = None,
+    networks: int = 8,
+    lease_seconds: int = 600,
+    max_attempts: int = 3,
+    suspend: bool = False,
+    settings: ServiceSettings | None = None,
+    observer: RequestObserver | None = None,
+) -> AsyncIterator[ApiHarness]:
+    """Serve one campaign (``research/parity``, token :data:`TOKEN`) over a LocalStore in ``tmp_path``."""
+    clock = FakeClock()
+    spec = spec or a_campaign(
+        networks=networks, lease_seconds=lease_seconds, max_attempts=max_attempts, suspend=suspend
+    )
+    # durable=False: no fsync per file, which only costs time in tests (atomic renames still apply).
+    store = LocalStore(tmp_path / "store", clock=clock.wall, durable=False)
+    store.ensure_root()
+    settings = settings or ServiceSettings()
+    service = await CampaignService.open(NAME, spec, store, token=TOKEN, clock=clock, settings=settings)
+    service.wall = clock.wall
+    campaigns = Campaigns()
+    campaigns.add(NAMESPACE, NAME, service)
+    client: TestClient[Any, Any] = TestClient(
+        TestServer(create_app(campaigns, local_store=store, observer=observer), host="127.0.0.1")
+    )
+    await client.start_server()
+    store.upload_base_url = str(client.make_url("")).rstrip("/")
+    try:
+        yield ApiHarness(
+            client=client, service=service, store=store, campaigns=campaigns, clock=clock, spec=spec, settings=settings
+        )
+    finally:
+        await client.close()
