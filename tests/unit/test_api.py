@@ -36,7 +36,8 @@ from mlds_contract.lease import (
     UnitAttempt,
     UnitState,
 )
-from mlds_operator.api import MAX_BODY, openapi_document
+from mlds_operator.api import MAX_BODY, openapi_document, render_openapi_json
+from mlds_operator.generate import default_root
 from mlds_worker.client import LeaseClient, NotHeld, Rejected, Unauthorized, Unreachable
 
 from tests.api_fixtures import NAME, NAMESPACE, POOL, TOKEN, ApiHarness, open_api, result_files
@@ -600,6 +601,11 @@ async def test_the_served_openapi_document_is_the_generated_one(api: ApiHarness)
     assert set(doc["paths"]) >= {api.base.replace(f"{NAMESPACE}/{NAME}", "{namespace}/{name}") + "/leases"}
     status, _, health = await api.request("GET", "/healthz", headers={})
     assert (status, health) == (200, {"status": "ok", "campaigns": 1})
+
+
+def test_the_checked_in_openapi_document_is_not_stale() -> None:
+    checked_in = default_root() / "docs" / "lease-api.openapi.json"
+    assert checked_in.read_text(encoding="utf-8") == render_openapi_json(), "stale: run `make generate`"
 
 
 async def test_the_request_observer_sees_route_templates_never_unit_or_lease_ids(tmp_path: Path) -> None:
