@@ -61,7 +61,11 @@ def load_campaign(path: Path) -> TrainingCampaign:
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from exc
+        # PyYAML's message spans several lines (with a caret drawing); the CLI promises one line.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path} is not valid YAML: {problem}{where}") from exc
     campaigns = [d for d in docs if isinstance(d, dict) and d.get("kind") == "TrainingCampaign"]
     if len(campaigns) != 1:
         raise UserError(f"{path} must hold exactly one TrainingCampaign document (found {len(campaigns)})")
@@ -384,7 +388,8 @@ class _Display:
 
 
 @click.command("run")
-@click.argument("campaign_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+# No exists=True: click's usage error spans four lines; load_campaign says "cannot read FILE: ..." in one.
+@click.argument("campaign_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--workers",
     "-w",
