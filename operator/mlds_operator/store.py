@@ -604,10 +604,8 @@ class LocalStore:
         try:
             with open(path, "rb") as fh:
                 return fn(fh)
-        except FileNotFoundError:
-            return None
-        except IsADirectoryError:
-            return None  # a "folder" key prefix, not an object (as in S3)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None  # missing, or a "folder" key prefix, or below a file: no such object (as in S3)
         except OSError as exc:
             raise self._error(exc, f"reading {rel}") from exc
 
