@@ -1,0 +1,410 @@
+"""Helpers for end-to-end tests of ``mlds run`` and ``mlds worker``: real processes, real servers, real logs.
+
+Who uses it: tests/e2e/test_run_local.py, tests/e2e/test_run_s3_chaos.py and tests/e2e/test_worker.py.
+Import the helpers explicitly (``from tests.run_fixtures import ...``); nothing here is a fixture.
+
+- :func:`write_campaign` writes a small ds1 TrainingCampaign file whose networks converge in a few
+  epochs (``RELAXED_LOSS``), so a campaign of 20 networks trains in well under a minute on 2 cores.
+- :class:`Proc` is an ``mlds`` subprocess with its stdout/stderr in files; :func:`start_mlds`
+  starts one. ``mlds run`` starts its workers in new sessions, so they are not in the run's process
+  group: :func:`processes_mentioning` finds every process of a test by a path in its command line
+  (the token file lives in the test's tmp folder), and :func:`reap` ends them.
+- :func:`worker_events` parses the workers' ``key=value`` log lines, which is how tests count what
+  was trained, completed and released, and prove that a kill happened while a lease was held.
+- :func:`serve_campaign` serves one campaign's lease API in the test's own event loop (for worker
+  tests that need to look inside the lease book, or start the server after the worker).
+- :func:`wait_for` polls a condition against a deadline. End-to-end tests do sleep for real (they
+  wait for real processes); unit tests never use this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from aiohttp import web
+from mlds_contract.campaign import CampaignSpec, Storage, TrainingCampaign
+from mlds_operator.api import Campaigns, create_app
+from mlds_operator.service import CampaignService, ServiceSettings
+from mlds_operator.store import LocalStore
+
+__all__ = [
+    "MACHINES",
+    "RELAXED_LOSS",
+    "SHORT_LEASE_SECONDS",
+    "Event",
+    "Proc",
+    "Served",
+    "cmdline",
+    "free_port",
+    "live_children",
+    "log_sizes",
+    "manifest_rows",
+    "open_lease",
+    "processes_mentioning",
+    "read_json",
+    "reap",
+    "serve_campaign",
+    "start_mlds",
+    "units_with",
+    "wait_for",
+    "wait_for_async",
+    "worker_env",
+    "worker_events",
+    "write_campaign",
+]
+
+T = TypeVar("T")
+
+#: Evaluation MSE counted as converged in e2e tests. Measured (``mlds train``, CPU, one thread, busy
+#: 2-core machine): SingleDirectMachine needs 4-5 epochs, SingleInvertMachine 1-3, about 0.3-0.6 s an
+#: epoch, so a network trains in 1-3 s instead of ~30 s at the spec's 1e-4.
+RELAXED_LOSS = 0.05
+#: The shortest lease the campaign schema allows: an abandoned unit is re-issued 10 s after its worker died.
+SHORT_LEASE_SECONDS = 10
+MACHINES = ("SingleDirectMachine", "SingleInvertMachine")
+
+
+def write_campaign(
+    path: Path,
+    *,
+    name: str = "e2e",
+    networks_per_target: int = 3,
+    machines: Sequence[str] = MACHINES,
+    units_per_lease: int = 1,
+    target_loss: float = RELAXED_LOSS,
+    max_epochs: int | None = None,
+    lease_seconds: int = SHORT_LEASE_SECONDS,
+    max_attempts: int = 3,
+    storage: Storage | None = None,
+    seed: int = 1,
+) -> Path:
+    """Write a ds1 TrainingCampaign file (as a user would) and return its path."""
+    training: dict[str, Any] = {"targetLoss": target_loss}
+    if max_epochs is not None:
+        training["maxEpochs"] = max_epochs
+    spec: dict[str, Any] = {
+        "workload": {"dataset": "ds1", "machines": list(machines)},
+        "networksPerTarget": networks_per_target,
+        "seed": seed,
+        "training": training,
+        "pools": [{"name": "cpu", "accelerator": "cpu", "unitsPerLease": units_per_lease}],
+        "leases": {"durationSeconds": lease_seconds, "maxAttempts": max_attempts},
+    }
+    if storage is not None:
+        spec["storage"] = storage.model_dump(by_alias=True, exclude_none=True)
+    doc = {"apiVersion": "mlds.dev/v1alpha1", "kind": "TrainingCampaign", "metadata": {"name": name}, "spec": spec}
+    TrainingCampaign.model_validate(doc)  # a typo here should fail the test setup, not look like a product bug
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment for an ``mlds`` subprocess: this one's, one torch thread, unbuffered output."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+@dataclass
+class Proc:
+    """An ``mlds`` subprocess; its stdout and stderr go to files so a test can read them at any time."""
+
+    popen: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def send(self, sig: signal.Signals) -> None:
+        self.popen.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        """The exit status; on timeout the process is killed and the test fails with its output."""
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+            raise AssertionError(
+                f"{self.popen.args!r} still running after {timeout} s\n"
+                f"--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
+            ) from None
+
+    def describe(self) -> str:
+        return f"exit {self.popen.returncode}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
+
+
+def start_mlds(args: Sequence[object], *, cwd: Path, tag: str, env: dict[str, str] | None = None) -> Proc:
+    """Start ``python -m mlds_cli ARGS`` in ``cwd``; output goes to ``cwd/<tag>.stdout`` and ``.stderr``."""
+    out, err = cwd / f"{tag}.stdout", cwd / f"{tag}.stderr"
+    with out.open("wb") as o, err.open("wb") as e:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "mlds_cli", *map(str, args)],
+            cwd=cwd,
+            stdout=o,
+            stderr=e,
+            stdin=subprocess.DEVNULL,
+            env=env if env is not None else worker_env(),
+        )
+    return Proc(popen, out, err)
+
+
+def cmdline(pid: int) -> list[str]:
+    """A process's argv, or [] if it is gone (or a zombie)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) from /proc/PID/stat; None if the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
+    return fields[0], int(fields[1])
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def live_children(pid: int) -> list[int]:
+    """Running (not zombie) child processes of ``pid``."""
+    out = []
+    for child in _pids():
+        st = _stat(child)
+        if st is not None and st[1] == pid and st[0] != "Z":
+            out.append(child)
+    return sorted(out)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes (not zombies, not this one) whose command line contains ``text``."""
+    out = []
+    for pid in _pids():
+        if pid == os.getpid():
+            continue
+        st = _stat(pid)
+        if st is None or st[0] == "Z":
+            continue
+        if any(text in arg for arg in cmdline(pid)):
+            out.append(pid)
+    return sorted(out)
+
+
+def reap(text: str, *, grace: float = 0.0) -> list[int]:
+    """Wait up to ``grace`` seconds for processes mentioning ``text`` to exit, then SIGKILL the rest.
+
+    Returns the pids that had to be killed (a test asserting "no orphans" checks that it is empty).
+    """
+    deadline = time.monotonic() + grace
+    left = processes_mentioning(text)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = processes_mentioning(text)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return left
+
+
+def wait_for(
+    probe: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.2, alive: Proc | None = None
+) -> T:
+    """Poll ``probe`` until it returns something other than None/False; fail after ``timeout`` seconds.
+
+    With ``alive``, fail at once (with its output) if that process exits meanwhile.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value is not None and value is not False:
+            return value
+        if alive is not None and not alive.alive():
+            raise AssertionError(f"gave up waiting for {what}: the process ended, {alive.describe()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout} s")
+        time.sleep(interval)
+
+
+async def wait_for_async(
+    probe: Callable[[], T | Awaitable[T | None] | None], *, timeout: float, what: str, interval: float = 0.2
+) -> T:
+    """:func:`wait_for` for tests whose event loop must keep running (a server in the same loop)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+            value = await value
+        if value is not None and value is not False:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout} s")
+        await asyncio.sleep(interval)
+
+
+# -------------------------------------------------------------------------------------------- worker logs
+
+_LINE = re.compile(r"^\S+ \S+ (?P<level>[A-Z]+) mlds\.worker (?P<message>.*?) (?P<fields>pool=.*)$")
+_FIELD = re.compile(r"(\w+)=(\S*)")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One worker log line: ``leased``, ``trained``, ``completed (accepted)``, ``released``... and its fields."""
+
+    level: str
+    message: str
+    fields: dict[str, str]
+
+    def __getitem__(self, name: str) -> str:
+        return self.fields[name]
+
+    def get(self, name: str) -> str | None:
+        return self.fields.get(name)
+
+
+def worker_events(logs: Path | Iterable[Path], *, skip_bytes: dict[Path, int] | None = None) -> list[Event]:
+    """Parse worker log files (a folder of ``worker-*.log`` or the files), in file then line order.
+
+    ``skip_bytes`` maps a file to how many leading bytes to ignore (what an earlier run wrote).
+    """
+    paths = sorted(logs.glob("worker-*.log")) if isinstance(logs, Path) and logs.is_dir() else logs
+    if isinstance(paths, Path):
+        paths = [paths]
+    events = []
+    for path in paths:
+        data = path.read_bytes()[(skip_bytes or {}).get(path, 0) :]
+        for line in data.decode(errors="replace").splitlines():
+            m = _LINE.match(line)
+            if m:
+                events.append(Event(m["level"], m["message"], dict(_FIELD.findall(m["fields"]))))
+    return events
+
+
+def log_sizes(folder: Path) -> dict[Path, int]:
+    """Current size of each worker log in ``folder`` (pass as ``skip_bytes`` to read only what comes next)."""
+    return {p: p.stat().st_size for p in folder.glob("worker-*.log")}
+
+
+def units_with(events: Iterable[Event], message: str) -> list[int]:
+    """Unit numbers of the events with this message, in log order (repeats kept)."""
+    return [int(e["unit"]) for e in events if e.message == message and e.get("unit") is not None]
+
+
+def open_lease(events: Sequence[Event]) -> Event | None:
+    """The worker's last ``leased`` event if some of its units were neither completed nor given back since."""
+    last = next((e for e in reversed(events) if e.message == "leased"), None)
+    if last is None:
+        return None
+    after = events[events.index(last) + 1 :]
+    if any(e.message == "released" for e in after):
+        return None
+    done = {e["unit"] for e in after if e.message.startswith(("completed", "unit cancelled")) and e.get("unit")}
+    return last if len(done) < int(last["units"]) else None
+
+
+# ---------------------------------------------------------------------------------- in-process server
+
+
+@dataclass
+class Served:
+    """A campaign's lease API running in the test's event loop."""
+
+    service: CampaignService
+    store: LocalStore
+    url: str
+    token_file: Path
+
+
+@contextlib.asynccontextmanager
+async def serve_campaign(
+    campaign_file: Path, store_dir: Path, *, port: int, token: str = "e2e-token"
+) -> AsyncIterator[Served]:
+    """Serve ``campaign_file``'s lease API on ``port`` with a local-folder store, as ``mlds run`` does.
+
+    A background task ticks the service twice a second (lease expiry, flushes, finalization).
+    """
+    doc = yaml.safe_load(campaign_file.read_text())
+    name = doc["metadata"]["name"]
+    spec = CampaignSpec.model_validate(doc["spec"])
+    store = LocalStore(store_dir, upload_base_url=f"http://127.0.0.1:{port}", durable=False)
+    store.ensure_root()
+    token_file = store_dir.parent / f"{name}.token"
+    token_file.write_text(token + "\n")
+    service = await CampaignService.open(
+        name, spec, store, token=token, pools=["cpu"], settings=ServiceSettings(checkpoint_seconds=2.0)
+    )
+    campaigns = Campaigns()
+    campaigns.add("local", name, service)
+    runner = web.AppRunner(create_app(campaigns, local_store=store), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+
+    async def ticker() -> None:
+        while True:
+            await service.tick()
+            await asyncio.sleep(0.5)
+
+    task = asyncio.create_task(ticker())
+    try:
+        yield Served(service, store, f"http://127.0.0.1:{port}/v1/campaigns/local/{name}", token_file)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await runner.cleanup()
+
+
+def manifest_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``manifest.parquet`` file."""
+    import pyarrow.parquet as pq  # noqa: PLC0415 - only the tests that finish a campaign need it
+
+    rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
+    return rows
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
