@@ -3,7 +3,8 @@
 Who uses it: tests/unit/test_api.py (protocol stories and error answers) and tests/e2e/test_api_fuzz.py
 (schema-driven fuzzing). pytest-aiohttp is not a dependency, so :func:`open_api` starts the app with
 aiohttp's own :class:`~aiohttp.test_utils.TestServer` (a real server on 127.0.0.1, random port) and
-talks to it through :class:`~aiohttp.test_utils.TestClient`.
+talks to it through :class:`~aiohttp.test_utils.TestClient`; :func:`serve_in_thread` serves it from a
+background thread for synchronous clients such as schemathesis.
 
 Time is a :class:`FakeClock`: the lease book reads it as its monotonic clock, and the service's wall
 clock and the store's URL-expiry clock read ``WALL_EPOCH + clock()``, so one ``clock.advance(s)`` moves
@@ -20,15 +21,19 @@ Typical use::
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import io
 import json
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from mlds_contract.campaign import CampaignSpec, LeaseSettings, Pool, Workload
 from mlds_contract.lease import (
@@ -53,10 +58,12 @@ __all__ = [
     "WALL_EPOCH",
     "ApiHarness",
     "FakeClock",
+    "ThreadedApi",
     "a_campaign",
     "digests",
     "open_api",
     "result_files",
+    "serve_in_thread",
 ]
 
 NAMESPACE = "research"
@@ -298,3 +305,62 @@ async def open_api(
         )
     finally:
         await client.close()
+
+
+@dataclass
+class ThreadedApi:
+    """A campaign served from a background thread's event loop, for synchronous clients (requests, schemathesis)."""
+
+    url: str  # http://127.0.0.1:PORT
+    service: CampaignService
+    store: LocalStore
+    token: str = TOKEN
+
+    @property
+    def base(self) -> str:
+        return f"{self.url}/v1/campaigns/{NAMESPACE}/{NAME}"
+
+
+@contextmanager
+def serve_in_thread(tmp_path: Path, *, spec: CampaignSpec | None = None, networks: int = 8) -> Iterator[ThreadedApi]:
+    """Serve one campaign (real clock) on 127.0.0.1 from a daemon thread until the block ends."""
+    spec = spec or a_campaign(networks=networks)
+    loop = asyncio.new_event_loop()
+    ready: concurrent.futures.Future[ThreadedApi] = concurrent.futures.Future()
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        store = LocalStore(tmp_path / "store", durable=False)
+        store.ensure_root()
+        service = await CampaignService.open(NAME, spec, store, token=TOKEN)
+        campaigns = Campaigns()
+        campaigns.add(NAMESPACE, NAME, service)
+        runner = web.AppRunner(create_app(campaigns, local_store=store), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        store.upload_base_url = f"http://127.0.0.1:{port}"
+        ready.set_result(ThreadedApi(url=store.upload_base_url, service=service, store=store))
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(main())
+        except BaseException as exc:  # surface a failed start to the waiting test instead of hanging it
+            if not ready.done():
+                ready.set_exception(exc)
+            raise
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name="lease-api", daemon=True)
+    thread.start()
+    try:
+        yield ready.result(timeout=30)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=30)
