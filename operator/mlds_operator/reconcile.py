@@ -106,6 +106,7 @@ class Campaign:
     spec: CampaignSpec | None = None  # None when the body does not parse (see parse_campaign's problem)
     status: CampaignStatus | None = None
     raw_conditions: tuple[Any, ...] = ()
+    parse_error: str | None = None  # why ``spec`` is None
 
     @property
     def ref(self) -> pods.CampaignRef:
@@ -142,7 +143,8 @@ def parse_campaign(body: Mapping[str, Any]) -> tuple[Campaign, Problem | None]:
     try:
         parsed = TrainingCampaign.model_validate({"metadata": dict(meta), "spec": body.get("spec")})
     except ValidationError as exc:
-        return campaign, Problem(Reason.MalformedSpec, _readable(exc), permanent=True)
+        message = _readable(exc)
+        return replace(campaign, parse_error=message), Problem(Reason.MalformedSpec, message, permanent=True)
     return replace(campaign, spec=parsed.spec), None
 
 
@@ -177,7 +179,7 @@ def plan_hash(spec: CampaignSpec) -> str:
 def blocking_problem(campaign: Campaign, pinned_plan: str | None) -> Problem | None:
     """A spec problem that stops the operator from acting: unparsable, invalid, or an immutable field edited."""
     if campaign.spec is None:
-        return Problem(Reason.MalformedSpec, "spec does not parse", permanent=True)
+        return Problem(Reason.MalformedSpec, campaign.parse_error or "spec does not parse", permanent=True)
     problem = validate(campaign.spec)
     if problem is not None:
         return problem
