@@ -372,3 +372,13 @@ def test_the_readmes_loading_code_runs_on_a_dataset(store: LocalStore, monkeypat
     assert scope["first_100"].num_rows == 3
     assert scope["parity"].num_rows == 3
     assert store.get_bytes("README.md") == text.encode()
+
+
+def test_a_column_whose_type_changed_between_parts_is_kept_as_text(store: LocalStore) -> None:
+    # E.g. a newer worker records device_name as an object where an older one wrote a string.
+    write_part(store, 1, [row(0, device_name="cpu")])
+    write_part(store, 2, [row(1, device_name=[1, 2])])
+
+    table = compact_manifest(store)
+
+    assert table.column("device_name").to_pylist() == ["cpu", "[1, 2]"]
