@@ -14,7 +14,8 @@ runs in a thread so the event loop keeps heartbeating. What happens when:
   memory until acknowledged.
 - **Training error** (a bug, NaN, out of memory): the unit is reported ``fail`` (the attempt counts).
 - **SIGTERM/SIGINT**: stop at the next epoch, release the lease's remaining units (not counted as
-  failures) and exit 0; the units go straight back to pending for other workers.
+  failures) and exit 0; the units go straight back to pending for other workers. A result still waiting
+  for an unreachable server is given one more try, then dropped (its lease expires; it is retrained).
 
 Every log line carries campaign, lease, unit and device as key=value.
 """
@@ -316,8 +317,13 @@ class Worker:
                     self._log(logging.ERROR, "giving up delivering a result", **kv, error=exc)
                     state.remaining.pop(request.unit, None)
                     return
+                if self.stop.is_set():
+                    # Shutting down: the unit stays in `remaining`, so it is released if the server answers.
+                    self._log(logging.WARNING, "shutting down with a result undelivered", **kv, error=exc)
+                    return
                 self._log(logging.WARNING, "delivery failed; retrying", **kv, error=exc)
-                await asyncio.sleep(min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** min(attempt, 8)) * random.uniform(0.8, 1.2))
+                # Woken early by a shutdown signal, for one last try.
+                await self._backoff(min(attempt, 8))
                 attempt += 1
 
     async def _report_fail(
