@@ -270,6 +270,9 @@ async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
         str(spec.pools[0].units_per_lease),
         "--device",
         "cpu",
+        # Outlive a crash of this process only to deliver the lease in hand (see the module docstring).
+        "--parent-pid",
+        str(os.getpid()),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     sup = _Supervisor(

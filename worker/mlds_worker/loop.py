@@ -16,6 +16,10 @@ runs in a thread so the event loop keeps heartbeating. What happens when:
 - **SIGTERM/SIGINT**: stop at the next epoch, release the lease's remaining units (not counted as
   failures) and exit 0; the units go straight back to pending for other workers. A result still waiting
   for an unreachable server is given one more try, then dropped (its lease expires; it is retrained).
+- **Orphaned** (``--parent-pid``, set by ``mlds run``): ``mlds run`` starts its workers in their
+  own sessions so that they outlive a crash of it and deliver what they are training to the restarted
+  server; once their parent is gone they finish and deliver the lease in hand, then exit instead of
+  leasing more (the restarted run has workers of its own).
 
 Every log line carries campaign, lease, unit and device as key=value.
 """
@@ -69,6 +73,9 @@ BACKOFF_FIRST, BACKOFF_CAP = 0.5, 15.0
 #: How long results are retried before the unit is given up (released, uncounted): an outage longer than
 #: this means the lease has expired anyway and the unit is someone else's.
 DELIVERY_PATIENCE_SECONDS = 3600.0
+#: The same for a worker whose ``mlds run`` is gone (``--parent-pid``): time enough to start the run
+#: again (it re-adopts the lease and takes the result), short enough that forgotten workers do not linger.
+ORPHAN_PATIENCE_SECONDS = 600.0
 
 
 class _Stop(Exception):
@@ -86,6 +93,8 @@ class WorkerConfig:
     max_units: int = 1
     speculative: bool = True
     exit_when_idle: bool = False
+    #: Take no new lease once this process (the `mlds run` that started the worker) is no longer our parent.
+    parent_pid: int | None = None
 
 
 @dataclass
@@ -100,6 +109,7 @@ class Worker:
     def __init__(self, cfg: WorkerConfig) -> None:
         self.cfg = cfg
         self.stop = asyncio.Event()
+        self._orphaned_at: float | None = None
         self._device: Any = None
         self._device_name = "unknown"
         self._device_type = cfg.accelerator.value
@@ -114,6 +124,18 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), timeout=delay)
 
+    def _orphaned(self) -> bool:
+        # Compared with the pid we were given, not one read at start-up: the parent may die while torch loads.
+        return self.cfg.parent_pid is not None and os.getppid() != self.cfg.parent_pid
+
+    def _orphan_gave_up(self) -> bool:
+        """Orphaned for longer than ORPHAN_PATIENCE_SECONDS: stop delivering and training the lease in hand."""
+        if not self._orphaned():
+            return False
+        if self._orphaned_at is None:
+            self._orphaned_at = time.monotonic()
+        return time.monotonic() - self._orphaned_at > ORPHAN_PATIENCE_SECONDS
+
     def _setup_device(self) -> None:
         self._device = resolve_device(self.cfg.device)
         info = describe_device(self._device)
@@ -125,6 +147,9 @@ class Worker:
         async with LeaseClient(self.cfg.url, self.cfg.token) as client:
             failures = 0
             while not self.stop.is_set():
+                if self._orphaned():
+                    self._log(logging.WARNING, "the process that started this worker is gone; exiting")
+                    return 0
                 request = LeaseRequest(
                     worker=self.cfg.worker_id,
                     pool=self.cfg.pool,
@@ -175,7 +200,7 @@ class Worker:
         try:
             for leased in grant.units:
                 unit = leased.spec.unit
-                if self.stop.is_set() or state.lost:
+                if self.stop.is_set() or state.lost or self._orphan_gave_up():
                     break
                 if unit in state.cancelled:
                     state.remaining.pop(unit, None)
@@ -313,7 +338,7 @@ class Worker:
                 await self._report_fail(client, state, request.unit, request.attempt, FailKind.fail, str(exc))
                 return
             except (Unreachable, LeaseApiError) as exc:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or self._orphan_gave_up():
                     self._log(logging.ERROR, "giving up delivering a result", **kv, error=exc)
                     state.remaining.pop(request.unit, None)
                     return
@@ -394,6 +419,12 @@ def _default_worker_id() -> str:
 )
 @click.option("--worker-id", envvar="MLDS_WORKER_ID", default=None, help="Default: the pod name, or host-pid.")
 @click.option("--no-speculative", is_flag=True, help="Never take speculative copies of other workers' units.")
+@click.option(
+    "--parent-pid",
+    type=click.IntRange(1),
+    default=None,
+    help="Take no new lease once process PID (the one that started this worker) is gone; `mlds run` sets it.",
+)
 @click.option("--log-level", envvar="MLDS_LOG_LEVEL", default="INFO", show_default=True)
 def worker_command(
     url: str,
@@ -404,6 +435,7 @@ def worker_command(
     units_per_lease: int,
     worker_id: str | None,
     no_speculative: bool,
+    parent_pid: int | None,
     log_level: str,
 ) -> None:
     """Lease, train and upload units until the campaign is drained."""
@@ -426,5 +458,6 @@ def worker_command(
         device=device,
         max_units=units_per_lease,
         speculative=not no_speculative,
+        parent_pid=parent_pid,
     )
     sys.exit(asyncio.run(run_worker(cfg)))
