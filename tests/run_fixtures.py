@@ -220,8 +220,19 @@ def live_children(pid: int) -> list[int]:
     return sorted(out)
 
 
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
+
+
 def processes_mentioning(text: str) -> list[int]:
-    """Live processes (not zombies, not this one) whose command line contains ``text``."""
+    """Live processes (not zombies, not this one) whose command line contains ``text`` or that run in it.
+
+    Pass a test's tmp folder: ``mlds run`` and its workers run there (workers inherit its working folder)
+    and name their token file under it, however deep in sessions and re-parenting they are.
+    """
     out = []
     for pid in _pids():
         if pid == os.getpid():
@@ -229,7 +240,7 @@ def processes_mentioning(text: str) -> list[int]:
         st = _stat(pid)
         if st is None or st[0] == "Z":
             continue
-        if any(text in arg for arg in cmdline(pid)):
+        if any(text in arg for arg in cmdline(pid)) or _cwd(pid).startswith(text):
             out.append(pid)
     return sorted(out)
 

@@ -1,0 +1,181 @@
+"""`mlds worker` as a real process against a real lease server: signals, a wrong token, outages, orphaning.
+
+The lease API runs in the test's own event loop (:func:`tests.run_fixtures.serve_campaign`, the same
+service and app ``mlds run`` serves), so a test can start it after the worker, stop it under the
+worker's feet, and look into the lease book to check what the worker's actions did to each unit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlds_contract.lease import UnitState
+
+from tests.run_fixtures import (
+    Proc,
+    free_port,
+    processes_mentioning,
+    reap,
+    serve_campaign,
+    start_mlds,
+    units_with,
+    wait_for_async,
+    worker_events,
+    write_campaign,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+#: Seconds for a worker to start (it imports torch: ~6 s on a busy machine) and reach a given point.
+START_TIMEOUT = 90.0
+#: A loss no network reaches within a test: the worker is certainly mid-training when signalled.
+UNREACHABLE_LOSS = 1e-9
+
+
+def worker_args(url: str, token_file: Path, *extra: object) -> list[object]:
+    return ["worker", "--url", url, "--token-file", token_file, "--pool", "cpu", "--device", "cpu", *extra]
+
+
+def start_worker(tmp_path: Path, url: str, token_file: Path, *extra: object, tag: str = "worker") -> Proc:
+    return start_mlds(worker_args(url, token_file, *extra), cwd=tmp_path, tag=tag)
+
+
+def said(proc: Proc, message: str) -> bool:
+    """Has the worker logged this message (its log goes to stderr)?"""
+    return any(e.message == message for e in worker_events([proc.stderr_path]))
+
+
+async def exit_status(proc: Proc, timeout: float) -> int:
+    return await asyncio.to_thread(proc.wait, timeout)
+
+
+@pytest.fixture
+def no_leftovers(tmp_path: Path) -> Iterator[None]:
+    yield
+    assert reap(str(tmp_path)) == [], "a worker process outlived its test"
+
+
+@pytest.mark.usefixtures("no_leftovers")
+async def test_sigterm_mid_training_releases_the_lease_uncounted_and_exits_0(tmp_path: Path) -> None:
+    campaign = write_campaign(tmp_path / "c.yaml", machines=["SingleDirectMachine"], target_loss=UNREACHABLE_LOSS)
+    async with serve_campaign(campaign, tmp_path / "store", port=free_port()) as served:
+        worker = start_worker(tmp_path, served.url, served.token_file)
+        await wait_for_async(lambda: said(worker, "leased"), timeout=START_TIMEOUT, what="a lease")
+        assert served.service.book.unit(0).state is UnitState.leased
+        await asyncio.sleep(2.0)  # a few epochs into training
+
+        worker.send(signal.SIGTERM)
+        code = await exit_status(worker, 30.0)
+
+        assert code == 0, worker.describe()
+        assert said(worker, "released")
+        unit = served.service.book.unit(0)
+        assert (unit.state, unit.attempts, unit.leases) == (UnitState.pending, 0, ())  # back, not charged
+        stats = served.service.snapshot().stats
+        assert (stats.pending, stats.leased, stats.succeeded, stats.failed) == (3, 0, 0, 0)
+        assert list(served.store.list("SingleDirectMachine/")) == []
+        assert list(served.store.list("_mlds/staging/")) == []
+
+
+@pytest.mark.usefixtures("no_leftovers")
+async def test_a_worker_with_a_wrong_token_exits_non_zero_saying_so(tmp_path: Path) -> None:
+    campaign = write_campaign(tmp_path / "c.yaml")
+    async with serve_campaign(campaign, tmp_path / "store", port=free_port()) as served:
+        wrong = tmp_path / "wrong-token"
+        wrong.write_text("not-the-campaign-token\n")
+        worker = start_worker(tmp_path, served.url, wrong)
+
+        code = await exit_status(worker, START_TIMEOUT)
+
+        assert code == 3, worker.describe()
+        (refusal,) = [e for e in worker_events([worker.stderr_path]) if e.level == "ERROR"]
+        assert refusal.message == "lease refused; check the token and campaign"
+        assert "401" in worker.stderr or "unauthorized" in worker.stderr
+        assert "Traceback" not in worker.stderr
+        assert served.service.snapshot().stats.leased == 0
+
+
+@pytest.mark.usefixtures("no_leftovers")
+async def test_a_worker_started_before_its_server_keeps_retrying_then_completes(tmp_path: Path) -> None:
+    campaign = write_campaign(tmp_path / "c.yaml", machines=["SingleInvertMachine"], networks_per_target=2)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1/campaigns/local/e2e"
+    token_file = tmp_path / "e2e.token"  # where serve_campaign will write the same token
+    token_file.write_text("e2e-token\n")
+    worker = start_worker(tmp_path, url, token_file)
+
+    def retries() -> int:
+        return sum(e.message == "lease server unreachable; retrying" for e in worker_events([worker.stderr_path]))
+
+    await wait_for_async(lambda: retries() >= 3, timeout=START_TIMEOUT, what="the worker retrying a dead server")
+    assert worker.alive()
+
+    async with serve_campaign(campaign, tmp_path / "store", port=port) as served:
+        code = await exit_status(worker, START_TIMEOUT)
+        assert code == 0, worker.describe()
+        assert said(worker, "campaign finished; exiting")
+        assert sorted(units_with(worker_events([worker.stderr_path]), "completed (accepted)")) == [0, 1]
+        await wait_for_async(lambda: served.service.finalized, timeout=10, what="the campaign to be finalized")
+        assert served.service.snapshot().stats.succeeded == 2
+
+
+@pytest.mark.usefixtures("no_leftovers")
+async def test_sigterm_while_the_server_is_down_does_not_wait_for_it(tmp_path: Path) -> None:
+    campaign = write_campaign(tmp_path / "c.yaml", machines=["SingleInvertMachine"])
+    port = free_port()
+    async with serve_campaign(campaign, tmp_path / "store", port=port) as served:
+        worker = start_worker(tmp_path, served.url, served.token_file)
+        await wait_for_async(lambda: said(worker, "leased"), timeout=START_TIMEOUT, what="a lease")
+    # The server is gone while the worker trains; its result cannot be delivered.
+    await wait_for_async(
+        lambda: said(worker, "delivery failed; retrying"), timeout=START_TIMEOUT, what="a failed delivery"
+    )
+
+    worker.send(signal.SIGTERM)
+    code = await exit_status(worker, 15.0)  # before the fix it kept retrying for up to an hour
+
+    assert code == 0, worker.describe()
+    assert said(worker, "shutting down with a result undelivered")
+
+
+ORPHANING_PARENT = """\
+import os, subprocess, sys, time
+subprocess.Popen([*sys.argv[1:], "--parent-pid", str(os.getpid())], start_new_session=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.usefixtures("no_leftovers")
+async def test_an_orphaned_worker_delivers_the_lease_in_hand_then_exits(tmp_path: Path) -> None:
+    campaign = write_campaign(tmp_path / "c.yaml", machines=["SingleDirectMachine"], networks_per_target=10)
+    log = tmp_path / "worker.log"
+    async with serve_campaign(campaign, tmp_path / "store", port=free_port()) as served:
+        # A parent that starts the worker in a session of its own, as `mlds run` does; then it dies.
+        worker_argv = [sys.executable, "-m", "mlds_cli", *map(str, worker_args(served.url, served.token_file))]
+        with log.open("wb") as stderr:
+            parent = subprocess.Popen(  # the worker inherits this stderr
+                [sys.executable, "-c", ORPHANING_PARENT, *worker_argv], cwd=tmp_path, stderr=stderr
+            )
+
+        def completed() -> list[int]:
+            return units_with(worker_events([log]), "completed (accepted)")
+
+        await wait_for_async(lambda: len(completed()) >= 1, timeout=START_TIMEOUT, what="a first completion")
+        parent.kill()
+        parent.wait()
+        await wait_for_async(
+            lambda: processes_mentioning(str(tmp_path)) == [], timeout=60, what="the orphaned worker to exit"
+        )
+
+        events = worker_events([log])
+        assert events[-1].message == "the process that started this worker is gone; exiting"
+        assert sum(e.message == "leased" for e in events) == len(completed())  # every lease in hand delivered
+        stats = served.service.snapshot().stats
+        assert stats.leased == 0
+        assert 0 < stats.succeeded < 10  # it stopped taking work: the rest is for the restarted run
