@@ -132,8 +132,10 @@ def _readable(exc: ValidationError) -> str:
 async def _body(request: web.Request) -> bytes:
     """The request body, refused past MAX_BODY (the app's client_max_size is the upload route's, far larger)."""
     too_large = _HttpProblem(413, "Too large", f"request bodies are limited to {MAX_BODY} bytes", kind="too-large")
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise too_large
+    if request.content_length is not None:
+        if request.content_length > MAX_BODY:
+            raise too_large
+        return await request.read()  # reads exactly Content-Length bytes (faster than iterating chunks)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_chunked(1 << 16):  # chunked bodies announce no length
