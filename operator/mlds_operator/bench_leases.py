@@ -19,8 +19,11 @@ Three processes' worth of roles, so that no client shares the server's event loo
   the pure book's.
 
 Every grant leaves a live lease behind (nobody completes), as when many workers are training at once;
-the memory figure after the load includes those leases. ``--profile`` runs cProfile in the server's
-event-loop thread while the clients run, and prints the top functions per K.
+the memory figure after the load includes those leases. On a shared machine the clients and the server
+compete for cores, so the table also gives the server's CPU use while the clients ran and the leases it
+granted per CPU second it used: the server's own cost, which a busy machine does not hide.
+``--profile`` runs cProfile in the server's event-loop thread while the clients run, and prints the top
+functions per K.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import secrets
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
@@ -203,6 +207,10 @@ async def _serve(conn: Connection, units: int, ks: list[int], baseline_seconds: 
                     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
                     conn.send(out.getvalue())
                     profiler = None
+                elif command == "mark":
+                    # CPU seconds of the whole process (every thread) and leases granted so far: the parent takes
+                    # differences around a client run, which do not depend on how busy the machine is.
+                    conn.send((time.monotonic(), time.process_time(), service.book.stats().leases))
                 elif command == "stats":
                     stats = service.book.stats()
                     conn.send({"rss": rss_bytes(), "peak": peak_rss_bytes(), "leases": stats.leases})
@@ -283,8 +291,17 @@ async def _client(
 
 
 def _run_clients(
-    ctx: Any, url: str, token: str, k: int, clients: int, connections: int, warmup: float, seconds: float
+    ctx: Any,
+    url: str,
+    token: str,
+    k: int,
+    clients: int,
+    connections: int,
+    warmup: float,
+    seconds: float,
+    mark: Callable[[], None],
 ) -> list[ClientResult]:
+    """Run the client processes once; ``mark`` is called when they start sending and when all have finished."""
     ready, results = ctx.Queue(), ctx.Queue()
     go = ctx.Event()
     t0 = ctx.Value("d", 0.0)
@@ -301,9 +318,11 @@ def _run_clients(
     try:
         for _ in procs:
             ready.get(timeout=120)  # every client imported aiohttp and opened its session
+        mark()
         t0.value = time.monotonic() + 0.2
         go.set()
         out = [results.get(timeout=warmup + seconds + 120)[1] for _ in procs]
+        mark()
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -325,6 +344,8 @@ class Row:
     http: float
     p50_ms: float
     p99_ms: float
+    server_cpu: float  # CPU seconds the server used per wall second while the clients ran (1.0 = one core)
+    per_cpu_second: float  # leases the server granted per CPU second it used (robust to a busy machine)
     other: dict[str, int]
     profile: str | None = None
 
@@ -367,10 +388,18 @@ def run_bench(
         report: ServerReport = parent.recv()
         url = f"http://127.0.0.1:{report.port}/v1/campaigns/{NAME}/{NAME}/leases"
         rows = []
+        marks: list[tuple[float, float, int]] = []
+
+        def mark() -> None:
+            parent.send("mark")
+            marks.append(parent.recv())
+
         for k in ks:
             if profile:
                 parent.send("profile-start")
-            results = _run_clients(ctx, url, report.token, k, clients, connections, warmup, seconds)
+            marks.clear()
+            results = _run_clients(ctx, url, report.token, k, clients, connections, warmup, seconds, mark)
+            (wall0, cpu0, leases0), (wall1, cpu1, leases1) = marks
             text = None
             if profile:
                 parent.send("profile-stop")
@@ -391,6 +420,8 @@ def run_bench(
                     http=granted / seconds,
                     p50_ms=p50,
                     p99_ms=p99,
+                    server_cpu=(cpu1 - cpu0) / (wall1 - wall0),
+                    per_cpu_second=(leases1 - leases0) / max(cpu1 - cpu0, 1e-9),
                     other=other,
                     profile=text,
                 )
@@ -432,13 +463,15 @@ def format_result(res: BenchResult) -> str:
     ]
     header = (
         f"{'K':>3}  {'book leases/s':>14}  {'service leases/s':>16}  {'HTTP leases/s':>14}  {'HTTP units/s':>13}  "
-        f"{'HTTP/book':>9}  {'HTTP/service':>12}  {'p50 ms':>7}  {'p99 ms':>7}"
+        f"{'HTTP/book':>9}  {'HTTP/service':>12}  {'p50 ms':>7}  {'p99 ms':>7}  {'server CPU':>10}  "
+        f"{'leases/CPU-s':>12}"
     )
     lines += [header, "-" * len(header)]
     for row in res.rows:
         lines.append(
             f"{row.k:>3}  {row.book:>14,.0f}  {row.service:>16,.0f}  {row.http:>14,.0f}  {row.http * row.k:>13,.0f}  "
-            f"{row.http / row.book:>9.3f}  {row.http / row.service:>12.2f}  {row.p50_ms:>7.1f}  {row.p99_ms:>7.1f}"
+            f"{row.http / row.book:>9.3f}  {row.http / row.service:>12.2f}  {row.p50_ms:>7.1f}  {row.p99_ms:>7.1f}  "
+            f"{row.server_cpu:>10.0%}  {row.per_cpu_second:>12,.0f}"
             + (f"  other answers: {row.other}" if row.other else "")
         )
     for row in res.rows:

@@ -265,6 +265,23 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_parsed(api: ApiHarn
     assert_problem(status, headers, reply, 413, "too-large")
 
 
+@pytest.mark.parametrize(
+    ("size", "want"),
+    [pytest.param(0, 200, id="a small chunked body is read"), pytest.param(MAX_BODY, 413, id="a large one is refused")],
+)
+async def test_a_chunked_body_without_a_length_is_held_to_the_same_limit(api: ApiHarness, size: int, want: int) -> None:
+    body = json.dumps({**LEASE_BODY, "deviceName": "cpu"}).encode()
+    padded = body[:-1] + b" " * size + b"}"  # JSON whitespace: the same request, longer
+
+    async def chunks() -> Any:
+        for i in range(0, len(padded), 1 << 16):
+            yield padded[i : i + (1 << 16)]
+
+    async with api.client.post(f"{api.base}/leases", data=chunks(), headers=api.auth) as resp:
+        assert resp.status == want, await resp.text()
+        assert resp.request_info.headers.get("Transfer-Encoding") == "chunked"
+
+
 # ---------------------------------------------------------------------------------------------- 409
 
 
