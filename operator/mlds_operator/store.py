@@ -337,7 +337,7 @@ class S3Store:
 
     def _error(self, exc: Exception, doing: str) -> MldsError:
         """Map an SDK or transport exception onto the mlds tree (see the module docs)."""
-        where = f"{doing} {self.url} at {self.endpoint}"
+        where = f"{doing} in {self.url} (endpoint {self.endpoint})"
         if isinstance(exc, S3Error):
             return self._s3_error(exc, where)
         status: int | None = None
@@ -366,7 +366,7 @@ class S3Store:
                 "and the bucket policy"
             )
         if code == "NoSuchBucket":
-            return UserError(f"bucket {self.bucket!r} does not exist ({where})")
+            return UserError(f"bucket {self.bucket!r} does not exist while {where}")
         if code in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
             return StorageUnavailable(f"object store unavailable while {where}: {code} ({exc.message})")
         return UserError(f"object store rejected {where}: {code} ({exc.message})")
