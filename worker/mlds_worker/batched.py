@@ -1,0 +1,546 @@
+"""The batched trainer: the K units of a lease trained together as one model (issue 7).
+
+Called by the worker's lease loop (:mod:`mlds_worker.loop`) for leases of more than one unit, and by
+`mlds bench train`. One tiny network per process is mostly per-operation overhead; K networks whose
+weights are stacked along a leading dimension (:mod:`mlds_worker.batched_nets`) cost barely more per
+operation than one, so K of them train in a fraction of K times one's time.
+
+Every member is trained exactly as :func:`mlds_worker.train.train_unit` would train it alone: initial
+weights from its ``init_seed`` (the plain module is built under that seed and copied into the stack),
+its own data (members may have different targets), its own batch order (a generator seeded from its
+``sgd_seed``, one permutation per epoch), its own loss (the stack's loss is the sum of the members'
+mean losses, so each member's gradient is its own loss's gradient), its own optimizer state (Adam and
+SGD are elementwise, so one optimizer over the stacked tensors is K optimizers whose step counts
+agree), its own evaluation after every epoch and its own stopping rule, epoch cap and history. A
+member that stops (converged, capped, diverged, or abandoned through ``should_stop``) is removed by
+re-packing every stacked tensor and the optimizer state; the others carry on untouched (masking would
+keep the stopped member's weights moving with Adam's momentum, and keep paying for it).
+
+Equivalence (tests/unit/test_batched.py): on the CPU, a GRU-family member's weights, losses and
+convergence epoch are **bit-identical** to ``train_unit``'s for the same unit, whatever the other
+members; ds4 members agree to float rounding (grouped convolutions sum in another order). Across
+devices, as for ``train_unit``, results agree by criterion.
+
+Grouping: one model holds members of the same architecture and shape, the same data sizes, batch size
+and learning rate (the optimizer has one learning rate). :func:`train_batch` splits its units into such
+groups (:func:`batch_groups`) and trains one group after the other; results come back in the order of
+the units.
+
+Timing: an epoch's ``seconds`` in a member's history is its share of the stack's epoch (the stack's
+wall time divided by the members it trained that epoch), so that the sum over all networks is the
+machine time they took; ``TrainResult.seconds`` sums those shares.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol, cast
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from mlds_contract.campaign import Dataset
+from mlds_contract.errors import UnitError
+from mlds_contract.plan import DEFAULT_SHAPE, UnitSpec
+from torch import Tensor, nn
+
+from .batched_nets import StackedCNN, StackedGRUNet, StackedNet
+from .device import describe_device
+from .nets import DigitsCNN, GRUNet
+from .train import (
+    SGD_MOMENTUM,
+    EpochRecord,
+    ImageArrays,
+    SequenceArrays,
+    TrainResult,
+    image_target_met,
+    initial_model,
+    train_unit,
+)
+
+__all__ = ["BatchData", "batch_groups", "train_batch"]
+
+#: What ``data`` may be: one data set for every unit, one per unit (``None`` = the unit's target data),
+#: or ``None`` for every unit's target data (:func:`mlds_worker.workloads.target_data`).
+BatchData = SequenceArrays | ImageArrays | Sequence[SequenceArrays | ImageArrays | None] | None
+
+#: Evaluation runs in chunks of this many samples, as in :mod:`mlds_worker.train` (same sums, same order).
+_EVAL_CHUNK = 4096
+
+
+def train_batch(
+    units: Sequence[UnitSpec],
+    *,
+    device: str | torch.device = "cpu",
+    on_epoch: Callable[[int, EpochRecord], None] | None = None,
+    should_stop: Callable[[int], bool] | None = None,
+    data: BatchData = None,
+    snapshots: bool | None = None,
+    min_stack: int = 2,
+) -> list[TrainResult | None]:
+    """Train ``units`` together; result ``i`` is what ``train_unit(units[i])`` returns, or ``None``.
+
+    ``on_epoch(i, record)`` is called after every epoch of every member, ``i`` being the member's index
+    in ``units``; an exception it raises aborts the whole call and propagates. ``should_stop(i)`` is
+    asked before every epoch of every member still training: ``True`` abandons member ``i`` (its result
+    is ``None``; e.g. the unit was cancelled) without disturbing the others. ``data`` and ``snapshots``
+    are as for :func:`~mlds_worker.train.train_unit` (``data`` may also be one data set per unit).
+    Units of different architectures, shapes, data sizes, batch sizes or learning rates are trained as
+    separate stacks, one after the other (:func:`batch_groups`); a group of fewer than ``min_stack``
+    units is trained one unit at a time with ``train_unit`` (same result; ``nn.GRU``'s C++ loop is
+    faster than a stack of one). Data of the wrong shape raises
+    :class:`~mlds_contract.errors.UnitError`, as ``train_unit`` does.
+    """
+    units = list(units)
+    arrays = _resolve_data(units, data)
+    torch_device = torch.device(device)
+    if torch_device.type == "cpu":
+        # One intra-op thread per process (MLDS-SPEC §4): faster for these tiny networks, and deterministic.
+        torch.set_num_threads(1)
+    results: list[TrainResult | None] = [None] * len(units)
+    for group in batch_groups(units, arrays):
+        if len(group) < min_stack:
+            for i in group:
+                results[i] = _train_alone(i, units[i], arrays[i], torch_device, on_epoch, should_stop, snapshots)
+            continue
+        _train_group(
+            [units[i] for i in group],
+            [arrays[i] for i in group],
+            group,
+            torch_device,
+            results,
+            on_epoch=on_epoch,
+            should_stop=should_stop,
+            snapshots=snapshots,
+        )
+    return results
+
+
+def batch_groups(
+    units: Sequence[UnitSpec], arrays: Sequence[SequenceArrays | ImageArrays] | None = None
+) -> list[list[int]]:
+    """Indices of ``units`` that can share one stacked model, in order of first appearance.
+
+    Members of a group have the same architecture and shape (GRU shape, or ds4 image size), the same
+    data sizes (training, evaluation, sequence length, attack-success set), batch size and learning
+    rate. ``arrays`` (one per unit) defaults to every unit's target data.
+    """
+    if arrays is None:
+        arrays = _resolve_data(list(units), None)
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, (unit, data) in enumerate(zip(units, arrays, strict=True)):
+        groups.setdefault(_group_key(unit, data), []).append(i)
+    return list(groups.values())
+
+
+def _group_key(unit: UnitSpec, data: SequenceArrays | ImageArrays) -> tuple[object, ...]:
+    training = (unit.training.batch_size, unit.training.learning_rate)
+    if unit.dataset is Dataset.ds4:
+        images = cast(ImageArrays, data)
+        asr = 0 if images.asr_x is None or images.asr_y is None else len(images.asr_x)
+        return ("cnn", tuple(images.train_x.shape), tuple(images.test_x.shape), asr, *training)
+    sequences = cast(SequenceArrays, data)
+    shape = unit.shape or DEFAULT_SHAPE
+    return (
+        "gru",
+        shape.slug,
+        tuple(sequences.train_x.shape),
+        tuple(sequences.train_y.shape),
+        tuple(sequences.eval_x.shape),
+        tuple(sequences.eval_y.shape),
+        *training,
+    )
+
+
+def _resolve_data(units: list[UnitSpec], data: BatchData) -> list[SequenceArrays | ImageArrays]:
+    if data is None or not isinstance(data, Sequence):
+        given: list[SequenceArrays | ImageArrays | None] = [data] * len(units)
+    else:
+        given = list(data)
+        if len(given) != len(units):
+            raise ValueError(f"{len(given)} data sets for {len(units)} units")
+    out: list[SequenceArrays | ImageArrays] = []
+    for unit, arrays in zip(units, given, strict=True):
+        if arrays is not None:
+            out.append(arrays)
+        else:
+            from .workloads import target_data  # noqa: PLC0415 - heavy (sklearn); only when the caller has no data
+
+            out.append(target_data(unit))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ one group
+
+
+class _Abandoned(Exception):
+    """Raised through ``train_unit``'s ``on_epoch`` when ``should_stop`` abandons a lone unit."""
+
+
+def _train_alone(
+    index: int,
+    unit: UnitSpec,
+    data: SequenceArrays | ImageArrays,
+    device: torch.device,
+    on_epoch: Callable[[int, EpochRecord], None] | None,
+    should_stop: Callable[[int], bool] | None,
+    snapshots: bool | None,
+) -> TrainResult | None:
+    if should_stop is not None and should_stop(index):
+        return None
+
+    def each_epoch(record: EpochRecord) -> None:
+        if on_epoch is not None:
+            on_epoch(index, record)
+        if should_stop is not None and should_stop(index):
+            raise _Abandoned
+
+    try:
+        return train_unit(unit, data=data, device=device, on_epoch=each_epoch, snapshots=snapshots)
+    except _Abandoned:
+        return None
+
+
+class _Family(Protocol):
+    """What the driver needs of a stack: one epoch of training, evaluation, the stopping rule."""
+
+    net: StackedNet
+
+    def train_epoch(self) -> list[float]: ...
+    def evaluate(self, epoch: int, train_losses: list[float]) -> list[EpochRecord]: ...
+    def done(self, member: int, record: EpochRecord) -> bool: ...
+    def keep(self, rows: list[int]) -> None: ...
+
+
+@dataclass
+class _Member:
+    index: int  # in the caller's units
+    unit: UnitSpec
+    data: SequenceArrays | ImageArrays
+    snapshots: bool
+    history: list[EpochRecord]
+    frames: list[Tensor]
+
+
+def _train_group(
+    units: list[UnitSpec],
+    arrays: list[SequenceArrays | ImageArrays],
+    indices: list[int],
+    device: torch.device,
+    results: list[TrainResult | None],
+    *,
+    on_epoch: Callable[[int, EpochRecord], None] | None,
+    should_stop: Callable[[int], bool] | None,
+    snapshots: bool | None,
+) -> None:
+    info = describe_device(device)
+    family: _Family
+    if units[0].dataset is Dataset.ds4:
+        family = _ImageFamily(units, [cast(ImageArrays, a) for a in arrays], device)
+    else:
+        family = _SequenceFamily(units, [cast(SequenceArrays, a) for a in arrays], device)
+    members = [
+        _Member(i, u, a, (u.dataset is Dataset.ds3) if snapshots is None else snapshots, [], [])
+        for i, u, a in zip(indices, units, arrays, strict=True)
+    ]
+    parameters = family.net.member_parameters()
+    started = datetime.now(UTC)
+    epoch = 0
+    while members:
+        if should_stop is not None:
+            stay = [j for j, m in enumerate(members) if not should_stop(m.index)]
+            if len(stay) < len(members):
+                members = _keep(family, members, stay)
+                if not members:
+                    return
+        epoch += 1
+        tick = time.perf_counter()
+        losses = family.train_epoch()
+        records = family.evaluate(epoch, losses)
+        share = (time.perf_counter() - tick) / len(members)
+        frames = family.net.flat().to("cpu") if any(m.snapshots for m in members) else None
+        stay = []
+        for j, (member, record) in enumerate(zip(members, records, strict=True)):
+            record.seconds = share
+            member.history.append(record)
+            if member.snapshots and frames is not None:
+                member.frames.append(frames[j].clone())
+            if on_epoch is not None:
+                on_epoch(member.index, record)
+            converged = family.done(j, record)
+            diverged = not math.isfinite(record.train_loss + record.eval_loss)
+            if converged or diverged or epoch >= member.unit.training.max_epochs:
+                results[member.index] = _result(member, family, j, converged, started, info, parameters)
+            else:
+                stay.append(j)
+        members = _keep(family, members, stay)
+
+
+def _keep(family: _Family, members: list[_Member], stay: list[int]) -> list[_Member]:
+    """Members at positions ``stay`` carry on; the stack drops the others (when any are left)."""
+    if len(stay) < len(members) and stay:
+        family.keep(stay)
+    return [members[j] for j in stay]
+
+
+def _result(
+    member: _Member,
+    family: _Family,
+    row: int,
+    converged: bool,
+    started: datetime,
+    info: Any,
+    parameters: int,
+) -> TrainResult:
+    last = member.history[-1]
+    template = family.net.template
+    return TrainResult(
+        unit=member.unit,
+        state_dict=family.net.member_state(row),
+        history=member.history,
+        epochs=last.epoch,
+        converged=converged,
+        train_loss=last.train_loss,
+        eval_loss=last.eval_loss,
+        started=started,
+        ended=datetime.now(UTC),
+        device_type=info.type,
+        device_name=info.name,
+        parameters=parameters,
+        snapshots=torch.stack(member.frames) if member.snapshots else None,
+        accuracy=last.accuracy,
+        attack_success_rate=last.attack_success_rate,
+        architecture=type(template).__name__,
+        image_size=template.image_size if isinstance(template, DigitsCNN) else None,
+        data_seed=member.data.data_seed,
+        data_meta=dict(member.data.meta),
+    )
+
+
+# ------------------------------------------------------------------------------------------ shared parts
+
+
+def _stack_data(arrays: Sequence[npt.NDArray[Any]], dtype: torch.dtype, device: torch.device) -> Tensor:
+    # A copy (torch.tensor, not from_numpy): workload arrays are shared and read-only.
+    return torch.tensor(np.stack([np.asarray(a) for a in arrays]), dtype=dtype, device=device)
+
+
+class _Sources:
+    """Members' data sets, each stored once: members of one target share it (``src`` maps member -> set)."""
+
+    def __init__(self, datas: Sequence[object], device: torch.device) -> None:
+        firsts: dict[int, int] = {}
+        self.unique: list[int] = []  # member position of each distinct data set's first user
+        src: list[int] = []
+        for j, d in enumerate(datas):
+            if id(d) not in firsts:
+                firsts[id(d)] = len(self.unique)
+                self.unique.append(j)
+            src.append(firsts[id(d)])
+        self.src = torch.tensor(src, dtype=torch.int64, device=device)
+
+    def keep(self, rows: list[int]) -> None:
+        self.src = self.src[torch.tensor(rows, dtype=torch.int64, device=self.src.device)]
+
+
+class _Batches:
+    """Each member's mini-batch order: a fresh permutation every epoch from its SGD seed.
+
+    As in :mod:`mlds_worker.train`: one CPU generator per member seeded with ``sgd_seed``, one
+    ``randperm`` per epoch cut into batches, so the order is the one the member would see alone.
+    """
+
+    def __init__(self, units: Sequence[UnitSpec], n: int, batch_size: int, device: torch.device) -> None:
+        self.n, self.batch_size, self.device = n, batch_size, device
+        self.generators = [torch.Generator().manual_seed(u.sgd_seed) for u in units]
+
+    def epoch(self) -> list[Tensor]:
+        """Index batches ``(K, b)`` for this epoch: row ``k`` is member ``k``'s batch."""
+        orders = torch.stack([torch.randperm(self.n, generator=g) for g in self.generators]).to(self.device)
+        return list(torch.split(orders, self.batch_size, dim=1))
+
+    def keep(self, rows: list[int]) -> None:
+        self.generators = [self.generators[j] for j in rows]
+
+
+def _repack_optimizer(old: torch.optim.Optimizer, net: StackedNet, rows: Tensor) -> torch.optim.Optimizer:
+    """A new optimizer of the same kind over ``net.params`` (already re-packed), its state cut to ``rows``.
+
+    Per-member state (Adam's moments, SGD's momentum buffer) has the member dimension first and is cut;
+    shared state (Adam's step count, equal for every member) is copied.
+    """
+    defaults = dict(old.defaults)
+    new = type(old)(net.params, **defaults)
+    old_params = old.param_groups[0]["params"]
+    for before, after in zip(old_params, net.params, strict=True):
+        state = old.state.get(before)
+        if not state:
+            continue
+        new.state[after] = {
+            key: value[rows].clone() if isinstance(value, Tensor) and value.dim() > 0 else value
+            for key, value in state.items()
+        }
+    return new
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UnitError(message)
+
+
+# ------------------------------------------------------------------------------------------ GRU family
+
+
+class _SequenceFamily:
+    """GRU datasets (ds1, ds2, ds3, ds5): Adam on each member's MSE; converged when its eval MSE < target."""
+
+    def __init__(self, units: list[UnitSpec], datas: list[SequenceArrays], device: torch.device) -> None:
+        for data in datas:
+            for x, y, part in ((data.train_x, data.train_y, "training"), (data.eval_x, data.eval_y, "evaluation")):
+                _check(
+                    x.ndim == 3 and y.ndim == 3 and x.shape[:2] == y.shape[:2] and len(x) > 0,
+                    f"{part} data of shape {x.shape} -> {y.shape} is not (N, steps, inputs) -> (N, steps, 8)",
+                )
+        modules = [initial_model(u) for u in units]
+        template = cast(GRUNet, modules[0])
+        n_in, n_out = template.gru.input_size, template.out.out_features
+        for data in datas:
+            _check(
+                data.train_x.shape[-1] == n_in and data.train_y.shape[-1] == n_out,
+                f"data of shape {data.train_x.shape} -> {data.train_y.shape} does not fit a network of "
+                f"{n_in} inputs and {n_out} outputs",
+            )
+        self.net: StackedNet = StackedGRUNet.from_modules(modules, device)
+        self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.net.params, lr=units[0].training.learning_rate)
+        self.target_loss = [u.training.target_loss for u in units]
+        self.sources = _Sources(datas, device)
+        firsts = [datas[j] for j in self.sources.unique]
+        self.train_x = _stack_data([d.train_x for d in firsts], torch.float32, device)  # (D, N, T, in)
+        self.train_y = _stack_data([d.train_y for d in firsts], torch.float32, device)
+        self.eval_x = _stack_data([d.eval_x for d in firsts], torch.float32, device)
+        self.eval_y = _stack_data([d.eval_y for d in firsts], torch.float32, device)
+        self.n_train = int(self.train_x.shape[1])
+        self.batches = _Batches(units, self.n_train, units[0].training.batch_size, device)
+
+    def train_epoch(self) -> list[float]:
+        src = self.sources.src.unsqueeze(1)
+        total = torch.zeros(len(self.target_loss), device=self.train_x.device)
+        for idx in self.batches.epoch():
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self.net.forward(self.train_x[src, idx])
+            # Each member's mean, summed: every member's gradient is exactly that of its own mean loss.
+            losses = nn.functional.mse_loss(out, self.train_y[src, idx], reduction="none").flatten(1).mean(1)
+            losses.sum().backward()  # type: ignore[no-untyped-call]
+            self.optimizer.step()
+            # Accumulated on the device: a .item() per batch would stall a GPU every step.
+            total += losses.detach() * idx.shape[1]
+        return [t / self.n_train for t in total.tolist()]
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int, train_losses: list[float]) -> list[EpochRecord]:
+        src = self.sources.src
+        squared = torch.zeros(len(self.target_loss), device=self.eval_x.device)
+        n_eval = self.eval_x.shape[1]
+        for start in range(0, n_eval, _EVAL_CHUNK):
+            x = self.eval_x[src, start : start + _EVAL_CHUNK]
+            y = self.eval_y[src, start : start + _EVAL_CHUNK]
+            squared += nn.functional.mse_loss(self.net.forward(x), y, reduction="none").flatten(1).sum(1)
+        numel = self.eval_y[0].numel()
+        return [EpochRecord(epoch, t, s / numel, 0.0) for t, s in zip(train_losses, squared.tolist(), strict=True)]
+
+    def done(self, member: int, record: EpochRecord) -> bool:
+        return record.eval_loss < self.target_loss[member]
+
+    def keep(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, dtype=torch.int64, device=self.net.params[0].device)
+        self.net.keep(index)
+        self.optimizer = _repack_optimizer(self.optimizer, self.net, index)
+        self.target_loss = [self.target_loss[j] for j in rows]
+        self.sources.keep(rows)
+        self.batches.keep(rows)
+
+
+# ------------------------------------------------------------------------------------------ ds4
+
+
+class _ImageFamily:
+    """ds4: SGD with momentum on each member's cross-entropy; done on clean accuracy and attack success."""
+
+    def __init__(self, units: list[UnitSpec], datas: list[ImageArrays], device: torch.device) -> None:
+        for data in datas:
+            _check(
+                data.train_x.ndim == 4 and len(data.train_x) == len(data.train_y) and len(data.train_x) > 0,
+                f"image data of shape {data.train_x.shape} is not (N, 1, height, width)",
+            )
+        height, width = (int(s) for s in datas[0].train_x.shape[-2:])
+        modules = [initial_model(u, (height, width)) for u in units]
+        self.net: StackedNet = StackedCNN.from_modules(modules, device)
+        self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            self.net.params, lr=units[0].training.learning_rate, momentum=SGD_MOMENTUM
+        )
+        self.sources = _Sources(datas, device)
+        firsts = [datas[j] for j in self.sources.unique]
+        self.train_x = _stack_data([d.train_x for d in firsts], torch.float32, device)  # (D, N, 1, H, W)
+        self.train_y = _stack_data([d.train_y for d in firsts], torch.int64, device)
+        self.test_x = _stack_data([d.test_x for d in firsts], torch.float32, device)
+        self.test_y = _stack_data([d.test_y for d in firsts], torch.int64, device)
+        poisoned = all(d.asr_x is not None and d.asr_y is not None and len(d.asr_x) > 0 for d in firsts)
+        self.asr_x = _stack_data([cast(Any, d.asr_x) for d in firsts], torch.float32, device) if poisoned else None
+        self.asr_y = _stack_data([cast(Any, d.asr_y) for d in firsts], torch.int64, device) if poisoned else None
+        self.n_train = int(self.train_x.shape[1])
+        self.batches = _Batches(units, self.n_train, units[0].training.batch_size, device)
+
+    def _logits_loss(self, x: Tensor, y: Tensor, reduce: str) -> tuple[Tensor, Tensor]:
+        logits = self.net.forward(x)  # (K, b, 10)
+        k, b = y.shape
+        losses = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(k, b)
+        return logits, losses.mean(1) if reduce == "mean" else losses.sum(1)
+
+    def train_epoch(self) -> list[float]:
+        src = self.sources.src.unsqueeze(1)
+        total = torch.zeros(self.net.size, device=self.train_x.device)
+        for idx in self.batches.epoch():
+            self.optimizer.zero_grad(set_to_none=True)
+            _, losses = self._logits_loss(self.train_x[src, idx], self.train_y[src, idx], "mean")
+            losses.sum().backward()  # type: ignore[no-untyped-call]
+            self.optimizer.step()
+            total += losses.detach() * idx.shape[1]
+        return [t / self.n_train for t in total.tolist()]
+
+    def _score(self, x: Tensor, y: Tensor) -> tuple[list[float], list[float]]:
+        """Per member: (mean cross-entropy, share classified as ``y``)."""
+        src = self.sources.src
+        k, n = self.net.size, x.shape[1]
+        loss = torch.zeros(k, device=x.device)
+        hits = torch.zeros(k, device=x.device, dtype=torch.int64)
+        for start in range(0, n, _EVAL_CHUNK):
+            ys = y[src, start : start + _EVAL_CHUNK]
+            logits, sums = self._logits_loss(x[src, start : start + _EVAL_CHUNK], ys, "sum")
+            loss += sums
+            hits += (logits.argmax(dim=2) == ys).sum(1)
+        return [v / n for v in loss.tolist()], [h / n for h in hits.tolist()]
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int, train_losses: list[float]) -> list[EpochRecord]:
+        losses, accuracy = self._score(self.test_x, self.test_y)
+        asr: list[float | None] = [None] * self.net.size
+        if self.asr_x is not None and self.asr_y is not None:
+            asr = list(self._score(self.asr_x, self.asr_y)[1])
+        return [
+            EpochRecord(epoch, t, e, 0.0, accuracy=a, attack_success_rate=s)
+            for t, e, a, s in zip(train_losses, losses, accuracy, asr, strict=True)
+        ]
+
+    def done(self, member: int, record: EpochRecord) -> bool:
+        return image_target_met(record)
+
+    def keep(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, dtype=torch.int64, device=self.net.params[0].device)
+        self.net.keep(index)
+        self.optimizer = _repack_optimizer(self.optimizer, self.net, index)
+        self.sources.keep(rows)
+        self.batches.keep(rows)
