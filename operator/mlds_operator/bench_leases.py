@@ -95,6 +95,8 @@ class ClientResult:
     granted: int = 0
     other: dict[str, int] = field(default_factory=dict)  # NoLease replies or HTTP statuses other than 200
     latencies: list[float] = field(default_factory=list)  # seconds per granted request
+    sent: int = 0  # requests answered, warm-up included
+    cpu_seconds: float = 0.0  # this client process's CPU time while sending (all of it)
 
 
 # ------------------------------------------------------------------------------------------- server
@@ -262,6 +264,7 @@ async def _client(
         start = float(t0.value)
         begin, end = start + window[0], start + window[0] + window[1]
         await asyncio.sleep(max(0.0, start - time.monotonic()))
+        cpu0 = time.process_time()
 
         async def one(i: int) -> None:
             body = json.dumps(
@@ -277,6 +280,7 @@ async def _client(
                 async with session.post(url, data=body) as resp:
                     data = await resp.read()
                 done = time.monotonic()
+                result.sent += 1
                 if not begin <= done <= end:
                     continue
                 if resp.status == 200 and data.startswith(b'{"leaseId"'):
@@ -287,6 +291,7 @@ async def _client(
                     result.other[key] = result.other.get(key, 0) + 1
 
         await asyncio.gather(*(one(i) for i in range(connections)))
+        result.cpu_seconds = time.process_time() - cpu0
     return result
 
 
@@ -344,6 +349,7 @@ class Row:
     http: float
     p50_ms: float
     p99_ms: float
+    client_us: float  # client CPU microseconds per request (all client processes together)
     server_cpu: float  # CPU seconds the server used per wall second while the clients ran (1.0 = one core)
     per_cpu_second: float  # leases the server granted per CPU second it used (robust to a busy machine)
     other: dict[str, int]
@@ -420,6 +426,7 @@ def run_bench(
                     http=granted / seconds,
                     p50_ms=p50,
                     p99_ms=p99,
+                    client_us=1e6 * sum(r.cpu_seconds for r in results) / max(1, sum(r.sent for r in results)),
                     server_cpu=(cpu1 - cpu0) / (wall1 - wall0),
                     per_cpu_second=(leases1 - leases0) / max(cpu1 - cpu0, 1e-9),
                     other=other,
@@ -464,14 +471,14 @@ def format_result(res: BenchResult) -> str:
     header = (
         f"{'K':>3}  {'book leases/s':>14}  {'service leases/s':>16}  {'HTTP leases/s':>14}  {'HTTP units/s':>13}  "
         f"{'HTTP/book':>9}  {'HTTP/service':>12}  {'p50 ms':>7}  {'p99 ms':>7}  {'server CPU':>10}  "
-        f"{'leases/CPU-s':>12}"
+        f"{'leases/CPU-s':>12}  {'client CPU us/req':>17}"
     )
     lines += [header, "-" * len(header)]
     for row in res.rows:
         lines.append(
             f"{row.k:>3}  {row.book:>14,.0f}  {row.service:>16,.0f}  {row.http:>14,.0f}  {row.http * row.k:>13,.0f}  "
             f"{row.http / row.book:>9.3f}  {row.http / row.service:>12.2f}  {row.p50_ms:>7.1f}  {row.p99_ms:>7.1f}  "
-            f"{row.server_cpu:>10.0%}  {row.per_cpu_second:>12,.0f}"
+            f"{row.server_cpu:>10.0%}  {row.per_cpu_second:>12,.0f}  {row.client_us:>17,.0f}"
             + (f"  other answers: {row.other}" if row.other else "")
         )
     for row in res.rows:
