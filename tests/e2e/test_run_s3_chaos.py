@@ -102,6 +102,7 @@ def test_killing_a_worker_and_the_server_mid_lease_loses_and_double_counts_nothi
         wait_for(lambda: not cmdline(victim_pid), timeout=10, what="the killed worker to be gone")
         held = open_lease(events_of(logs, slot(victim)))
         assert held is not None, "the worker finished its lease just before the kill; nothing was proved"
+        at_victim_kill = log_sizes(logs)  # the killed worker's last line ("leased") is stale from here on
 
         replacement = wait_for(
             lambda: next((w for w in workers_of(run1).values() if slot(w) == slot(victim) and w != victim), None),
@@ -119,7 +120,8 @@ def test_killing_a_worker_and_the_server_mid_lease_loses_and_double_counts_nothi
         # 2. SIGKILL mlds run while one of its workers holds a lease it has just been granted.
         def fresh_lease() -> dict[int, str] | None:
             workers = workers_of(run1)
-            if any((ev := events_of(logs, slot(w))) and ev[-1].message == "leased" for w in workers.values()):
+            fresh = (events_of(logs, slot(w), at_victim_kill) for w in workers.values())
+            if any(ev and ev[-1].message == "leased" for ev in fresh):
                 return workers
             return None
 
