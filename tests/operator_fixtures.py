@@ -9,8 +9,10 @@ pointing at it (``$KUBECONFIG`` is set for the test). kmock 0.8 stores objects a
 serves discovery, lists, watches and CRUD (DESIGN.md §6); :class:`Emulator` adds the few API-server
 behaviours these tests and ``kubectl`` rely on, and nothing more:
 
-- on create, the metadata an API server fills in: ``uid``, ``creationTimestamp``, ``generation: 1``
-  and a ``resourceVersion`` (constant: kopf then never waits for a newer one);
+- on create, the metadata an API server fills in: ``uid``, ``creationTimestamp``, ``generation: 1``;
+- a new ``resourceVersion`` on every write, and a JSON patch whose ``test`` of the resourceVersion
+  fails is refused with 422: kopf relies on both to tell the echo of its own patch from older events
+  (without them it runs handlers again on stale bodies);
 - ``metadata.generation`` goes up when a merge patch changes ``spec`` (observedGeneration needs it);
 - lists carry ``kind: <Kind>List`` and ``apiVersion`` (kubectl refuses lists without a kind);
 - server-side printing: a list or get asked for ``as=Table`` (what ``kubectl get`` asks for) is
@@ -35,8 +37,10 @@ import asyncio
 import base64
 import contextlib
 import copy
+import itertools
 import json
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -138,31 +142,46 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]  # kmock ships n
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.printer_columns = {}
+        self.revision = itertools.count(1000)
 
     async def _handle(self, request: rendering.Request) -> Any:
-        if request.resource is not None and isinstance(request.data, dict):
-            if request.action == enums.action.CREATE:
-                meta = request.data.setdefault("metadata", {})
-                meta.setdefault("uid", str(uuid.uuid4()))
-                meta.setdefault("creationTimestamp", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
-                meta.setdefault("generation", 1)
-                meta.setdefault("resourceVersion", "1")
-            elif request.action == enums.action.UPDATE and request.name and "spec" in request.data:
-                self._bump_generation(request)
+        if request.resource is not None and request.action == enums.action.CREATE and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("creationTimestamp", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            meta.setdefault("generation", 1)
+            meta["resourceVersion"] = str(next(self.revision))
+        elif request.resource is not None and request.action == enums.action.UPDATE and request.name:
+            self._new_revision(request)
         return await super()._handle(request)
 
-    def _bump_generation(self, request: rendering.Request) -> None:
-        if request.subresource:
-            return
+    def _new_revision(self, request: rendering.Request) -> None:
+        """Every write gets a new resourceVersion (kopf tells its own patches' echoes from older events by it)."""
         key = (request.resource, request.namespace, request.name)
         if key not in self.objects or self.objects[key].deleted:
-            return
+            return  # kmock answers 404
         current = self.objects[key].raw
+        revision = str(next(self.revision))
+        if isinstance(request.data, dict):
+            if "spec" in request.data and not request.subresource:
+                self._bump_generation(current, request.data)
+            request.data.setdefault("metadata", {})["resourceVersion"] = revision
+        elif isinstance(request.data, list):
+            # A JSON patch: kopf guards its finalizer edits with a test of the resourceVersion. Answer a
+            # failed test as the API server does (422), so kopf retries on a fresh body.
+            have = (current.get("metadata") or {}).get("resourceVersion")
+            for op in request.data:
+                if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion" and op.get("value") != have:
+                    raise kmock.KubernetesError(status=422, reason="Invalid", message="the resourceVersion changed")
+            request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": revision})
+
+    @staticmethod
+    def _bump_generation(current: Mapping[str, Any], patch: dict[str, Any]) -> None:
         merged = copy.deepcopy(current.get("spec") or {})
-        _merge(merged, request.data["spec"])
+        _merge(merged, patch["spec"])
         if merged != current.get("spec"):
             generation = int((current.get("metadata") or {}).get("generation") or 1) + 1
-            request.data.setdefault("metadata", {})["generation"] = generation
+            patch.setdefault("metadata", {})["generation"] = generation
 
     def _key(self, request: rendering.Request) -> str:
         r = request.resource
@@ -494,11 +513,11 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
 
 @dataclass
 class RunningOperator:
-    """An operator running in the test's event loop (see :func:`running_operator`)."""
+    """An operator running in a thread of the test process (see :func:`running_operator`)."""
 
     config: OperatorConfig
-    task: asyncio.Task[None]
-    stop: asyncio.Event
+    thread: threading.Thread
+    stop: threading.Event
 
     @property
     def lease_base_url(self) -> str:
@@ -530,27 +549,38 @@ def operator_config(
 
 @contextlib.asynccontextmanager
 async def running_operator(config: OperatorConfig) -> AsyncIterator[RunningOperator]:
-    """``run_operator`` as a task of the test's loop, ready (kopf watching) on entry, stopped on exit."""
-    stop = asyncio.Event()
-    ready = asyncio.Event()
-    task = asyncio.create_task(run_operator(config, stop_flag=stop, ready_flag=ready))
-    waiter = asyncio.create_task(ready.wait())
-    done, _ = await asyncio.wait({task, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        waiter.cancel()
-        task.result()  # raises the operator's startup error
-        pytest.fail("the operator exited during startup")
-    if waiter not in done:
+    """``run_operator`` in its own thread and event loop: ready (kopf watching) on entry, stopped on exit.
+
+    Its own loop, because kopf ends by cancelling every task of its loop that it did not find at
+    startup, which in the test's loop would include the emulator's request handlers.
+    """
+    stop = threading.Event()
+    ready = threading.Event()
+    failure: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            asyncio.run(run_operator(config, stop_flag=stop, ready_flag=ready))
+        except BaseException as exc:  # reported to the test below
+            failure.append(exc)
+
+    thread = threading.Thread(target=main, name="operator", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not ready.is_set() and thread.is_alive() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if not ready.is_set():
         stop.set()
-        task.cancel()
+        await asyncio.to_thread(thread.join, 30)
+        if failure:
+            raise failure[0]
         pytest.fail("the operator did not become ready in 30 s")
     try:
-        yield RunningOperator(config=config, task=task, stop=stop)
+        yield RunningOperator(config=config, thread=thread, stop=stop)
     finally:
         stop.set()
-        try:
-            await asyncio.wait_for(task, timeout=30)
-        except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.to_thread(thread.join, 60)
+        if thread.is_alive():
+            pytest.fail("the operator did not stop within 60 s")
+        if failure:
+            raise failure[0]

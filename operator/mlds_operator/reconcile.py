@@ -188,6 +188,7 @@ def blocking_problem(campaign: Campaign, pinned_plan: str | None) -> Problem | N
             Reason.ImmutableFieldChanged,
             "workload, networksPerTarget, seed, training and storage cannot change once a campaign has "
             "started; revert the edit, or create a new campaign",
+            permanent=True,
         )
     return None
 
