@@ -338,8 +338,11 @@ class CampaignService:
         lock = self._finishing.setdefault(req.unit, asyncio.Lock())
         async with lock:
             reply = await self._complete_locked(req)
-        if reply.state.value in ("succeeded", "failed") and not lock.locked():
-            self._finishing.pop(req.unit, None)  # terminal: later arrivals are duplicates without publishing
+        if reply.state.value == "succeeded" and not lock.locked():
+            # Later arrivals are duplicates that publish nothing, so they need no lock. Not so for a failed
+            # unit: a late converged copy is still accepted, and a copy already queued on this lock would
+            # run beside a new arrival's fresh lock (locked() is False while waiters are queued).
+            self._finishing.pop(req.unit, None)
         return reply
 
     async def _complete_locked(self, req: CompleteRequest) -> CompleteReply:

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import io
 import json
+import threading
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -579,3 +580,67 @@ async def test_finalize_writes_the_manifest_once_per_unit_the_readme_and_the_tar
     assert await restarted.grant(
         LeaseRequest(worker="worker-a", pool=POOL, accelerator="cpu", device_name="cpu", max_units=1)
     ) == NoLease(reason=NoLeaseReason.finished, retry_after_seconds=0)
+
+
+class GatedStore(RecordingStore):
+    """Reading a gated worker's staged files waits until the test opens its gate (runs in a thread)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gates: dict[str, threading.Event] = {}
+        self.reached: dict[str, threading.Event] = {}
+
+    def gate(self, worker: str) -> None:
+        self.gates[worker], self.reached[worker] = threading.Event(), threading.Event()
+
+    def get_bytes(self, rel: str) -> bytes | None:
+        for worker, gate in self.gates.items():
+            if rel.startswith("_mlds/staging/") and f"-{worker}/" in rel:
+                self.reached[worker].set()
+                assert gate.wait(timeout=10), "the test never opened the gate"
+        return super().get_bytes(rel)
+
+
+async def _reached(store: GatedStore, worker: str) -> None:
+    for _ in range(1000):  # a thread reaching a gate: poll the event without blocking the loop
+        if store.reached[worker].is_set():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{worker} never reached its gate")
+
+
+async def test_late_completions_of_a_failed_unit_still_publish_one_whole_copy(tmp_path: Path) -> None:
+    # Unit 0 fails (one attempt allowed); then three late reports arrive: a non-converged one, then two
+    # converged copies. The second converged copy must not be verified and published while the first is.
+    store = GatedStore(tmp_path / "bucket")
+    service = await open_service(store, FakeClock(), max_attempts=1)
+    await lease(service)
+    await deliver(store, service, trained(service, 0, converged=False))
+    assert service.book.unit(0).state is UnitState.failed
+    stalled = trained(service, 0, worker="worker-a", converged=False)
+    first = trained(service, 0, worker="worker-b")
+    second = trained(service, 0, worker="worker-c")
+    for result in (stalled, first, second):
+        upload(store, service, result)
+    store.gate("worker-a")
+    store.gate("worker-b")
+
+    a = asyncio.create_task(service.complete(stalled.request()))
+    await _reached(store, "worker-a")  # a holds the unit's lock...
+    b = asyncio.create_task(service.complete(first.request()))
+    await asyncio.sleep(0)  # ...and b queues behind it
+    store.gates["worker-a"].set()
+    assert (await a).state is UnitState.failed
+    await _reached(store, "worker-b")  # b is verifying now
+    c = asyncio.create_task(service.complete(second.request()))
+    await asyncio.sleep(0.05)  # c gets its chance to (wrongly) run beside b
+    store.gates["worker-b"].set()
+    replies = [await b, await c]
+
+    assert sorted(r.status for r in replies) == [Outcome.accepted, Outcome.duplicate]
+    winner = first if replies[0].status is Outcome.accepted else second
+    for name, data in winner.files.items():
+        assert store.get_bytes(f"SingleDirectMachine/00000/{name}") == data
+    await service.flush()
+    (row,) = mf.read_parts(store).to_pylist()  # type: ignore[union-attr]
+    assert row["sha256"] == store.sha256("SingleDirectMachine/00000/model.safetensors")
