@@ -70,6 +70,11 @@ BatchData = SequenceArrays | ImageArrays | Sequence[SequenceArrays | ImageArrays
 
 #: Evaluation runs in chunks of this many samples, as in :mod:`mlds_worker.train` (same sums, same order).
 _EVAL_CHUNK = 4096
+#: ... and, for as many members at a time as keep one forward's input under this many values (16 MB of
+#: float32; the activations are a few times more). Splitting by member leaves each member's arithmetic
+#: alone, so a stack of 256 ds2 networks (256 evaluation sequences each) or MNIST networks (10,000 test
+#: images) evaluates in bounded memory.
+_EVAL_VALUES = 1 << 22
 
 
 def train_batch(
@@ -325,8 +330,8 @@ def _result(
 
 
 def _stack_data(arrays: Sequence[npt.NDArray[Any]], dtype: torch.dtype, device: torch.device) -> Tensor:
-    # A copy (torch.tensor, not from_numpy): workload arrays are shared and read-only.
-    return torch.tensor(np.stack([np.asarray(a) for a in arrays]), dtype=dtype, device=device)
+    # np.stack copies (workload arrays are shared and read-only), so from_numpy may take the copy over.
+    return torch.from_numpy(np.stack([np.asarray(a) for a in arrays])).to(device=device, dtype=dtype)
 
 
 class _Sources:
@@ -387,6 +392,12 @@ def _repack_optimizer(old: torch.optim.Optimizer, net: StackedNet, rows: Tensor)
     return new
 
 
+def _member_chunks(members: int, values_per_member: int) -> list[slice]:
+    """Consecutive member ranges whose evaluation inputs hold at most ``_EVAL_VALUES`` values (at least one member)."""
+    step = max(1, _EVAL_VALUES // max(1, values_per_member))
+    return [slice(lo, min(lo + step, members)) for lo in range(0, members, step)]
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise UnitError(message)
@@ -442,13 +453,15 @@ class _SequenceFamily:
 
     @torch.no_grad()
     def evaluate(self, epoch: int, train_losses: list[float]) -> list[EpochRecord]:
-        src = self.sources.src
-        squared = torch.zeros(len(self.target_loss), device=self.eval_x.device)
+        squared = torch.zeros(self.net.size, device=self.eval_x.device)
         n_eval = self.eval_x.shape[1]
-        for start in range(0, n_eval, _EVAL_CHUNK):
-            x = self.eval_x[src, start : start + _EVAL_CHUNK]
-            y = self.eval_y[src, start : start + _EVAL_CHUNK]
-            squared += nn.functional.mse_loss(self.net.forward(x), y, reduction="none").flatten(1).sum(1)
+        for members in _member_chunks(self.net.size, self.eval_x[0, :_EVAL_CHUNK].numel()):
+            src = self.sources.src[members]
+            for start in range(0, n_eval, _EVAL_CHUNK):
+                x = self.eval_x[src, start : start + _EVAL_CHUNK]
+                y = self.eval_y[src, start : start + _EVAL_CHUNK]
+                out = self.net.forward(x, members)
+                squared[members] += nn.functional.mse_loss(out, y, reduction="none").flatten(1).sum(1)
         numel = self.eval_y[0].numel()
         return [EpochRecord(epoch, t, s / numel, 0.0) for t, s in zip(train_losses, squared.tolist(), strict=True)]
 
@@ -494,8 +507,8 @@ class _ImageFamily:
         self.n_train = int(self.train_x.shape[1])
         self.batches = _Batches(units, self.n_train, units[0].training.batch_size, device)
 
-    def _logits_loss(self, x: Tensor, y: Tensor, reduce: str) -> tuple[Tensor, Tensor]:
-        logits = self.net.forward(x)  # (K, b, 10)
+    def _logits_loss(self, x: Tensor, y: Tensor, reduce: str, members: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        logits = self.net.forward(x, members)  # (K, b, 10)
         k, b = y.shape
         losses = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(k, b)
         return logits, losses.mean(1) if reduce == "mean" else losses.sum(1)
@@ -513,15 +526,16 @@ class _ImageFamily:
 
     def _score(self, x: Tensor, y: Tensor) -> tuple[list[float], list[float]]:
         """Per member: (mean cross-entropy, share classified as ``y``)."""
-        src = self.sources.src
         k, n = self.net.size, x.shape[1]
         loss = torch.zeros(k, device=x.device)
         hits = torch.zeros(k, device=x.device, dtype=torch.int64)
-        for start in range(0, n, _EVAL_CHUNK):
-            ys = y[src, start : start + _EVAL_CHUNK]
-            logits, sums = self._logits_loss(x[src, start : start + _EVAL_CHUNK], ys, "sum")
-            loss += sums
-            hits += (logits.argmax(dim=2) == ys).sum(1)
+        for members in _member_chunks(k, x[0, :_EVAL_CHUNK].numel()):
+            src = self.sources.src[members]
+            for start in range(0, n, _EVAL_CHUNK):
+                ys = y[src, start : start + _EVAL_CHUNK]
+                logits, sums = self._logits_loss(x[src, start : start + _EVAL_CHUNK], ys, "sum", members)
+                loss[members] += sums
+                hits[members] += (logits.argmax(dim=2) == ys).sum(1)
         return [v / n for v in loss.tolist()], [h / n for h in hits.tolist()]
 
     @torch.no_grad()

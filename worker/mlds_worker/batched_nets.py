@@ -37,6 +37,9 @@ from .nets import DigitsCNN, GRUNet
 
 __all__ = ["StackedCNN", "StackedGRUNet", "StackedNet", "stacked_gru_layer", "stacked_linear"]
 
+#: Every member (the default of :meth:`StackedNet.forward`).
+_ALL = slice(None)
+
 
 class _StackedLinear(torch.autograd.Function):
     """``y[k] = x[k] @ w[k]^T + b[k]`` for K members at once, with ``addmm``'s backward arithmetic.
@@ -102,7 +105,8 @@ class StackedNet:
         """Number of members K."""
         return int(self.params[0].shape[0])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, members: slice = _ALL) -> Tensor:
+        """The outputs of the members ``members`` (all by default) for their inputs ``x`` (one row each)."""
         raise NotImplementedError
 
     def keep(self, rows: Tensor) -> None:
@@ -218,10 +222,10 @@ class StackedGRUNet(StackedNet):
             raise TypeError(f"StackedGRUNet stacks GRUNet, not {type(template).__name__}")
         self.shape: Shape = template.shape
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, members: slice = _ALL) -> Tensor:
         k, batch, steps, _ = x.shape
         layers = self.shape.gru_layers
-        p = self.params
+        p = [q[members] for q in self.params]
         # nn.GRU on the CPU projects the inputs of all steps at once, rows in (step, sequence) order;
         # the same order here makes the weight gradient sum its rows in the same order.
         inputs = x.transpose(1, 2).contiguous()  # (K, T, B, n_in)
@@ -251,9 +255,9 @@ class StackedCNN(StackedNet):
         if not isinstance(template, DigitsCNN):
             raise TypeError(f"StackedCNN stacks DigitsCNN, not {type(template).__name__}")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, members: slice = _ALL) -> Tensor:
         k, batch = x.shape[:2]
-        c1w, c1b, c2w, c2b, f1w, f1b, f2w, f2b = self.params
+        c1w, c1b, c2w, c2b, f1w, f1b, f2w, f2b = (q[members] for q in self.params)
         images = x.view(k, batch, *x.shape[-2:]).transpose(0, 1)  # (B, K, H, W): member k is channel k
         y = nn.functional.conv2d(images, c1w.flatten(0, 1), c1b.flatten(), padding=1, groups=k)
         y = nn.functional.max_pool2d(torch.relu(y), 2)
