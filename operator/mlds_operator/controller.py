@@ -122,8 +122,9 @@ class Controller:
     async def sync(self, body: Mapping[str, Any], logger: Logger) -> PassResult:
         """One reconcile pass over a campaign's CR body."""
         campaign, _ = parse_campaign(body)
-        if self._closed:
-            # Shutting down: kopf may run a last timer after the cleanup; opening a service now would leak it.
+        if self._closed or (body.get("metadata") or {}).get("deletionTimestamp"):
+            # Shutting down (kopf may run a last timer after the cleanup), or the campaign is being deleted
+            # (a pass that waited for the lock while remove() ran): opening a service now would leak it.
             return PassResult(status_patch=None)
         key = (campaign.namespace, campaign.name)
         rt = self._runtimes.setdefault(key, _Runtime())

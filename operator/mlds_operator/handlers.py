@@ -30,6 +30,7 @@ from typing import Any
 
 import kopf
 from mlds_contract.campaign import API_GROUP, API_VERSION
+from mlds_contract.errors import TemporaryError
 
 from .controller import Controller, PassResult
 from .crd import PLURAL
@@ -104,7 +105,10 @@ def build_registry(*, status_interval: float = 5.0) -> kopf.OperatorRegistry:
 
     async def reconcile_pass(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         controller: Controller = memo.controller
-        result = await controller.sync(body, logger)
+        try:
+            result = await controller.sync(body, logger)
+        except TemporaryError as exc:  # the API server or the bucket went away mid-pass
+            raise OutageError(str(exc), delay=exc.delay) from exc
         _write(patch, result)
         _raise_for(result)
 
@@ -115,12 +119,19 @@ def build_registry(*, status_interval: float = 5.0) -> kopf.OperatorRegistry:
     @kopf.timer(*_RESOURCE, id="status", interval=status_interval, registry=registry)
     async def status_pass(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         controller: Controller = memo.controller
-        result = await controller.sync(body, logger)
+        try:
+            result = await controller.sync(body, logger)
+        except TemporaryError as exc:
+            logger.warning("status pass failed; the next one retries: %s", exc)
+            return
         _write(patch, result)
 
     @kopf.on.delete(*_RESOURCE, id="cleanup", registry=registry)
     async def cleanup(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         controller: Controller = memo.controller
-        await controller.remove(body.metadata.namespace or "", body.metadata.name or "", logger)
+        try:
+            await controller.remove(body.metadata.namespace or "", body.metadata.name or "", logger)
+        except TemporaryError as exc:
+            raise OutageError(str(exc), delay=exc.delay) from exc
 
     return registry
