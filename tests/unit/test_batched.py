@@ -204,6 +204,25 @@ def test_on_epoch_reports_every_epoch_of_every_member_with_its_index() -> None:
         assert [(i, r.epoch) for r in result.history] == [s for s in seen if s[0] == i]
 
 
+@pytest.mark.parametrize("k", [1, 3], ids=["lone-unit", "stack"])
+def test_on_result_hands_over_each_member_as_soon_as_it_is_done(k: int) -> None:
+    units, datas = mixed_stack(k, max_epochs=3)
+    units[0] = with_training(units[0], max_epochs=1)
+    events: list[tuple[str, int, int]] = []
+
+    def on_epoch(index: int, record: EpochRecord) -> None:
+        events.append(("epoch", index, record.epoch))
+
+    def on_result(index: int, result: TrainResult) -> None:
+        events.append(("done", index, result.epochs))
+
+    results = train_batch(units, data=datas, on_epoch=on_epoch, on_result=on_result)
+    assert events.index(("epoch", 0, 1)) < events.index(("done", 0, 1))
+    if k > 1:  # handed over before the others train their second epoch
+        assert events.index(("done", 0, 1)) < events.index(("epoch", 1, 2))
+    assert sorted(e for e in events if e[0] == "done") == [("done", i, r.epochs) for i, r in enumerate(results) if r]
+
+
 def test_an_exception_from_on_epoch_aborts_the_call() -> None:
     units, datas = mixed_stack(2)
 

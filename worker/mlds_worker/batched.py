@@ -83,6 +83,7 @@ def train_batch(
     device: str | torch.device = "cpu",
     on_epoch: Callable[[int, EpochRecord], None] | None = None,
     should_stop: Callable[[int], bool] | None = None,
+    on_result: Callable[[int, TrainResult], None] | None = None,
     data: BatchData = None,
     snapshots: bool | None = None,
     min_stack: int = 2,
@@ -92,7 +93,9 @@ def train_batch(
     ``on_epoch(i, record)`` is called after every epoch of every member, ``i`` being the member's index
     in ``units``; an exception it raises aborts the whole call and propagates. ``should_stop(i)`` is
     asked before every epoch of every member still training: ``True`` abandons member ``i`` (its result
-    is ``None``; e.g. the unit was cancelled) without disturbing the others. ``data`` and ``snapshots``
+    is ``None``; e.g. the unit was cancelled) without disturbing the others. ``on_result(i, result)`` is
+    called as soon as member ``i`` is done (converged, capped or diverged), while the others may still
+    be training: a caller can deliver it at once. ``data`` and ``snapshots``
     are as for :func:`~mlds_worker.train.train_unit` (``data`` may also be one data set per unit).
     Units of different architectures, shapes, data sizes, batch sizes or learning rates are trained as
     separate stacks, one after the other (:func:`batch_groups`); a group of fewer than ``min_stack``
@@ -111,6 +114,8 @@ def train_batch(
         if len(group) < min_stack:
             for i in group:
                 results[i] = _train_alone(i, units[i], arrays[i], torch_device, on_epoch, should_stop, snapshots)
+                if on_result is not None and results[i] is not None:
+                    on_result(i, cast(TrainResult, results[i]))
             continue
         _train_group(
             [units[i] for i in group],
@@ -120,6 +125,7 @@ def train_batch(
             results,
             on_epoch=on_epoch,
             should_stop=should_stop,
+            on_result=on_result,
             snapshots=snapshots,
         )
     return results
@@ -240,6 +246,7 @@ def _train_group(
     *,
     on_epoch: Callable[[int, EpochRecord], None] | None,
     should_stop: Callable[[int], bool] | None,
+    on_result: Callable[[int, TrainResult], None] | None,
     snapshots: bool | None,
 ) -> None:
     info = describe_device(device)
@@ -279,7 +286,10 @@ def _train_group(
             converged = family.done(j, record)
             diverged = not math.isfinite(record.train_loss + record.eval_loss)
             if converged or diverged or epoch >= member.unit.training.max_epochs:
-                results[member.index] = _result(member, family, j, converged, started, info, parameters)
+                result = _result(member, family, j, converged, started, info, parameters)
+                results[member.index] = result
+                if on_result is not None:
+                    on_result(member.index, result)
             else:
                 stay.append(j)
         members = _keep(family, members, stay)
