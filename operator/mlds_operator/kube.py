@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import kubernetes  # type: ignore[import-untyped]  # the official client ships no type information
 import urllib3
 from kubernetes.client.exceptions import ApiException  # type: ignore[import-untyped]  # as above
-from mlds_contract.errors import MldsError, TemporaryError
+from mlds_contract.errors import MldsError, TemporaryError, UserError
 
 from .pods import LABEL_CAMPAIGN, campaign_label, selector
 
@@ -66,10 +66,15 @@ class Kube:
         """A client for the cluster: an explicit kubeconfig or ``$KUBECONFIG``, else in-cluster, else ~/.kube/config."""
         cfg = kubernetes.client.Configuration()
         config_file = kubeconfig or os.environ.get("KUBECONFIG")
-        if config_file is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            kubernetes.config.load_incluster_config(client_configuration=cfg)
-        else:
-            kubernetes.config.load_kube_config(config_file=config_file, context=context, client_configuration=cfg)
+        try:
+            if config_file is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+                kubernetes.config.load_incluster_config(client_configuration=cfg)
+            else:
+                kubernetes.config.load_kube_config(config_file=config_file, context=context, client_configuration=cfg)
+        except kubernetes.config.ConfigException as exc:
+            raise UserError(
+                f"no usable Kubernetes configuration ({exc}); run in a cluster, or set KUBECONFIG / --kubeconfig"
+            ) from exc
         return cls(kubernetes.client.ApiClient(cfg))
 
     def close(self) -> None:
