@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlds_contract.campaign import Dataset, Shape, Variant
 from mlds_contract.errors import UnitError
-from mlds_contract.plan import UnitSpec
+from mlds_contract.plan import DS5_GRID, UnitSpec
 from mlds_worker import batched as batched_module
 from mlds_worker.batched import batch_groups, train_batch
 from mlds_worker.batched_nets import StackedGRUNet
@@ -179,6 +179,15 @@ def test_units_of_different_shapes_are_trained_as_separate_stacks_in_one_call(fi
         assert_same_training(batched, train_unit(unit, data=data), exact=True)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", DS5_GRID, ids=lambda s: s.slug)
+def test_every_ds5_shape_trains_exactly_as_alone(shape: Shape) -> None:
+    units = [gru_unit(Dataset.ds5, unit=i, max_epochs=2, shape=shape) for i in range(2)]
+    data = sequences()
+    for batched, unit in zip(train_batch(units, data=data), units, strict=True):
+        assert_same_training(batched, train_unit(unit, data=data), exact=True)
+
+
 def test_a_different_learning_rate_or_data_size_makes_another_stack() -> None:
     base = gru_unit(unit=0)
     units = [base, with_training(gru_unit(unit=1), learning_rate=0.01), gru_unit(unit=2), gru_unit(unit=3)]
@@ -291,6 +300,15 @@ def test_ds4_members_match_their_networks_trained_alone_to_rounding(variant: Var
         assert batched.attack_success_rate == alone.attack_success_rate
         model = DigitsCNN()
         model.load_state_dict(batched.state_dict, strict=True)
+
+
+def test_ds4_members_on_mnist_sized_images_match_their_networks_trained_alone() -> None:
+    data = images(n_train=64, n_test=32, size=28)
+    units = ds4_units(Variant.pixel, 2, max_epochs=1)
+    for batched, unit in zip(train_batch(units, data=data), units, strict=True):
+        alone = train_unit(unit, data=data)
+        assert alone.image_size == (28, 28)
+        assert_same_training(batched, alone, exact=False)
 
 
 def test_ds4_members_stop_at_their_own_criterion() -> None:

@@ -13,11 +13,17 @@ the input projection of all time steps at once in time-major row order, then per
 ``h = (h - n) * z + n``, in place on the same strided chunks, so the same kernels run on the same
 memory layouts). The matrix products go through :class:`_StackedLinear`, whose backward arranges its
 products as ``addmm``'s backward does (``grad_w = grad^T @ x``, not ``x^T @ grad``, which rounds
-differently). The result: on the CPU, a member of a stack gets bit-identical gradients to the same
-network trained alone with ``nn.GRU`` (tests/unit/test_batched.py checks it), so a unit's weights do not
-depend on which other units shared its lease. ``torch.vmap`` cannot batch ``nn.GRU`` (torch 2.13), and
-a GRU written with per-step indexing of a precomputed tensor makes backward ~8x slower: the time loop
-``unbind``s instead.
+differently); the recurrence of a layer is one :class:`_GRULayer`, whose hand-written backward repeats
+autograd's arithmetic and summation order without autograd's per-operation bookkeeping. The result: on
+the CPU, a member of a stack gets bit-identical gradients to the same network trained alone with
+``nn.GRU`` (tests/unit/test_batched.py checks it, every ds5 grid shape included), so a unit's
+weights do not depend on which other units shared its lease. The one caveat: PyTorch's vectorised
+kernels leave the last few elements of a contiguous tensor (fewer than 32 with AVX-512) to a scalar
+path that rounds sigmoid and tanh differently, so bit-identity needs each member's block of a
+contiguous tensor (batch x hidden, batch x steps x hidden) to be a multiple of that, as it is for every
+spec shape and batch size; otherwise members agree to rounding. ``torch.vmap`` cannot batch
+``nn.GRU`` (torch 2.13), and a GRU written with per-step indexing of a precomputed tensor makes backward
+~8x slower: the time loop ``unbind``s instead.
 
 The ds4 CNN stacks its convolutions as grouped convolutions (member ``k``'s images are channel ``k``):
 equal to the plain network up to float rounding (the grouped kernel sums in another order), not bit
