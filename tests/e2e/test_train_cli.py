@@ -102,6 +102,15 @@ def test_a_ds4_run_records_accuracy_and_attack_success_rate(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+def test_log_every_reports_progress_on_stderr_when_not_a_terminal(tmp_path: Path) -> None:
+    proc = mlds("train --dataset ds4 --target clean --max-epochs 4 --log-every 2 --out c", cwd=tmp_path)
+    summary(proc)  # stdout still holds just the summary
+    lines = proc.stderr.splitlines()
+    assert [line.split()[1] for line in lines] == ["epoch=2", "epoch=4"]
+    assert all(line.startswith("clean/00000: ") and "accuracy=" in line for line in lines)
+
+
+@pytest.mark.slow
 def test_ds3_results_carry_weight_snapshots(tmp_path: Path) -> None:
     summary(mlds("train --dataset ds3 --target automaton-00002 --max-epochs 2 --out a", cwd=tmp_path))
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [

@@ -22,6 +22,8 @@ import json
 import os
 import re
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -169,6 +171,13 @@ def _target_index(targets: list[Target], name: str) -> int:
     help="Folder for model.safetensors, meta.json, history.csv. Default: runs/<campaign>/<target>/<replica>.",
 )
 @click.option(
+    "--log-every",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="When stdout is not a terminal: a progress line on stderr every N epochs (0: none).",
+)
+@click.option(
     "--mnist-dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="ds4 with MNIST: the folder holding the IDX files.",
@@ -185,6 +194,7 @@ def train_command(
     device: str,
     out: Path | None,
     mnist_dir: Path | None,
+    log_every: int,
 ) -> None:
     """Train one network and write its result files to a folder.
 
@@ -213,7 +223,7 @@ def train_command(
     folder = out if out is not None else Path("runs") / the_unit.campaign / the_unit.key
 
     try:
-        result = _train(the_unit, device, mnist_dir)
+        result = _train(the_unit, device, mnist_dir, log_every)
         from .results import result_files, write_result  # noqa: PLC0415 - imports torch
 
         files = result_files(result)
@@ -225,7 +235,7 @@ def train_command(
     click.echo(_summary(result, files, folder))
 
 
-def _train(unit: UnitSpec, device: str, mnist_dir: Path | None) -> TrainResult:
+def _train(unit: UnitSpec, device: str, mnist_dir: Path | None, log_every: int) -> TrainResult:
     from .device import resolve_device  # noqa: PLC0415 - torch is imported only after OMP_NUM_THREADS is set
     from .train import train_unit  # noqa: PLC0415
     from .workloads import target_data  # noqa: PLC0415
@@ -233,8 +243,28 @@ def _train(unit: UnitSpec, device: str, mnist_dir: Path | None) -> TrainResult:
     torch_device = resolve_device(device)
     data = target_data(unit, mnist_dir=mnist_dir)
     if not sys.stdout.isatty():
-        return train_unit(unit, data=data, device=torch_device)
+        return train_unit(unit, data=data, device=torch_device, on_epoch=_epoch_logger(unit, log_every))
     return _train_with_progress(unit, data, torch_device)
+
+
+def _epoch_logger(unit: UnitSpec, every: int) -> Callable[[EpochRecord], None] | None:
+    """Every ``every`` epochs, one key=value line on stderr (for runs under nohup or in CI logs)."""
+    if every <= 0:
+        return None
+    started = time.perf_counter()
+
+    def log(record: EpochRecord) -> None:
+        if record.epoch % every == 0:
+            line = (
+                f"{unit.key}: epoch={record.epoch} train_loss={record.train_loss:.4e} eval_loss={record.eval_loss:.4e}"
+            )
+            if record.accuracy is not None:
+                line += f" accuracy={record.accuracy:.4f}"
+            if record.attack_success_rate is not None:
+                line += f" asr={record.attack_success_rate:.4f}"
+            click.echo(f"{line} elapsed={time.perf_counter() - started:.1f}", err=True)
+
+    return log
 
 
 def _train_with_progress(unit: UnitSpec, data: Any, device: Any) -> TrainResult:
