@@ -4,7 +4,8 @@ Registered in :mod:`mlds_cli.main` as ``mlds_operator.cli:operator_command``. :f
 the whole operator as a coroutine (the tests run it in-process against the kmock emulator):
 
 1. connect the Kubernetes client (:meth:`Kube.connect`: ``$KUBECONFIG``, else in-cluster);
-2. start the lease API (:func:`mlds_operator.api.create_app`) for every campaign on ``--listen``;
+2. reopen every existing campaign's lease service (book from the checkpoint, results after it), then
+   start the lease API (:func:`mlds_operator.api.create_app`) for every campaign on ``--listen``;
 3. run kopf with the handlers of :mod:`mlds_operator.handlers`, the controller in its memo, its
    liveness endpoint, and all namespaces or the ``--namespace`` ones;
 4. on SIGTERM/SIGINT, kopf stops, every campaign is checkpointed, the lease API closes. Workers
@@ -21,11 +22,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import kopf
 from aiohttp import web
 from mlds_contract.campaign import Accelerator
+from mlds_contract.errors import MldsError
 
 from . import pods
 from .api import Campaigns, create_app
@@ -71,6 +74,7 @@ async def run_operator(
     runner = web.AppRunner(create_app(campaigns), access_log=None)
     await runner.setup()
     try:
+        await _reopen_campaigns(kube, controller, config.namespaces)
         await web.TCPSite(runner, config.listen_host, config.listen_port, reuse_address=True).start()
         log.info(
             "lease API listening on %s:%d; workers are told %s",
@@ -92,6 +96,34 @@ async def run_operator(
         await controller.close()  # idempotent; kopf's cleanup handler usually did it already
         await runner.cleanup()
         kube.close()
+
+
+class _CampaignLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes the campaign, as kopf's per-object logger does, for passes run outside kopf."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['campaign'] if self.extra else '?'}] {msg}", kwargs
+
+
+async def _reopen_campaigns(kube: Kube, controller: Controller, namespaces: tuple[str, ...]) -> None:
+    """Open every existing campaign's lease service before the lease API listens.
+
+    Workers outlive an operator restart. Were the API to listen before their campaign is open again,
+    it would answer them 401 (an unknown campaign looks like a wrong token) and they would exit;
+    a refused connection instead makes them back off and retry, so they re-attach to their leases.
+    """
+    try:
+        bodies = await asyncio.to_thread(kube.list_campaigns, namespaces)
+    except MldsError as exc:
+        log.warning("could not list campaigns before serving; kopf will resume them: %s", exc)
+        return
+    for body in bodies:
+        meta = body.get("metadata") or {}
+        logger = _CampaignLog(log, {"campaign": f"{meta.get('namespace')}/{meta.get('name')}"})
+        try:
+            await controller.sync(body, logger)
+        except MldsError as exc:
+            logger.warning("could not reopen the campaign before serving; kopf will retry: %s", exc)
 
 
 def _operator_namespace(given: str | None) -> str:

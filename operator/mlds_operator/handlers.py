@@ -86,6 +86,9 @@ def build_registry(*, status_interval: float = 5.0) -> kopf.OperatorRegistry:
             prefix=API_GROUP, key="last-handled-configuration"
         )
         settings.posting.level = logging.WARNING
+        # On shutdown, let a status pass in flight finish (they take well under a second) instead of
+        # orphaning it mid-request: its checkpoint and status write are worth the wait.
+        settings.background.instant_exit_timeout = 10.0
         objects = logging.getLogger("kopf.objects")
         if not any(isinstance(f, _QuietTimer) for f in objects.filters):
             objects.addFilter(_QuietTimer())

@@ -20,6 +20,7 @@ it is. Other 4xx answers mean the operator sent something wrong and raise :class
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,8 +30,10 @@ from typing import Any, TypeVar
 import kubernetes  # type: ignore[import-untyped]  # the official client ships no type information
 import urllib3
 from kubernetes.client.exceptions import ApiException  # type: ignore[import-untyped]  # as above
+from mlds_contract.campaign import API_GROUP, API_VERSION
 from mlds_contract.errors import MldsError, TemporaryError, UserError
 
+from .crd import PLURAL
 from .pods import LABEL_CAMPAIGN, campaign_label, selector
 
 __all__ = ["REQUEST_TIMEOUT", "Kube", "KubeRejected", "KubeUnavailable"]
@@ -60,6 +63,7 @@ class Kube:
         self._api = api_client
         self._core = kubernetes.client.CoreV1Api(api_client)
         self._batch = kubernetes.client.BatchV1Api(api_client)
+        self._custom = kubernetes.client.CustomObjectsApi(api_client)
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None, context: str | None = None) -> Kube:
@@ -111,6 +115,35 @@ class Kube:
             if exc.status == missing:
                 return None
             raise KubeRejected(f"{doing}: HTTP {exc.status} {exc.reason}: {_message(exc)}") from exc
+
+    # ----------------------------------------------------------------------------------- campaigns
+
+    def list_campaigns(self, namespaces: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """Every TrainingCampaign in ``namespaces`` (all namespaces when empty)."""
+        if not namespaces:
+            listing = self._maybe(
+                "listing TrainingCampaigns",
+                lambda: self._custom.list_cluster_custom_object(
+                    API_GROUP, API_VERSION, PLURAL, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                ),
+            )
+            return list((listing or {}).get("items") or [])
+        out: list[dict[str, Any]] = []
+        for namespace in namespaces:
+            listing = self._maybe(
+                f"listing TrainingCampaigns in {namespace}",
+                functools.partial(
+                    self._custom.list_namespaced_custom_object,
+                    API_GROUP,
+                    API_VERSION,
+                    namespace,
+                    PLURAL,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
+                ),
+            )
+            out += (listing or {}).get("items") or []
+        return out
 
     # ------------------------------------------------------------------------------------- secrets
 
