@@ -72,6 +72,7 @@ class Reason(enum.StrEnum):
     Serving = "Serving"  # lease service open, Jobs in place
     Finished = "Finished"  # every unit succeeded or failed; nothing left to serve
     WorkerJobFailed = "WorkerJobFailed"  # a pool's Job hit its backoff limit or a FailJob rule
+    JobNameTaken = "JobNameTaken"  # a pool's Job name belongs to something else (another campaign's pool)
     StorageUnavailable = "StorageUnavailable"  # the bucket could not be reached (retried)
     # Progressing
     Training = "Training"  # units are leased to workers
@@ -101,6 +102,7 @@ class Reason(enum.StrEnum):
 WARNING_REASONS: frozenset[str] = frozenset(
     {
         Reason.WorkerJobFailed,
+        Reason.JobNameTaken,
         Reason.StorageUnavailable,
         Reason.TooManyFailures,
         Reason.InvalidSpec,

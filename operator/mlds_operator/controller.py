@@ -96,6 +96,7 @@ class _Runtime:
     service: CampaignService | None = None
     token: str | None = None
     conditions: list[Condition] | None = None  # as last computed (the body seen by a timer may lag)
+    taken_jobs: set[str] = field(default_factory=set)  # Job names found taken by something else
 
 
 class Controller:
@@ -163,6 +164,7 @@ class Controller:
             progress=progress,
             problem=external,
             previous_conditions=rt.conditions,
+            taken_job_names=frozenset(rt.taken_jobs),
         )
         outcome = reconcile(campaign, observed, self.settings.workers)
         try:
@@ -261,14 +263,19 @@ class Controller:
                     book.lease_seconds = action.lease_seconds
                 case CreateSecret() if await asyncio.to_thread(self.kube.create_secret, ns, action.manifest):
                     logger.info("created Secret %s", action.manifest["metadata"]["name"])
-                case CreateJob() if await asyncio.to_thread(self.kube.create_job, ns, action.manifest):
+                case CreateJob():
+                    name = action.manifest["metadata"]["name"]
                     spec = action.manifest["spec"]
-                    logger.info(
-                        "created Job %s (parallelism %d%s)",
-                        action.manifest["metadata"]["name"],
-                        spec["parallelism"],
-                        ", suspended" if spec["suspend"] else "",
-                    )
+                    if await asyncio.to_thread(self.kube.create_job, ns, action.manifest):
+                        suspended = ", suspended" if spec["suspend"] else ""
+                        logger.info("created Job %s (parallelism %d%s)", name, spec["parallelism"], suspended)
+                        rt.taken_jobs.discard(name)
+                    elif name not in rt.taken_jobs:
+                        # Not among this campaign's Jobs, yet the name is taken: another campaign's pool
+                        # ("a-b" + "c" and "a" + "b-c") or someone else's Job. The next pass reports it as
+                        # Ready=False/JobNameTaken and keeps trying, in case that Job goes away.
+                        logger.warning("Job %s exists but is not this campaign's", name)
+                        rt.taken_jobs.add(name)
                 case PatchJob() if await asyncio.to_thread(self.kube.patch_job, ns, action.name, action.patch):
                     logger.info("patched Job %s: %s", action.name, action.patch["spec"])
                 case DeleteJob() if await asyncio.to_thread(self.kube.delete_job, ns, action.name):

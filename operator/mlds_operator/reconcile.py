@@ -283,6 +283,8 @@ class Observed:
     problem: Problem | None = None
     #: Conditions as last written by this process (fresher than the body's when kopf's view lags).
     previous_conditions: Sequence[Any] | None = None
+    #: Names of Jobs the last pass could not create: the name exists, but not as this campaign's Job.
+    taken_job_names: frozenset[str] = frozenset()
 
 
 # ----------------------------------------------------------------------------------------- actions
@@ -362,6 +364,7 @@ def reconcile(campaign: Campaign, observed: Observed, settings: pods.WorkerSetti
         )
 
     job_failure: str | None = None
+    job_failure_reason = Reason.WorkerJobFailed
     if problem is None:
         book = ConfigureBook(spec.suspend, spec.leases.max_attempts, float(spec.leases.duration_seconds))
         if (book.paused, book.max_attempts, book.lease_seconds) != (
@@ -372,8 +375,19 @@ def reconcile(campaign: Campaign, observed: Observed, settings: pods.WorkerSetti
             actions.append(book)
         job_actions, job_failure = _jobs(campaign, spec, observed.jobs, progress, settings)
         actions += job_actions
+        taken = sorted(
+            a.manifest["metadata"]["name"]
+            for a in job_actions
+            if isinstance(a, CreateJob) and a.manifest["metadata"]["name"] in observed.taken_job_names
+        )
+        if taken and job_failure is None:
+            job_failure = (
+                f"Job {', '.join(taken)} exists but is not this campaign's (another campaign's pool, or someone "
+                "else's Job); rename the pool or delete that Job"
+            )
+            job_failure_reason = Reason.JobNameTaken
     phase = _phase(spec, progress)
-    conditions = _progress_conditions(spec, progress, phase, problem, job_failure)
+    conditions = _progress_conditions(spec, progress, phase, problem, job_failure, job_failure_reason)
     return _finish(campaign, observed, phase, conditions, progress.counts, actions, progress)
 
 
@@ -493,7 +507,12 @@ def _blocked_conditions(spec: CampaignSpec, problem: Problem) -> list[Desired]:
 
 
 def _progress_conditions(
-    spec: CampaignSpec, progress: Progress, phase: Phase, problem: Problem | None, job_failure: str | None
+    spec: CampaignSpec,
+    progress: Progress,
+    phase: Phase,
+    problem: Problem | None,
+    job_failure: str | None,
+    job_failure_reason: Reason = Reason.WorkerJobFailed,
 ) -> list[Desired]:
     c = progress.counts
     done = f"{c.succeeded}/{c.total} units succeeded"
@@ -514,7 +533,7 @@ def _progress_conditions(
             failed = Desired(CondType.Failed, True, Reason.TooManyFailures, f"{failed_text}; {manifest}")
     else:
         if job_failure is not None:
-            ready = Desired(CondType.Ready, False, Reason.WorkerJobFailed, job_failure)
+            ready = Desired(CondType.Ready, False, job_failure_reason, job_failure)
         elif phase is Phase.Suspended:
             ready = Desired(CondType.Ready, False, Reason.SuspendedBySpec, "spec.suspend is true")
         else:

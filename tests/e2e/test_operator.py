@@ -22,6 +22,7 @@ from mlds_operator import pods
 
 from tests.operator_fixtures import (
     CAMPAIGNS,
+    JOBS,
     SECRETS,
     TEST_IMAGES,
     Cluster,
@@ -428,3 +429,29 @@ async def test_a_missing_credentials_secret_waits_and_the_campaign_starts_once_i
         )
         await wait_for(lambda: ready(cluster, "creds"), timeout=REACT, what="Ready=True")
         assert condition(cluster.status(NS, "creds"), "InvalidSpec")["status"] == "False"
+
+
+async def test_a_job_name_taken_by_something_else_is_reported_not_overwritten(
+    cluster: Cluster, s3_server: S3Server, s3_bucket: str
+) -> None:
+    await add_credentials(cluster, s3_server)
+    foreign = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "clash-cpu", "namespace": NS}, "spec": {}}
+    await cluster.create(JOBS, foreign)
+    async with running_operator(operator_config(cluster)):
+        await cluster.create(CAMPAIGNS, campaign_manifest("clash", NS, storage=s3_server.storage(s3_bucket, "clash")))
+        ready = await wait_for(
+            lambda: (
+                condition(cluster.status(NS, "clash"), "Ready").get("reason") == "JobNameTaken"
+                and condition(cluster.status(NS, "clash"), "Ready")
+            ),
+            timeout=REACT,
+            what="Ready=False because the Job name is taken",
+        )
+        assert ready["status"] == "False"
+        assert "clash-cpu" in ready["message"]
+        (event,) = [e for e in cluster.events(NS, "clash") if e["reason"] == "JobNameTaken"]
+        assert event["type"] == "Warning"
+        assert cluster.get(JOBS, NS, "clash-cpu") == {
+            **foreign,
+            "metadata": cluster.get(JOBS, NS, "clash-cpu")["metadata"],
+        }

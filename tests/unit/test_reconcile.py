@@ -247,6 +247,15 @@ def test_a_failed_job_is_reported_not_replaced() -> None:
     assert out.status.phase is Phase.Running
 
 
+def test_a_job_name_taken_by_something_else_is_reported_and_retried() -> None:
+    c = campaign()
+    out = run(c, jobs=[job(c, "gpu")], taken_job_names=frozenset({"parity-cpu"}))
+    assert [a.manifest["metadata"]["name"] for a in out.actions if isinstance(a, CreateJob)] == ["parity-cpu"]
+    status, reason, message = cond(out, "Ready")
+    assert (status, reason) == ("False", Reason.JobNameTaken)
+    assert "parity-cpu exists but is not this campaign's" in message
+
+
 def test_a_job_left_by_an_earlier_campaign_of_the_same_name_is_deleted_before_ours_is_made() -> None:
     c = campaign()
     out = run(c, jobs=[job(c, "cpu", campaign_uid="older-uid"), job(c, "gpu")])
