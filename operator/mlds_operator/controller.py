@@ -97,6 +97,7 @@ class _Runtime:
     token: str | None = None
     conditions: list[Condition] | None = None  # as last computed (the body seen by a timer may lag)
     taken_jobs: set[str] = field(default_factory=set)  # Job names found taken by something else
+    uid: str | None = None  # the campaign object this runtime belongs to
 
 
 class Controller:
@@ -136,6 +137,13 @@ class Controller:
         self, campaign: Campaign, body: Mapping[str, Any], rt: _Runtime, logger: Logger
     ) -> PassResult:
         ns, name = campaign.namespace, campaign.name
+        if rt.uid is not None and campaign.uid is not None and rt.uid != campaign.uid:
+            # Deleted and created again while no deletion handler ran (e.g. its finalizer was removed by
+            # hand while the operator was down): the new campaign starts from its own state, not the old one's.
+            logger.warning("campaign was re-created (uid %s, was %s); reopening it", campaign.uid, rt.uid)
+            await self._close_service(ns, name, logger)
+            rt.service, rt.token, rt.conditions, rt.taken_jobs = None, None, None, set()
+        rt.uid = campaign.uid
         error: MldsError | None = None
         secret = await asyncio.to_thread(self.kube.get_secret, ns, pods.secret_name(name))
         token = pods.token_from_secret(secret) or rt.token or secrets.token_urlsafe(32)
@@ -307,13 +315,7 @@ class Controller:
         """A campaign is being deleted: stop serving it, delete its Jobs and Secret; never its results."""
         rt = self._runtimes.setdefault((namespace, name), _Runtime())
         async with rt.lock:
-            service = self.campaigns.remove(namespace, name)
-            if service is not None:
-                try:
-                    await service.flush()  # a campaign re-created on the same prefix resumes from here
-                except MldsError as exc:
-                    logger.warning("final checkpoint failed; results in the bucket are safe: %s", exc)
-                service.store.close()
+            await self._close_service(namespace, name, logger)
             for job in await asyncio.to_thread(self.kube.list_jobs, namespace, name):
                 job_name = job["metadata"]["name"]
                 if await asyncio.to_thread(self.kube.delete_job, namespace, job_name):
@@ -321,6 +323,17 @@ class Controller:
             if await asyncio.to_thread(self.kube.delete_secret, namespace, pods.secret_name(name)):
                 logger.info("deleted Secret %s", pods.secret_name(name))
             self._runtimes.pop((namespace, name), None)
+
+    async def _close_service(self, namespace: str, name: str, logger: Logger) -> None:
+        """Stop serving a campaign: its lease API answers 401 from now on; a last checkpoint is written."""
+        service = self.campaigns.remove(namespace, name)
+        if service is None:
+            return
+        try:
+            await service.flush()  # a campaign re-created on the same prefix resumes from here
+        except MldsError as exc:
+            logger.warning("final checkpoint failed; results in the bucket are safe: %s", exc)
+        service.store.close()
 
     async def close(self) -> None:
         """Operator shutdown: checkpoint every open campaign (workers keep training meanwhile)."""
