@@ -214,13 +214,28 @@ def _load_or_create_token(path: Path) -> str:
     return token
 
 
-async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: RunOptions) -> RunSummary:
-    """Run (or resume) a campaign to the end; returns the summary. Raises UserError for setup problems."""
-    name = campaign.name
+@dataclass
+class _Server:
+    service: CampaignService
+    store: Store
+    runner: web.AppRunner
+    url: str  # the campaign's lease API base URL
+    token_file: Path
+    state: Path
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.service.flush()
+        await self.runner.cleanup()
+        self.store.close()
+
+
+async def _open_server(campaign: TrainingCampaign, manifest_path: Path, opts: RunOptions) -> _Server:
+    """Open the store and the campaign service (resuming from a checkpoint) and start the lease API."""
     spec = campaign.spec
     store_dir = opts.store_dir
     if spec.storage is None and store_dir is None:
-        store_dir = Path("mlds-data") / name
+        store_dir = Path("mlds-data") / campaign.name
     state = _state_dir(campaign, store_dir, manifest_path)
     token_file = opts.token_file or state / "run-token"
     token = _load_or_create_token(token_file)
@@ -232,98 +247,93 @@ async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
     if opts.port and port != opts.port:
         raise UserError(f"port {opts.port} on {opts.host} is in use")
     base = f"http://{opts.host}:{port}"
-    # The upload-signing secret derives from the token, so URLs handed out before a restart stay valid.
-    secret = hashlib.sha256(b"mlds-uploads/" + token.encode()).digest()
     store: Store
+    local: LocalStore | None = None
     if spec.storage is None:
         assert store_dir is not None
+        # The upload-signing secret derives from the token, so URLs handed out before a restart stay valid.
+        secret = hashlib.sha256(b"mlds-uploads/" + token.encode()).digest()
         local = LocalStore(store_dir, upload_base_url=base, secret=secret)
         local.ensure_root()
         store = local
     else:
         store = await asyncio.to_thread(open_store, spec.storage)
-        local = None
-    service = await CampaignService.open(name, spec, store, token=token, pools=[LOCAL_POOL], settings=opts.settings)
+    service = await CampaignService.open(
+        campaign.name, spec, store, token=token, pools=[LOCAL_POOL], settings=opts.settings
+    )
     campaigns = Campaigns()
-    campaigns.add(LOCAL_NAMESPACE, name, service)
-    app = create_app(campaigns, local_store=local)
-    runner = web.AppRunner(app, access_log=None)
+    campaigns.add(LOCAL_NAMESPACE, campaign.name, service)
+    runner = web.AppRunner(create_app(campaigns, local_store=local), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, opts.host, port, reuse_address=True)
-    await site.start()
+    await web.TCPSite(runner, opts.host, port, reuse_address=True).start()
     state.mkdir(parents=True, exist_ok=True)
     run_info.write_text(json.dumps({"port": port, "pid": os.getpid()}) + "\n")
+    url = f"{base}/v1/campaigns/{LOCAL_NAMESPACE}/{campaign.name}"
+    return _Server(service=service, store=store, runner=runner, url=url, token_file=token_file, state=state)
 
-    url = f"{base}/v1/campaigns/{LOCAL_NAMESPACE}/{name}"
-    argv = [
-        sys.executable,
-        "-m",
-        "mlds_cli",
-        "worker",
-        "--url",
-        url,
-        "--token-file",
-        str(token_file),
-        "--pool",
-        LOCAL_POOL,
-        "--units-per-lease",
-        str(spec.pools[0].units_per_lease),
-        "--device",
-        "cpu",
+
+def _worker_argv(server: _Server, units_per_lease: int) -> list[str]:
+    return [
+        *(sys.executable, "-m", "mlds_cli", "worker"),
+        *("--url", server.url, "--token-file", str(server.token_file), "--pool", LOCAL_POOL),
+        *("--units-per-lease", str(units_per_lease), "--device", "cpu"),
         # Outlive a crash of this process only to deliver the lease in hand (see the module docstring).
-        "--parent-pid",
-        str(os.getpid()),
+        *("--parent-pid", str(os.getpid())),
     ]
+
+
+async def _supervise(server: _Server, sup: _Supervisor, display: _Display, stop: asyncio.Event) -> bool:
+    """Drive the service and the workers until the campaign is finalized; True when interrupted."""
+    service = server.service
+    if not service.book.finished:
+        sup.start_all()
+    with display:
+        while True:
+            await service.tick()
+            display.update(service.snapshot(), sup.alive())
+            if service.finalized:
+                await sup.wait_drained(timeout=10.0)
+                return False
+            for note in sup.check(service.book.finished):
+                display.note(note)
+            if not service.book.finished and sup.alive() == 0 and sup.restarts_left <= 0:
+                raise UserError(f"every worker has died; see the logs in {sup.log_dir}")
+            if stop.is_set():
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+
+
+async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: RunOptions) -> RunSummary:
+    """Run (or resume) a campaign to the end; returns the summary. Raises UserError for setup problems."""
+    server = await _open_server(campaign, manifest_path, opts)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    restarts = opts.restarts if opts.restarts is not None else 3 * opts.workers
     sup = _Supervisor(
-        argv, opts.workers, state / "logs", opts.restarts if opts.restarts is not None else 3 * opts.workers, env
+        _worker_argv(server, campaign.spec.pools[0].units_per_lease), opts.workers, server.state / "logs", restarts, env
     )
-    started = time.monotonic()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    display = _Display(name, store.url, enabled=opts.progress)
-    interrupted = False
+    started = time.monotonic()
     try:
-        if not service.book.finished:
-            sup.start_all()
-        with display:
-            while True:
-                await service.tick()
-                snap = service.snapshot()
-                display.update(snap, sup.alive())
-                if service.finalized:
-                    break
-                for note in sup.check(service.book.finished):
-                    display.note(note)
-                if not service.book.finished and sup.alive() == 0 and sup.restarts_left <= 0:
-                    raise UserError(f"every worker has died; see the logs in {sup.log_dir}")
-                if stop.is_set():
-                    interrupted = True
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=0.5)
-        if not interrupted:
-            await sup.wait_drained(timeout=10.0)
+        interrupted = await _supervise(server, sup, _Display(campaign.name, enabled=opts.progress), stop)
     finally:
         await sup.stop()
-        with contextlib.suppress(Exception):
-            await service.flush()
-        await runner.cleanup()
-        store.close()
+        await server.close()
     if interrupted:
         raise click.ClickException(
-            f"interrupted: progress is saved; run the same command again to resume ({store.url})"
+            f"interrupted: progress is saved; run the same command again to resume ({server.store.url})"
         )
-    snap = service.snapshot()
+    service = server.service
     return RunSummary(
-        name=name,
-        snapshot=snap,
+        name=campaign.name,
+        snapshot=service.snapshot(),
         wall_seconds=time.monotonic() - started,
         workers=opts.workers,
-        dataset=store.url,
+        dataset=server.store.url,
         manifest=service.manifest_url if service.finalized else None,
     )
 
@@ -331,8 +341,8 @@ async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
 class _Display:
     """A live progress bar on a terminal; a line every 10 s otherwise (logs, CI)."""
 
-    def __init__(self, name: str, where: str, *, enabled: bool) -> None:
-        self.name, self.where, self.enabled = name, where, enabled
+    def __init__(self, name: str, *, enabled: bool) -> None:
+        self.name, self.enabled = name, enabled
         self._progress: Any = None
         self._task: Any = None
         self._last_line = 0.0

@@ -394,17 +394,7 @@ class CampaignService:
         except ValueError as exc:
             self._rejected["bad_meta"] += 1
             raise ResultRejected(f"unit {req.unit}: meta.json is not JSON: {exc}", reason="bad_meta") from exc
-        problems = []
-        if not isinstance(meta, dict):
-            problems.append("not an object")
-        else:
-            if meta.get("sha256") != req.files[MODEL].sha256:
-                problems.append("its sha256 is not the model's")
-            for key, want in (("unit", req.unit), ("attempt", req.attempt), ("target", spec.target)):
-                if meta.get(key) != want:
-                    problems.append(f"{key} is {meta.get(key)!r}, expected {want!r}")
-            if bool(meta.get("converged")) != req.converged:
-                problems.append("converged differs from the completion")
+        problems = _meta_problems(meta, req, spec)
         if problems:
             self._rejected["bad_meta"] += 1
             raise ResultRejected(f"unit {req.unit}: meta.json {'; '.join(problems)}", reason="bad_meta")
@@ -519,6 +509,21 @@ class CampaignService:
             training_seconds=self._training_seconds,
             rejected=dict(self._rejected),
         )
+
+
+def _meta_problems(meta: object, req: CompleteRequest, spec: UnitSpec) -> list[str]:
+    """How an uploaded meta.json contradicts the completion (empty when it agrees)."""
+    if not isinstance(meta, dict):
+        return ["is not an object"]
+    problems = []
+    if meta.get("sha256") != req.files[MODEL].sha256:
+        problems.append("names another model sha256")
+    for key, want in (("unit", req.unit), ("attempt", req.attempt), ("target", spec.target)):
+        if meta.get(key) != want:
+            problems.append(f"{key} is {meta.get(key)!r}, expected {want!r}")
+    if bool(meta.get("converged")) != req.converged:
+        problems.append("disagrees with the completion on converged")
+    return problems
 
 
 def _content_type(name: str) -> str:
