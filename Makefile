@@ -13,7 +13,7 @@ STAMP   = $(VENV)/.installed
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH)
-	$(PIP) install -c requirements/constraints.txt -e '.[worker,operator,dev]'
+	$(PIP) install -c requirements/constraints.txt -e '.[worker,operator,analysis,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -40,7 +40,7 @@ test: $(STAMP) lint typecheck check-generated
 
 lock:
 	$(PYTHON) -m venv /tmp/mlds-lock && /tmp/mlds-lock/bin/pip install -q $(TORCH) && \
-	/tmp/mlds-lock/bin/pip install -q -e '.[worker,operator,dev]' && \
+	/tmp/mlds-lock/bin/pip install -q -e '.[worker,operator,analysis,dev]' && \
 	{ echo "# Exact versions for every install (pip -c). Regenerate: make lock. torch is installed first, alone (see Makefile)."; \
 	  /tmp/mlds-lock/bin/pip freeze | grep -v -iE '^(mlds|-e)' | sed 's/+cpu//'; } > requirements/constraints.txt
 
