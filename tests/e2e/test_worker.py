@@ -11,7 +11,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,25 +53,6 @@ def said(proc: Proc, message: str) -> bool:
 
 async def exit_status(proc: Proc, timeout: float) -> int:
     return await asyncio.to_thread(proc.wait, timeout)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_a_leaked_event_loop() -> None:
-    """Close the event loop looptime leaves behind after synchronous tests, before this module's tests run.
-
-    looptime 0.9's ``pytest_pyfunc_call`` calls ``policy.get_event_loop()`` for every test, sync ones
-    included; on Python 3.11 that creates a loop nobody closes. When pytest-asyncio later replaces it, it
-    is collected unclosed and the ResourceWarning fails whichever async test is running (warnings are
-    errors). Remove this once the suite's conftest handles it for everyone.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            loop = asyncio.get_event_loop_policy().get_event_loop()
-        except RuntimeError:
-            return
-    if not loop.is_running() and not loop.is_closed():
-        loop.close()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import io
 import json
 import threading
 import urllib.parse
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,25 +195,6 @@ async def lease(service: CampaignService, worker: str = "worker-a", units: int =
 def part_units(store: LocalStore) -> list[int]:
     table = mf.read_parts(store)
     return [] if table is None else sorted(table.column("unit").to_pylist())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_a_leaked_event_loop() -> None:
-    """Close the event loop looptime leaves behind after synchronous tests, before this module's tests run.
-
-    looptime 0.9's ``pytest_pyfunc_call`` calls ``policy.get_event_loop()`` for every test, sync ones
-    included; on Python 3.11 that creates a loop nobody closes. When pytest-asyncio later replaces it, it
-    is collected unclosed and the ResourceWarning fails whichever async test is running (warnings are
-    errors). Remove this once the suite's conftest handles it for everyone.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            loop = asyncio.get_event_loop_policy().get_event_loop()
-        except RuntimeError:
-            return
-    if not loop.is_running() and not loop.is_closed():
-        loop.close()
 
 
 @pytest.fixture
