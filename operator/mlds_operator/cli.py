@@ -35,6 +35,7 @@ from .api import Campaigns, create_app
 from .controller import Controller, OperatorSettings
 from .handlers import build_registry
 from .kube import Kube
+from .metrics import ServerMetrics
 from .service import ServiceSettings
 
 __all__ = ["OperatorConfig", "operator_command", "run_operator"]
@@ -71,7 +72,10 @@ async def run_operator(
     kube = await asyncio.to_thread(Kube.connect, config.kubeconfig)
     campaigns = Campaigns()
     controller = Controller(kube, campaigns, config.settings)
-    runner = web.AppRunner(create_app(campaigns), access_log=None)
+    server_metrics = ServerMetrics(campaigns, component="operator")
+    app = create_app(campaigns, observer=server_metrics.observe_request)
+    server_metrics.add_route(app)  # GET /metrics beside the lease API (the chart's Service and ServiceMonitor)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         await _reopen_campaigns(kube, controller, config.namespaces)

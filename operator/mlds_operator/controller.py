@@ -34,7 +34,7 @@ from typing import Any
 from mlds_contract.campaign import Condition
 from mlds_contract.errors import MldsError, StorageUnavailable, TemporaryError, UserError
 
-from . import pods
+from . import metrics, pods
 from .api import Campaigns
 from .conditions import Change, Reason, event_manifest
 from .kube import Kube
@@ -228,6 +228,7 @@ class Controller:
         except BaseException:
             store.close()
             raise
+        metrics.instrument(service, ns)
         self.campaigns.add(ns, name, service)
         rt.service = service
         stats = service.book.stats()

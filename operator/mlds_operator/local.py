@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .api import Campaigns, create_app
+from .metrics import ServerMetrics, instrument
 from .service import CampaignService, ServiceSettings, Snapshot
 from .store import LocalStore, Store, open_store
 
@@ -261,9 +262,13 @@ async def _open_server(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
     service = await CampaignService.open(
         campaign.name, spec, store, token=token, pools=[LOCAL_POOL], settings=opts.settings
     )
+    instrument(service, LOCAL_NAMESPACE, {LOCAL_POOL: "cpu"})  # the workers run with --device cpu
     campaigns = Campaigns()
     campaigns.add(LOCAL_NAMESPACE, campaign.name, service)
-    runner = web.AppRunner(create_app(campaigns, local_store=local), access_log=None)
+    server_metrics = ServerMetrics(campaigns, component="run")
+    app = create_app(campaigns, local_store=local, observer=server_metrics.observe_request)
+    server_metrics.add_route(app)  # GET /metrics on the lease API's port, as the operator serves it
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, opts.host, port, reuse_address=True).start()
     state.mkdir(parents=True, exist_ok=True)

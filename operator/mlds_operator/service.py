@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from mlds_contract.campaign import CampaignSpec, Dataset, Phase
 from mlds_contract.errors import MldsError, StorageUnavailable
@@ -59,7 +59,7 @@ from . import manifest as mf
 from .leasebook import BookStats, CheckpointError, Clock, LeaseBook
 from .store import Store
 
-__all__ = ["CampaignService", "ResultRejected", "ServiceSettings", "Snapshot", "result_files_for"]
+__all__ = ["CampaignService", "ResultRejected", "ServiceObserver", "ServiceSettings", "Snapshot", "result_files_for"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,37 @@ class Snapshot:
     rejected: dict[str, int]  # rejected completions by reason
 
 
+class ServiceObserver(Protocol):
+    """What a service reports as it happens; :class:`mlds_operator.metrics.CampaignMetrics` implements it.
+
+    Called on the event loop, after the book has changed; ``pool`` is the worker's (or the lease's) pool.
+    """
+
+    def lease_granted(self, pool: str, *, units: int, reissued: int) -> None:
+        """A lease of ``units`` units, ``reissued`` of them on a later attempt after one ended without a result."""
+
+    def lease_extended(self, pool: str) -> None:
+        """A heartbeat extended (or re-established) a lease."""
+
+    def lease_expired(self, pool: str, *, units: int, counted: bool) -> None:
+        """A lease ran out holding ``units`` units; ``counted``: their attempts were counted (book not paused)."""
+
+    def attempt_failed(self, pool: str, reason: str) -> None:
+        """An attempt ended without a result: ``error`` (the worker said so) or ``unconverged`` (epoch cap)."""
+
+    def result_published(self, pool: str, size: int) -> None:
+        """Verified result files of ``size`` bytes were written to their final folder."""
+
+    def result_verified(self, pool: str, *, training_seconds: float, epochs: int) -> None:
+        """A converged result was verified and counted (the unit succeeded)."""
+
+    def result_duplicate(self, pool: str) -> None:
+        """A completion of a unit that had already succeeded (dropped)."""
+
+    def result_rejected(self, pool: str, reason: str) -> None:
+        """A completion failed verification (:attr:`ResultRejected.reason`)."""
+
+
 def result_files_for(dataset: Dataset) -> tuple[str, ...]:
     """The files a worker uploads per unit (meta.json last: its presence marks a whole result)."""
     files = [MODEL, "history.csv"]
@@ -143,8 +174,8 @@ class CampaignService:
     _finalized: bool = field(init=False, default=False)
     _flush_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _presign_inline: bool = field(init=False, default=False)  # see grant()
-    #: Called after each verified result: (pool, training seconds, epochs). The metrics layer hooks here.
-    on_verified: Callable[[str, float, int], None] | None = None
+    #: Told of leases, results and failures as they happen (the metrics layer: mlds_operator.metrics.instrument).
+    observer: ServiceObserver | None = None
 
     def __post_init__(self) -> None:
         self._targets = campaign_targets(self.spec)
@@ -263,6 +294,7 @@ class CampaignService:
     async def grant(self, req: LeaseRequest) -> LeaseGrant | NoLease:
         if self.book.finished:
             return NoLease(reason=NoLeaseReason.finished, retry_after_seconds=0)
+        self._expire()  # the grant would expire overdue leases itself, unseen by the observer
         view = self.book.grant(req.worker, req.pool, req.max_units, speculative=req.allow_speculative)
         if view is None:
             if self.book.finished:
@@ -294,6 +326,9 @@ class CampaignService:
             # Presigning is local computation for both backends, but never strand the units if it fails.
             self.book.release_lease(view.lease_id, req.worker)
             raise
+        if self.observer is not None:
+            reissued = 0 if view.speculative else sum(1 for a in view.attempts if a > 0)
+            self.observer.lease_granted(req.pool, units=len(view.units), reissued=reissued)
         deadline, seconds = self._wall_deadline(view.deadline)
         return LeaseGrant(
             lease_id=view.lease_id,
@@ -307,6 +342,8 @@ class CampaignService:
     def heartbeat(self, lease_id: str, req: HeartbeatRequest) -> HeartbeatReply:
         units = {u.unit: u.attempt for u in req.units}
         result = self.book.heartbeat(lease_id, req.worker, pool=req.pool, units=units)
+        if self.observer is not None:
+            self.observer.lease_extended(req.pool)
         deadline, seconds = self._wall_deadline(result.deadline)
         return HeartbeatReply(
             deadline=deadline, lease_seconds=seconds, cancel=list(result.cancel), readopted=result.readopted
@@ -319,6 +356,8 @@ class CampaignService:
         outcome = self.book.fail(
             req.unit, worker=req.worker, pool=req.pool, attempt=req.attempt, retry=req.kind is FailKind.release
         )
+        if req.kind is FailKind.fail and outcome is Outcome.accepted and self.observer is not None:
+            self.observer.attempt_failed(req.pool, "error")
         if req.kind is FailKind.fail:
             log.info(
                 "campaign=%s unit=%d attempt=%d worker=%s failed: %s",
@@ -346,13 +385,23 @@ class CampaignService:
         return reply
 
     async def _complete_locked(self, req: CompleteRequest) -> CompleteReply:
+        observer = self.observer
         if self.book.unit(req.unit).state.value == "succeeded":
             await asyncio.to_thread(self._drop_staging, req)
+            if observer is not None:
+                observer.result_duplicate(req.pool)
             return CompleteReply(status=Outcome.duplicate, state=self.book.unit(req.unit).state)
         spec = self.unit_spec(req.unit, req.attempt)
-        verified = await asyncio.to_thread(self._verify, req, spec)
+        try:
+            verified = await asyncio.to_thread(self._verify, req, spec)
+        except ResultRejected as exc:
+            if observer is not None:
+                observer.result_rejected(req.pool, exc.reason)
+            raise
         final = spec.key if req.converged else f"unconverged/{spec.key}/attempt-{req.attempt}"
         await asyncio.to_thread(self._publish, final, verified.files)
+        if observer is not None:
+            observer.result_published(req.pool, sum(len(data) for data in verified.files.values()))
         outcome = self.book.complete(
             req.unit, worker=req.worker, pool=req.pool, attempt=req.attempt, converged=req.converged
         )
@@ -360,8 +409,10 @@ class CampaignService:
             self._rows.append(mf.manifest_row(verified.meta, spec.key))
             self._recent.append(self.wall())
             self._training_seconds += req.training_seconds
-            if self.on_verified is not None:
-                self.on_verified(req.pool, req.training_seconds, req.epochs)
+            if observer is not None:
+                observer.result_verified(req.pool, training_seconds=req.training_seconds, epochs=req.epochs)
+        elif outcome is Outcome.accepted and observer is not None:
+            observer.attempt_failed(req.pool, "unconverged")
         await asyncio.to_thread(self._drop_staging, req)
         return CompleteReply(status=outcome, state=self.book.unit(req.unit).state)
 
@@ -417,12 +468,18 @@ class CampaignService:
 
     async def tick(self) -> None:
         """Periodic work: expire leases, flush rows + checkpoint when due, finalize when every unit is done."""
-        self.book.expire()
+        self._expire()
         due = self.book.now() - self._last_flush >= self.settings.checkpoint_seconds
         if due or len(self._rows) >= self.settings.part_rows:
             await self.flush()
         if self.book.finished and not self._finalized:
             await self.finalize()
+
+    def _expire(self) -> None:
+        paused = self.book.paused
+        for lease in self.book.expire():
+            if self.observer is not None:
+                self.observer.lease_expired(lease.pool, units=len(lease.units), counted=not paused)
 
     async def flush(self) -> None:
         """Write buffered manifest rows as a part, then the book's checkpoint (in that order)."""
