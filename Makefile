@@ -7,8 +7,11 @@ PIP     = $(BIN)/python -m pip --disable-pip-version-check -q
 # The CPU build of torch; installed alone and first, so nothing later pulls a CUDA build.
 TORCH  ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
+# Debian's prometheus (server + promtool) for the observability tests; installed only where it is missing
+# and we are root with apt-get (CI). Elsewhere those tests skip, saying why.
+PROM_STAMP = $(VENV)/.prometheus
 
-.PHONY: setup demo test lint typecheck unit e2e check-generated generate lock clean
+.PHONY: setup prometheus demo test lint typecheck unit e2e check-generated generate lock clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +20,14 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+$(PROM_STAMP):
+	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || \
+	  echo "note: Debian's prometheus package is not installed; the Prometheus tests will skip"
+	@if command -v prometheus >/dev/null 2>&1; then mkdir -p $(VENV) && touch $@; fi
+
+prometheus: $(PROM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mlds run examples/quick.yaml --workers 2 --store runs/quick
@@ -35,7 +46,7 @@ check-generated: $(STAMP)
 generate: $(STAMP)
 	$(BIN)/python -m mlds_operator.generate
 
-test: $(STAMP) lint typecheck check-generated
+test: $(STAMP) $(PROM_STAMP) lint typecheck check-generated
 	$(BIN)/python -m pytest -q
 
 lock:
