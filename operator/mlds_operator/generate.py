@@ -41,6 +41,7 @@ GENERATED: tuple[GeneratedFile, ...] = (
     GeneratedFile("crds/trainingcampaigns.mlds.dev.yaml", "mlds_operator.crd:render_crd_yaml"),
     GeneratedFile("docs/lease-api.openapi.json", "mlds_operator.api:render_openapi_json"),
     GeneratedFile("charts/mlds/rules/mlds.rules.yaml", "mlds_operator.alerts:render_rules_yaml"),
+    GeneratedFile("charts/mlds/dashboards/mlds.json", "mlds_operator.dashboard:render_dashboard_json"),
 )
 
 
