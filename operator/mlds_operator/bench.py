@@ -21,6 +21,14 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "mlds_operator.bench_leases:bench_leases_command",
         "Leases granted per second over loopback HTTP, and the server's memory, for a 1,000,000-unit campaign.",
     ),
+    "run": (
+        "mlds_operator.bench_run:bench_run_command",
+        "End to end: `mlds run` of a fixed ds1 campaign against the sum of its training times (overhead).",
+    ),
+    "load": (
+        "mlds_operator.bench_load:bench_load_command",
+        "Seconds to load 10,000 pulled networks into a weights matrix (a synthetic dataset in the real layout).",
+    ),
     "train": (
         "mlds_operator.bench_train:bench_train_command",
         "Training throughput: one network at a time against the batched trainer.",

@@ -1,0 +1,41 @@
+"""`mlds bench run` (issue 7 (d)): the end-to-end benchmark runs a real `mlds run` and reports its overhead."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from click.testing import CliRunner
+from mlds_contract.errors import UserError
+from mlds_operator.bench_run import bench_campaign, bench_run_command
+
+
+def test_the_fixed_campaign_spreads_the_networks_evenly_over_its_machines() -> None:
+    campaign = bench_campaign(100, ["SingleDirectMachine", "SingleInvertMachine"], units_per_lease=1)
+    assert campaign.spec.networks_per_target == 50
+    assert campaign.spec.training.target_loss == pytest.approx(1e-4)  # the spec's criterion unless asked
+    assert [p.units_per_lease for p in campaign.spec.pools] == [1]
+
+
+@pytest.mark.parametrize(
+    ("networks", "machines"),
+    [(3, ["SingleDirectMachine", "SingleInvertMachine"]), (2, ["NoSuchMachine"]), (2, [])],
+    ids=["uneven split", "unknown machine", "no machine"],
+)
+def test_a_campaign_that_cannot_be_built_is_one_clear_error(networks: int, machines: list[str]) -> None:
+    with pytest.raises(UserError):
+        bench_campaign(networks, machines, units_per_lease=1)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_small_run_reports_training_against_wall_time(tmp_path: object) -> None:
+    args = ["--networks", "2", "--workers", "1", "--target-loss", "0.05"]
+    result = CliRunner().invoke(bench_run_command, args)
+    assert result.exit_code == 0, result.output
+    assert "networks verified      2/2 (0 failed)" in result.output
+    training = float(re.search(r"training \(sum\)\s+([\d,.]+) s", result.output)[1].replace(",", ""))  # type: ignore[index]
+    wall = float(re.search(r"wall\s+([\d,.]+) s with 1 workers", result.output)[1].replace(",", ""))  # type: ignore[index]
+    assert 0 < training <= wall  # one worker cannot train for longer than the run lasted
+    overhead = float(re.search(r"overhead\s+([\d.]+)%", result.output)[1])  # type: ignore[index]
+    assert overhead == pytest.approx(100 * (1 - training / wall), abs=1.5)  # from the figures rounded to 0.1 s
