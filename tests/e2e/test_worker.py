@@ -8,6 +8,7 @@ worker's feet, and look into the lease book to check what the worker's actions d
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from mlds_contract.lease import UnitState
+from mlds_worker.results import result_files
+from mlds_worker.train import train_unit
 
 from tests.run_fixtures import (
     Proc,
@@ -179,3 +182,49 @@ async def test_an_orphaned_worker_delivers_the_lease_in_hand_then_exits(tmp_path
         stats = served.service.snapshot().stats
         assert stats.leased == 0
         assert 0 < stats.succeeded < 10  # it stopped taking work: the rest is for the restarted run
+
+
+# ------------------------------------------------------------------------- leases of K units (issue 7)
+
+
+@pytest.mark.usefixtures("no_leftovers")
+async def test_a_lease_of_several_units_is_trained_as_one_stack_with_the_same_weights_as_alone(
+    tmp_path: Path,
+) -> None:
+    campaign = write_campaign(tmp_path / "c.yaml", networks_per_target=2, units_per_lease=4)
+    async with serve_campaign(campaign, tmp_path / "store", port=free_port()) as served:
+        worker = start_worker(tmp_path, served.url, served.token_file, "--units-per-lease", 4)
+
+        code = await exit_status(worker, START_TIMEOUT + 120)
+
+        assert code == 0, worker.describe()
+        events = worker_events([worker.stderr_path])
+        assert [e.message for e in events].count("training a stack") == 1  # one lease, one stacked model
+        assert sorted(units_with(events, "completed (accepted)")) == [0, 1, 2, 3]
+        await wait_for_async(lambda: served.service.finalized, timeout=10, what="the campaign to be finalized")
+        stats = served.service.snapshot().stats
+        assert (stats.succeeded, stats.failed) == (4, 0)
+        # The stack changes the speed, not the networks: unit 1 trained alone gives the very same bytes.
+        folder = served.service.unit_spec(1, 0).key
+        meta = json.loads(served.store.get_bytes(f"{folder}/meta.json") or b"{}")
+        alone = result_files(train_unit(served.service.unit_spec(1, meta["attempt"]), device="cpu"))
+        assert served.store.get_bytes(f"{folder}/model.safetensors") == alone["model.safetensors"]
+
+
+@pytest.mark.usefixtures("no_leftovers")
+async def test_sigterm_mid_stack_releases_every_unit_of_the_lease_uncounted(tmp_path: Path) -> None:
+    campaign = write_campaign(
+        tmp_path / "c.yaml", networks_per_target=2, units_per_lease=4, target_loss=UNREACHABLE_LOSS
+    )
+    async with serve_campaign(campaign, tmp_path / "store", port=free_port()) as served:
+        worker = start_worker(tmp_path, served.url, served.token_file, "--units-per-lease", 4)
+        await wait_for_async(lambda: said(worker, "training a stack"), timeout=START_TIMEOUT, what="a stack")
+        await asyncio.sleep(2.0)  # a few epochs into training
+
+        worker.send(signal.SIGTERM)
+        code = await exit_status(worker, 30.0)
+
+        assert code == 0, worker.describe()
+        assert said(worker, "released")
+        units = [served.service.book.unit(u) for u in range(4)]
+        assert [(u.state, u.attempts) for u in units] == [(UnitState.pending, 0)] * 4
