@@ -28,8 +28,9 @@ import yaml
 
 __all__ = ["ALERTS", "OPERATOR_JOB", "render_rules_yaml", "rules"]
 
-#: The scrape job of the operator (the chart's Service is named ...mlds-operator).
-OPERATOR_JOB = ".*mlds-operator.*"
+#: The scrape job of the operator. A ServiceMonitor names the job after the Service: the chart's is
+#: "<fullname>-operator", where the fullname contains "mlds" unless fullnameOverride says otherwise.
+OPERATOR_JOB = ".*mlds.*operator.*"
 ALERTS = ("MldsCampaignStalled", "MldsLeaseExpiryRateHigh", "MldsPoolFailureRateHigh", "MldsOperatorDown")
 
 _POOL = "namespace, campaign, pool"
