@@ -52,8 +52,21 @@ from mlds_operator.handlers import build_registry
 from mlds_operator.kube import Kube
 
 from tests.chart_render import NAMESPACE, scenario_values
+from tests.operator_fixtures import (
+    CAMPAIGNS,
+    SECRETS,
+    Cluster,
+    campaign_manifest,
+    condition,
+    credentials_secret,
+    operator_config,
+    running_operator,
+    wait_for,
+)
+from tests.s3_fixtures import S3Server
 
 pytestmark = pytest.mark.e2e
+pytest_plugins = ["tests.s3_fixtures", "tests.operator_fixtures"]
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "mlds"
@@ -603,6 +616,71 @@ def test_rbac_is_exactly_what_the_code_calls(rendered: dict[str, Rendered], scen
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": service_account, "namespace": NAMESPACE}]
     bound = {b["roleRef"]["name"] for b in release.kind("ClusterRoleBinding")}
     assert bound == ({"mlds-campaigns", "mlds-discovery"} if clusterwide else {"mlds-discovery"})
+
+
+_ACTION_VERBS = {"list": "list", "watch": "watch", "fetch": "get", "create": "create", "delete": "delete"}
+
+
+async def test_a_real_operator_run_calls_only_what_the_chart_grants(
+    rendered: dict[str, Rendered], cluster: Cluster, s3_server: S3Server, s3_bucket: str
+) -> None:
+    """kopf and the operator against the emulator: a campaign made, scaled and deleted; every request they send
+    is allowed by the chart, and kopf's requests are the ones kopf_rules() predicts (a check on that model)."""
+    seen: list[tuple[str, Rule]] = []
+    handle = cluster.k8s._handle
+
+    async def recording(request: Any) -> Any:
+        agent = next((v for k, v in request.headers.items() if k.lower() == "user-agent"), "")
+        resource = request.resource
+        if resource is not None and resource.plural and request.action is not None:
+            action = str(request.action.value).lower()
+            verb = "patch" if str(request.method.value).upper() == "PATCH" else _ACTION_VERBS.get(action, action)
+            name = f"{resource.plural}/{request.subresource}" if request.subresource else resource.plural
+            who = "kopf" if agent.startswith("kopf") else "client" if agent.startswith("OpenAPI") else "test"
+            seen.append((who, (resource.group or "", name, verb)))
+        return await handle(request)
+
+    cluster.k8s._handle = recording
+    await cluster.create(
+        SECRETS, credentials_secret("research", "s3-credentials", s3_server.access_key, s3_server.secret_key)
+    )
+    async with running_operator(operator_config(cluster)):
+        manifest = campaign_manifest("rbac", "research", storage=s3_server.storage(s3_bucket, "rbac"))
+        await cluster.create(CAMPAIGNS, manifest)
+        await wait_for(lambda: len(cluster.jobs("research", "rbac")) == 1, timeout=20, what="the Job")
+        await wait_for(
+            lambda: condition(cluster.status("research", "rbac"), "Ready").get("status") == "True",
+            timeout=20,
+            what="Ready=True",
+        )
+        await cluster.patch(CAMPAIGNS, "research", "rbac", {"spec": {"suspend": True}})
+        await wait_for(
+            lambda: cluster.jobs("research", "rbac")["cpu"]["spec"].get("suspend") is True, timeout=20, what="suspend"
+        )
+        await cluster.delete(CAMPAIGNS, "research", "rbac")
+        await wait_for(lambda: cluster.campaign("research", "rbac") is None, timeout=20, what="the campaign to go")
+    granted = chart_rules(rendered["default"], "mlds-campaigns") | chart_rules(rendered["default"], "mlds-discovery")
+    by_operator = {rule for who, rule in seen if who != "test"}
+    assert by_operator - granted == set()
+    kopf_seen = {rule for who, rule in seen if who == "kopf"}
+    assert kopf_seen - kopf_rules(clusterwide=True) == set()
+    assert {(API_GROUP, PLURAL, "watch"), (API_GROUP, f"{PLURAL}/status", "patch")} <= kopf_seen
+    assert {("batch", "jobs", "create"), ("batch", "jobs", "patch"), ("", "secrets", "delete")} <= by_operator
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", "nvidia", "rocm"])
+def test_an_example_campaign_per_accelerator_uses_the_readme_storage(accelerator: str) -> None:
+    """examples/<accelerator>.yaml, as the README applies them: one pool of that accelerator, the README's MinIO."""
+    manifest = yaml.safe_load((ROOT / "examples" / f"{accelerator}.yaml").read_text())
+    assert manifest["metadata"]["namespace"] == "research"
+    assert [p["accelerator"] for p in manifest["spec"]["pools"]] == [accelerator]
+    storage = manifest["spec"]["storage"]
+    assert (storage["endpoint"], storage["bucket"], storage["credentialsSecret"]) == (
+        "minio.minio.svc:9000",
+        "mlds",
+        "minio-credentials",
+    )
+    assert f"examples/{accelerator}.yaml" in (ROOT / "README.md").read_text()
 
 
 # --- images: Dockerfile.worker ------------------------------------------------------------------------------
