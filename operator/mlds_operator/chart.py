@@ -121,7 +121,8 @@ Installs the mlds operator: the `TrainingCampaign` CRD, the operator Deployment 
 ServiceAccount with least-privilege RBAC, and the Service of the lease API and `/metrics`. The worker pods
 are not part of the chart: the operator creates one Job per pool of each campaign, with the worker image of
 the pool's accelerator (below). Optional, all off by default: a Prometheus Operator `ServiceMonitor` and
-`PrometheusRule`, and a ConfigMap with the Grafana dashboard for the Grafana sidecar.
+`PrometheusRule`, a ConfigMap with the Grafana dashboard for the Grafana sidecar, and a `NetworkPolicy`
+for the operator pod.
 
 ```sh
 helm install mlds charts/mlds --namespace mlds-system --create-namespace
