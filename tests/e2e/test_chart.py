@@ -347,6 +347,30 @@ def test_every_setting_is_one_the_operator_reads(rendered: dict[str, Rendered], 
     assert "KUBECONFIG" not in env  # in-cluster configuration
 
 
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_operator_parses_the_deployments_environment(
+    rendered: dict[str, Rendered], scenario: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mlds operator` reads the Deployment's environment (click envvars) into the settings the chart means."""
+    release = rendered[scenario]
+    env = _env(release.one("Deployment"))
+    for name in [p.envvar for p in operator_command.params if isinstance(p.envvar, str)]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    params = operator_command.make_context("operator", []).params
+    names = tuple(n for value in params["namespaces"] for n in value.split())
+    assert names == tuple(release.values["operator"]["watchNamespaces"])
+    assert params["status_interval"] == release.values["operator"]["statusInterval"]
+    assert params["worker_backoff_limit"] == release.values["workers"]["backoffLimit"]
+    assert params["log_format"] == release.values["operator"]["logFormat"]
+    assert params["listen"] == f"0.0.0.0:{release.values['service']['port']}"
+    assert params["lease_url"] == env["MLDS_ADVERTISED_URL"]
+    assert params["worker_image_nvidia"] == env["MLDS_WORKER_IMAGE_NVIDIA"]
+    assert params["kubeconfig"] is None
+
+
 def test_default_worker_images_are_the_operators_defaults(rendered: dict[str, Rendered]) -> None:
     env = _env(rendered["default"].one("Deployment"))
     version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
