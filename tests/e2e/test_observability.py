@@ -169,9 +169,14 @@ async def test_prometheus_scrapes_a_campaign_every_panel_has_data_and_a_stalled_
             assert await intrude(port, token) == 422
 
             seen = succeeded()
-            await wait_for(lambda: succeeded() >= seen + 3, timeout=180, what="more networks after the kill")
-            # Results are arriving: the stall alert is not firing now.
-            assert await stalled_alert(prom) is None
+            await wait_for(lambda: succeeded() >= seen + 2, timeout=180, what="more networks after the kill")
+
+            # Results are arriving: the stall alert is not firing (give Prometheus a scrape and an evaluation
+            # to see the latest result, in case a slow network made a gap just before).
+            async def not_stalled() -> bool:
+                return await stalled_alert(prom) is None
+
+            await wait_for(not_stalled, timeout=5, what="no stall alert while results arrive")
             await kubelet.close()  # every worker stops (SIGTERM: they release their leases) with units left
             assert succeeded() < 12
             alert = await wait_for(
