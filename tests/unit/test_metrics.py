@@ -13,9 +13,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient, TestServer
 from mlds_contract.lease import FailKind, FailRequest, FileDigest, HeartbeatRequest, UnitAttempt
 from mlds_operator.api import create_app
+from mlds_operator.local import LOCAL_NAMESPACE, RunOptions, _open_server, load_campaign
 from mlds_operator.metrics import (
     ATTEMPT_FAILURE_REASONS,
     METRIC_NAMES,
@@ -27,6 +29,7 @@ from mlds_operator.metrics import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api_fixtures import NAME, NAMESPACE, POOL, WALL_EPOCH, ApiHarness, open_api, result_files
+from tests.run_fixtures import write_campaign
 
 Labels = frozenset[tuple[str, str]]
 POOL_KEY = {"namespace": NAMESPACE, "campaign": NAME, "pool": POOL, "accelerator": "cpu"}
@@ -249,3 +252,26 @@ def test_help_text_lists_every_rejection_reason(reason: str) -> None:
     metrics = CampaignMetrics("ns", "c", {}, wall=lambda: 0.0)
     (family,) = (f for f in metrics.collect() if f.name == "mlds_results_rejected")
     assert reason in family.documentation
+
+
+async def test_mlds_run_serves_the_same_metrics_on_its_lease_port(tmp_path: Path) -> None:
+    path = write_campaign(tmp_path / "campaign.yaml", name="watched")
+    server = await _open_server(load_campaign(path), path, RunOptions(workers=1, store_dir=tmp_path / "store"))
+    try:
+        base = server.url.split("/v1/")[0]
+        async with ClientSession() as http, http.get(f"{base}/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    finally:
+        await server.close()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    (build,) = families["mlds_build_info"].samples
+    assert build.labels["component"] == "run"
+    pending = {
+        s.labels["state"]: s.value
+        for s in families["mlds_campaign_units"].samples
+        if s.labels["namespace"] == LOCAL_NAMESPACE and s.labels["campaign"] == "watched"
+    }
+    assert pending["pending"] == server.service.book.total
+    granted = families["mlds_leases_granted"].samples
+    assert {(s.labels["pool"], s.labels["accelerator"]) for s in granted} == {("local", "cpu")}
