@@ -193,6 +193,21 @@ def evaluate(
     test_size: float | None = None,
 ) -> tuple[Score, npt.NDArray[Any]]:
     """Accuracy of ``classifier`` per seed, and the test predictions (in row order per seed; -1 where untested)."""
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # noqa: PLC0415 - see module docs
+
+    with threadpool_limits(limits=1):
+        return _evaluate(features, y, classifier, seeds=seeds, folds=folds, test_size=test_size)
+
+
+def _evaluate(
+    features: npt.NDArray[np.float32] | npt.NDArray[np.float64],
+    y: npt.NDArray[Any],
+    classifier: str,
+    *,
+    seeds: Sequence[int],
+    folds: int,
+    test_size: float | None,
+) -> tuple[Score, npt.NDArray[Any]]:
     from sklearn.exceptions import ConvergenceWarning  # noqa: PLC0415
 
     accs: list[float] = []
@@ -571,7 +586,7 @@ def analyze(
     log: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
     """Run the protocol on ``sources`` and write the report to ``out``; returns the report (report.json)."""
-    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # noqa: PLC0415 - no type info; scikit-learn's own dependency
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415 - no type info; scikit-learn's own dependency
 
     with threadpool_limits(limits=1):
         return _analyze(

@@ -620,6 +620,7 @@ class _Puller:
         self.sums: dict[str, str] = {}
         self.lock = threading.Lock()
         self.journal: IO[str] | None = None
+        self.stopping = False
 
     def _present(self, item: _Item, path: Path) -> bool:
         """Is ``path`` already exactly ``item``? (Only a declared or journalled sha256 vouches for a file.)"""
@@ -656,6 +657,8 @@ class _Puller:
         return why
 
     def one(self, item: _Item) -> None:
+        if self.stopping:
+            return
         path = self.dest.joinpath(*item.key.split("/"))
         had_file = path.is_file()
         try:
@@ -680,10 +683,21 @@ class _Puller:
             self.bar.advance(item.size)
 
     def run(self, items: list[_Item], jobs: int) -> None:
-        with open(self.dest / JOURNAL_FILE, "a", encoding="utf-8") as self.journal, ThreadPoolExecutor(jobs) as pool:
-            for _ in pool.map(self.one, items):
-                pass
-        self.journal = None
+        """Pull ``items`` with ``jobs`` threads. On an interruption (Ctrl-C), stop at once: queued items are
+        dropped and the ones in flight finish their file, so what landed is journalled for the next run."""
+        with open(self.dest / JOURNAL_FILE, "a", encoding="utf-8") as journal:
+            self.journal = journal
+            pool = ThreadPoolExecutor(jobs)
+            try:
+                for _ in pool.map(self.one, items):
+                    pass
+            except BaseException:
+                self.stopping = True
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            finally:
+                pool.shutdown(wait=True)
+                self.journal = None
 
     def finish(self, table: pa.Table) -> None:
         """Write SHA256SUMS, then the manifest (last: a folder with a manifest is a complete pull)."""
