@@ -367,7 +367,7 @@ def plot_accuracy(results: Sequence[TaskResult], path: Path) -> None:
     names = list(results[0].weights)
     width = 0.8 / (2 * len(names))
     colours = _palette(len(names))
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(results) + 2), 4.8))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(results) + 2) + 3.0, 4.8))
     for t, r in enumerate(results):
         for c, name in enumerate(names):
             w, b = r.weights[name].summary(), r.loss[name].summary()
@@ -403,7 +403,7 @@ def plot_accuracy(results: Sequence[TaskResult], path: Path) -> None:
     ax.set_xticks(range(len(results)), [r.task.name for r in results], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy (mean ± sd over seeds)")
-    ax.legend(fontsize=7, ncol=2, loc="lower left", framealpha=0.9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
