@@ -329,3 +329,14 @@ class TestPull:
         report = pull(LocalStore(fresh), tmp_path / "d")
         assert list(report.failed) == ["ParityMachine/00003/model.safetensors"]
         assert "missing from the source" in report.failed["ParityMachine/00003/model.safetensors"]
+
+
+def test_bench_load_times_a_synthetic_dataset_in_fresh_processes(tmp_path: Path) -> None:
+    out = CliRunner().invoke(
+        cli, ["bench", "load", "--networks", "10", "--rounds", "1", "--jobs", "2", "--dir", str(tmp_path / "d")]
+    )
+    assert out.exit_code == 0, out.output
+    assert "synthetic dataset (random weights, real layout" in out.output
+    row = out.output.strip().splitlines()[-1].split()
+    assert row[:3] == ["2", "10", "10x4364"]
+    assert len(load(tmp_path / "d")) == 10
