@@ -50,6 +50,7 @@ from mlds_operator.cli import operator_command
 from mlds_operator.crd import PLURAL, crd_manifest
 from mlds_operator.handlers import build_registry
 from mlds_operator.kube import Kube
+from mlds_operator.metrics import ServerMetrics
 
 from tests.chart_render import NAMESPACE, scenario_values
 from tests.operator_fixtures import (
@@ -301,6 +302,12 @@ def test_prometheus_operator_objects(rendered: dict[str, Rendered]) -> None:
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint == {"port": "http", "path": "/metrics", "interval": "15s"}
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    # The operator serves that path on the lease API's port, as `mlds operator` builds its application.
+    campaigns = Campaigns()
+    server_metrics = ServerMetrics(campaigns, component="operator")
+    app = create_app(campaigns, observer=server_metrics.observe_request)
+    server_metrics.add_route(app)
+    assert endpoint["path"] in {r.resource.canonical for r in app.router.routes() if r.resource is not None}
 
     rule = release.one("PrometheusRule")
     rules_file = CHART / "rules" / "mlds.rules.yaml"
