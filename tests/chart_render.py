@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -130,18 +131,18 @@ async def _main(scenarios: list[str], folder: Path, chart: Path) -> None:
 
 def main() -> int:
     if os.environ.get("HELM_DRIVER") != "memory":
-        # The Go runtime has already read the environment: re-run this module with the variable set.
+        # The Go library sees only the environment this process started with: start again with the variable.
         os.execvpe(
             sys.executable,
             [sys.executable, "-m", "tests.chart_render", *sys.argv[1:]],
             {**os.environ, "HELM_DRIVER": "memory"},
         )
-    folder = Path(os.environ.get("TMPDIR", "/tmp"))
     args = sys.argv[1:]
     chart = CHART
     if args[:1] == ["--chart"]:
         chart, args = Path(args[1]), args[2:]
-    asyncio.run(_main(args or ["default"], folder, chart))
+    with tempfile.TemporaryDirectory(prefix="mlds-helm-") as folder:  # this run's kubeconfigs only
+        asyncio.run(_main(args or ["default"], Path(folder), chart))
     return 0
 
 
