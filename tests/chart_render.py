@@ -2,9 +2,8 @@
 
 Who uses it: tests/e2e/test_chart.py, as a subprocess (``python -m tests.chart_render SCENARIO...``):
 Helm must keep its release record in memory (``HELM_DRIVER=memory``; its Secret driver sends protobuf,
-which kmock cannot read), and the Go library inside helm-sdkpy reads the environment the *process*
-started with, so the variable has to be set before the interpreter starts. This module sets it for
-itself when run, and refuses to run without it.
+which kmock cannot read), and the Go library inside helm-sdkpy sees only the environment the process
+started with: run without the variable, this module starts itself again with it.
 
 Usage: ``python -m tests.chart_render [--chart DIR] SCENARIO...``. For each scenario (``default``, the
 name of a ``charts/mlds/ci/<name>-values.yaml``, or the path of a values file) it prints one
