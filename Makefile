@@ -69,7 +69,7 @@ lock:
 	$(PYTHON) -m venv /tmp/mlds-lock && /tmp/mlds-lock/bin/pip install -q $(TORCH) && \
 	/tmp/mlds-lock/bin/pip install -q -e '.[worker,operator,analysis,dev]' && \
 	{ echo "# Exact versions for every install (pip -c). Regenerate: make lock. torch is installed first, alone (see Makefile)."; \
-	  /tmp/mlds-lock/bin/pip freeze | grep -v -iE '^(mlds|-e)' | sed 's/+cpu//'; } > requirements/constraints.txt
+	  /tmp/mlds-lock/bin/pip freeze | grep -v -iE '^(mlds|-e|#)' | sed 's/+cpu//'; } > requirements/constraints.txt
 
 lock-tools:
 	$(PYTHON) -m venv /tmp/mlds-lock-tools && /tmp/mlds-lock-tools/bin/pip install -q checkov==3.3.30 && \
