@@ -121,7 +121,8 @@ def test_killing_a_worker_and_the_server_mid_lease_loses_and_double_counts_nothi
         def fresh_lease() -> dict[int, str] | None:
             workers = workers_of(run1)
             fresh = (events_of(logs, slot(w), at_victim_kill) for w in workers.values())
-            if any(ev and ev[-1].message == "leased" for ev in fresh):
+            # Nothing trained from it yet: the worker's last line is the grant (or, K > 1, the stack's start).
+            if any(ev and ev[-1].message in ("leased", "training a stack") for ev in fresh):
                 return workers
             return None
 
