@@ -440,6 +440,8 @@ def _describe_sources(nets: Networks, sources: Sequence[str]) -> list[dict[str, 
         out.append(
             {
                 "path": _rel(src),
+                # A folder without manifest.parquet is a campaign still running (rows from its parts).
+                "manifest_final": (Path(src) / "manifest.parquet").is_file(),
                 "campaigns": distinct("campaign"),
                 "datasets": distinct("dataset"),
                 "networks": len(rows),
@@ -505,7 +507,12 @@ def render_markdown(report: dict[str, Any], notes: str | None = None) -> str:
             f"{', '.join(f'{v:g}' for v in s['target_loss'])}, epoch cap {', '.join(map(str, s['max_epochs']))}, "
             f"learning rate {', '.join(f'{v:g}' for v in s['learning_rate'])}, batch "
             f"{', '.join(map(str, s['batch_size']))}; trained on {', '.join(map(str, s['devices']))} "
-            f"(torch {', '.join(map(str, s['torch_versions']))}), {s['training_seconds'] / 3600:.2f} network-hours.",
+            f"(torch {', '.join(map(str, s['torch_versions']))}), {s['training_seconds'] / 3600:.2f} network-hours."
+            + (
+                ""
+                if s.get("manifest_final", True)
+                else " **The campaign had not finished**: these are the networks verified when the analysis ran."
+            ),
             "",
             "| target | networks | epochs mean [min–max] | eval MSE median | retried |",
             "|---|---:|---:|---:|---:|",
