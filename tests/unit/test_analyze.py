@@ -77,6 +77,7 @@ def test_the_report_has_weights_above_chance_losses_near_it_and_the_figures(
     assert five["weights"]["logreg"]["mean"] > 0.9
     assert len(five["weights"]["logreg"]["per_seed"]) == 2
     assert five["loss"]["logreg"]["mean"] < 0.5
+    assert set(five["stats"]) == {"knn", "logreg"}  # per-tensor statistics, beside the raw weights
     assert tasks["machines-ds1-ds2"]["weights"]["knn"]["mean"] > 0.8
     assert tasks["modified-EightBit"]["weights"]["logreg"]["mean"] > 0.9
     md = (out / "report.md").read_text()
