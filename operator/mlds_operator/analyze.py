@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import time
 import warnings
@@ -116,6 +117,7 @@ class Task:
     rows: npt.NDArray[np.int64]  # indices into the Networks
     labels: npt.NDArray[Any]  # one class name per row
     kind: str  # "machines" | "modified" | "targets"
+    dropped: dict[str, int] = field(default_factory=dict)  # classes left out (too few networks) -> count
 
 
 def _base_machine(target: str) -> str:
@@ -271,13 +273,22 @@ def run_task(
     folds: int,
     test_size: float | None,
 ) -> TaskResult | str:
-    """Every classifier on weights and on losses for ``task``; or why the task cannot be run."""
+    """Every classifier on weights and on losses for ``task``; or why the task cannot be run.
+
+    A class of a single network cannot be both trained on and tested: it is dropped from the task (and
+    listed in ``task.dropped``); the task is skipped if fewer than two classes remain.
+    """
+    classes, counts = np.unique(task.labels, return_counts=True)
+    lonely = {str(c): int(n) for c, n in zip(classes, counts, strict=True) if n < 2}
+    if lonely:
+        keep = np.asarray([str(v) not in lonely for v in task.labels])
+        task.rows, task.labels, task.dropped = task.rows[keep], task.labels[keep], lonely
+        classes, counts = np.unique(task.labels, return_counts=True)
+        task.title = re.sub(r"\d+-way", f"{len(classes)}-way", task.title)
+    if len(classes) < 2:
+        return f"fewer than two classes with at least 2 networks ({', '.join(f'{c} {n}' for c, n in lonely.items())})"
     y = task.labels
-    classes, counts = np.unique(y, return_counts=True)
-    smallest = int(counts.min())
-    if smallest < 2:
-        return f"the smallest class ({classes[int(counts.argmin())]}) has {smallest} network(s); need 2"
-    k = min(folds, smallest)
+    k = min(folds, int(counts.min()))
     result = TaskResult(task, folds=k if test_size is None else 0, chance=float(counts.max() / counts.sum()))
     x, xs, xl = weights[task.rows], stats[task.rows], _loss_features(nets, task.rows)
     for name in classifiers:
@@ -572,8 +583,16 @@ def render_markdown(report: dict[str, Any], notes: str | None = None) -> str:
             continue
         counts = ", ".join(f"{k} {v}" for k, v in t["classes"].items())
         folds = f"{t['folds']}-fold" if t["folds"] else "one 80/20 split per seed"
+        dropped = t.get("dropped") or {}
+        note = (
+            " Left out (a class needs 2 networks to be trained on and tested): "
+            + ", ".join(f"{k} ({v} network)" for k, v in dropped.items())
+            + "."
+            if dropped
+            else ""
+        )
         lines += [
-            f"{sum(t['classes'].values())} networks ({counts}); {folds}; chance {t['chance']:.3f}.",
+            f"{sum(t['classes'].values())} networks ({counts}); {folds}; chance {t['chance']:.3f}.{note}",
             "",
             "| classifier | raw weights (the spec's protocol) | weight statistics | losses only (baseline) |",
             "|---|---:|---:|---:|",
@@ -705,6 +724,9 @@ def _analyze(
                 f"{best_s} {r.stats[best_s].summary()['mean']:.3f} on weight statistics, "
                 f"chance {r.chance:.3f} ({time.monotonic() - t0:.1f} s)"
             )
+        if task.dropped:
+            entry["dropped"] = task.dropped
+            entry["classes"] = {k: v for k, v in entry["classes"].items() if k not in task.dropped}
         task_json.append(entry)
     out.mkdir(parents=True, exist_ok=True)
     figs: dict[str, Any] = {}

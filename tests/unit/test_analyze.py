@@ -98,8 +98,19 @@ def test_indistinguishable_targets_stay_near_chance(tmp_path: Path) -> None:
 def test_a_class_of_one_network_skips_the_task(tmp_path: Path) -> None:
     ds = synthesize(tmp_path / "tiny", targets=DS1_MACHINES[:2], per_target=1)
     report = analyze([str(ds)], tmp_path / "r", classifiers=["knn"], seeds=1, figures=False)
-    assert "need 2" in report["tasks"][0]["skipped"]
+    assert "at least 2 networks" in report["tasks"][0]["skipped"]
     assert "Skipped" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_a_class_of_one_network_is_left_out_of_a_task(tmp_path: Path) -> None:
+    a = synthesize(tmp_path / "a", targets=DS1_MACHINES[:3], per_target=4, separation=0.05)
+    b = synthesize(tmp_path / "b", targets=DS1_MACHINES[3:4], per_target=1, first_unit=100, seed=9)
+    report = analyze([str(a), str(b)], tmp_path / "r", classifiers=["knn"], seeds=1, figures=False)
+    (task,) = report["tasks"]
+    assert task["title"] == "Which machine, 3-way (ds1)"
+    assert task["dropped"] == {"EightBitMachine": 1}
+    assert "EightBitMachine" not in task["classes"]
+    assert "Left out" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_cli_writes_the_report_and_records_its_command(study: tuple[Path, Path], tmp_path: Path) -> None:
