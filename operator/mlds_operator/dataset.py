@@ -42,7 +42,7 @@ weights only when asked: :meth:`Networks.weights` for the whole matrix (numpy, o
 :meth:`Networks.iter_weights` for chunks, :meth:`Networks.state_dict` for one network. A row of the
 matrix is the data section of that network's ``model.safetensors``, float32 values in file order
 (tensors sorted by name); :attr:`Networks.layout` says which columns are which parameter. Reading a
-file is one read and one header comparison, in a thread pool: 10,000 networks load in about a second
+file is one read and one header comparison, in a thread pool: 10,000 networks load in about 2 s
 (`mlds bench load`).
 """
 
