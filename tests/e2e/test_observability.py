@@ -171,6 +171,15 @@ async def test_prometheus_scrapes_a_campaign_every_panel_has_data_and_a_stalled_
             seen = succeeded()
             await wait_for(lambda: succeeded() >= seen + 2, timeout=180, what="more networks after the kill")
 
+            # The killed worker's lease expires (10 s) and a live worker takes its unit again: wait for
+            # that before stopping the workers, or fast networks can finish the story without a re-issue.
+            async def reissued() -> bool:
+                expr = f'sum(mlds_units_reissued_total{{campaign="{NAME}"}})'
+                answer = await asyncio.to_thread(prom.query, expr)
+                return bool(answer) and float(answer[0]["value"][1]) > 0
+
+            await wait_for(reissued, timeout=120, what="the killed worker's unit to be re-issued", interval=1.0)
+
             # Results are arriving: the stall alert is not firing (give Prometheus a scrape and an evaluation
             # to see the latest result, in case a slow network made a gap just before).
             async def not_stalled() -> bool:
