@@ -82,6 +82,9 @@ def test_killing_a_worker_and_the_server_mid_lease_loses_and_double_counts_nothi
         name=NAME,
         networks_per_target=TOTAL // 2,
         units_per_lease=2,
+        # Seconds per network, not a fraction of one: a surviving worker must still be training when the
+        # server comes back, so that its heartbeat (not only its completion) meets the restarted server.
+        target_loss=0.01,
         storage=s3_server.storage(s3_bucket, prefix=PREFIX),
     )
     port = free_port()
