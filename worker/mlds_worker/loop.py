@@ -61,6 +61,7 @@ from mlds_contract.lease import (
     ReleaseRequest,
     UnitAttempt,
 )
+from mlds_contract.plan import UnitSpec
 
 from .batched import train_batch
 from .client import LeaseApiError, LeaseClient, NotHeld, Rejected, Unauthorized, Unreachable, upload
@@ -253,13 +254,7 @@ class Worker:
 
     async def _one(self, client: LeaseClient, state: _LeaseState, leased: LeasedUnit) -> None:
         spec = leased.spec
-        kv: dict[str, object] = {
-            "campaign": spec.campaign,
-            "lease": state.grant.lease_id,
-            "unit": spec.unit,
-            "target": spec.target,
-            "attempt": spec.attempt,
-        }
+        kv = _unit_fields(state, spec)
 
         def on_epoch(_record: EpochRecord) -> None:
             if self.stop.is_set() or spec.unit in state.cancelled:
@@ -322,6 +317,7 @@ class Worker:
                 continue
             if spec.unit in state.cancelled:
                 state.remaining.pop(spec.unit, None)
+                self._log(logging.INFO, "unit cancelled (completed elsewhere)", **_unit_fields(state, spec))
             elif failure is not None:
                 reason = f"training failed: {failure!r}"
                 await self._report_fail(client, state, spec.unit, spec.attempt, FailKind.fail, reason)
@@ -332,13 +328,7 @@ class Worker:
     ) -> None:
         """Store a trained unit's result files and deliver them (upload, then complete)."""
         spec = leased.spec
-        kv: dict[str, object] = {
-            "campaign": spec.campaign,
-            "lease": state.grant.lease_id,
-            "unit": spec.unit,
-            "target": spec.target,
-            "attempt": spec.attempt,
-        }
+        kv = _unit_fields(state, spec)
         files = result_files(result, pool=self.cfg.pool)
         self._log(
             logging.INFO,
@@ -428,6 +418,17 @@ class Worker:
             except LeaseApiError:
                 break
         state.remaining.pop(unit, None)
+
+
+def _unit_fields(state: _LeaseState, spec: UnitSpec) -> dict[str, object]:
+    """The identifiers every log line about one unit carries."""
+    return {
+        "campaign": spec.campaign,
+        "lease": state.grant.lease_id,
+        "unit": spec.unit,
+        "target": spec.target,
+        "attempt": spec.attempt,
+    }
 
 
 async def run_worker(cfg: WorkerConfig) -> int:
