@@ -20,13 +20,20 @@ Protocol (MLDS-SPEC §10, with the choices below):
   an 80/20 split of a small dataset would test. The spread is over the seeds (mean, sample standard
   deviation, min and max). ``--test-size 0.2`` switches to the literal protocol instead: one stratified
   shuffled split per seed. Folds are capped at the smallest class's size.
-- **Also from the weights, not in the spec: per-tensor statistics.** Hidden units can be permuted
-  without changing what a network computes, so the raw weights of independently initialised networks
-  are not aligned coordinate by coordinate; with a handful of networks per target the raw protocol can
-  sit near chance. For each parameter tensor, its mean, standard deviation, mean absolute value and
-  7 quantiles (min, 10%, 25%, median, 75%, 90%, max) are invariant to that permutation (10 x 26 = 260
-  features for the ds1 network, standardised like the raw weights). Reported beside the raw result,
-  never instead of it.
+- **Also from the weights, not in the spec: canonical weights and per-tensor statistics.** Hidden
+  units can be permuted (and tanh units negated) without changing what a network computes, so the raw
+  weights of independently initialised networks are not aligned coordinate by coordinate; with tens of
+  networks per target the raw protocol can sit near chance. Two feature sets remove that symmetry,
+  each reported beside the raw result, never instead of it:
+
+  - *canonical weights* (GRU networks only): the same 4,364 flattened weights after
+    :func:`mlds_operator.canonical.canonicalize` has sign-normalised and sorted every network's hidden
+    units. Each network still computes what it did; only the coordinates are made comparable.
+  - *weight statistics*: for each parameter tensor, its mean, standard deviation, mean absolute value
+    and 7 quantiles (min, 10%, 25%, median, 75%, 90%, max), which no permutation changes (10 x 26 = 260
+    features for the ds1 network).
+
+  Both are standardised like the raw weights.
 - **Baseline**: the same classifiers on the final losses only (log10 of training and evaluation MSE,
   standardised): every converged network meets the same criterion, so this should be near chance.
   Chance is the majority class's share.
@@ -62,10 +69,12 @@ import click
 import numpy as np
 import numpy.typing as npt
 
+from .canonical import canonicalize, is_gru_layout
 from .dataset import Networks, load
 
 __all__ = [
     "CLASSIFIERS",
+    "FEATURES",
     "Task",
     "analyze",
     "analyze_command",
@@ -82,6 +91,15 @@ CLASSIFIERS: dict[str, str] = {
     "logreg": "logistic regression",
     "forest": "random forest (100 trees)",
     "mlp": "MLP (32 hidden)",
+}
+
+#: Feature sets: name -> what the report calls it. "weights" is the spec's protocol; "canonical" exists
+#: only for the GRU network; "loss" is the baseline.
+FEATURES: dict[str, str] = {
+    "weights": "raw weights",
+    "canonical": "canonical weights",
+    "stats": "weight statistics",
+    "loss": "losses only",
 }
 DEFAULT_SEEDS = 5
 DEFAULT_FOLDS = 5
@@ -178,11 +196,14 @@ class TaskResult:
     task: Task
     folds: int
     chance: float
-    weights: dict[str, Score] = field(default_factory=dict)
-    stats: dict[str, Score] = field(default_factory=dict)
-    loss: dict[str, Score] = field(default_factory=dict)
+    # feature set (a FEATURES key) -> classifier -> accuracy over seeds
+    scores: dict[str, dict[str, Score]] = field(default_factory=dict)
     # (feature set, classifier) -> out-of-fold predictions of every seed, concatenated
     predictions: dict[tuple[str, str], npt.NDArray[Any]] = field(default_factory=dict)
+
+    def best(self, kind: str) -> str:
+        """The classifier with the best mean accuracy on feature set ``kind``."""
+        return max(self.scores[kind], key=lambda n: self.scores[kind][n].summary()["mean"])
 
 
 def _splits(y: npt.NDArray[Any], seed: int, folds: int, test_size: float | None) -> list[tuple[Any, Any]]:
@@ -262,18 +283,26 @@ def weight_statistics(weights: npt.NDArray[np.float32], nets: Networks) -> npt.N
     return np.stack(cols, axis=1)
 
 
+def feature_sets(weights: npt.NDArray[np.float32], nets: Networks) -> dict[str, npt.NDArray[Any]]:
+    """Every weight feature set for ``nets``, by FEATURES key (not the loss baseline)."""
+    sets: dict[str, npt.NDArray[Any]] = {"weights": weights}
+    if is_gru_layout(nets.layout):
+        sets["canonical"] = canonicalize(weights, nets.layout)
+    sets["stats"] = weight_statistics(weights, nets)
+    return sets
+
+
 def run_task(
     task: Task,
-    weights: npt.NDArray[np.float32],
+    features: dict[str, npt.NDArray[Any]],
     nets: Networks,
-    stats: npt.NDArray[np.float64],
     *,
     classifiers: Sequence[str],
     seeds: Sequence[int],
     folds: int,
     test_size: float | None,
 ) -> TaskResult | str:
-    """Every classifier on weights and on losses for ``task``; or why the task cannot be run.
+    """Every classifier on every feature set and on losses for ``task``; or why the task cannot be run.
 
     A class of a single network cannot be both trained on and tested: it is dropped from the task (and
     listed in ``task.dropped``); the task is skipped if fewer than two classes remain.
@@ -290,13 +319,13 @@ def run_task(
     y = task.labels
     k = min(folds, int(counts.min()))
     result = TaskResult(task, folds=k if test_size is None else 0, chance=float(counts.max() / counts.sum()))
-    x, xs, xl = weights[task.rows], stats[task.rows], _loss_features(nets, task.rows)
-    for name in classifiers:
-        for kind, feats, into in (("weights", x, result.weights), ("stats", xs, result.stats)):
-            into[name], result.predictions[kind, name] = evaluate(
-                feats, y, name, seeds=seeds, folds=k, test_size=test_size
-            )
-        result.loss[name], _ = evaluate(xl, y, name, seeds=seeds, folds=k, test_size=test_size)
+    sets = {kind: f[task.rows] for kind, f in features.items()} | {"loss": _loss_features(nets, task.rows)}
+    for kind, feats in sets.items():
+        into = result.scores.setdefault(kind, {})
+        for name in classifiers:
+            into[name], pred = evaluate(feats, y, name, seeds=seeds, folds=k, test_size=test_size)
+            if kind != "loss":
+                result.predictions[kind, name] = pred
     return result
 
 
@@ -310,27 +339,32 @@ def _palette(n: int) -> list[Any]:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def plot_projection(weights: npt.NDArray[np.float32], nets: Networks, path: Path, seed: int = 0) -> dict[str, Any]:
-    """PCA (and t-SNE) of the standardised weights, coloured by target, marker by dataset."""
+def plot_projection(features: dict[str, npt.NDArray[Any]], nets: Networks, path: Path, seed: int = 0) -> dict[str, Any]:
+    """PCA of the standardised raw (and canonical) weights, and t-SNE of the canonical ones where they
+    exist (else of the raw ones); coloured by target, marker by dataset."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
     from sklearn.decomposition import PCA  # noqa: PLC0415
     from sklearn.manifold import TSNE  # noqa: PLC0415
     from sklearn.preprocessing import StandardScaler  # noqa: PLC0415
 
-    z = StandardScaler().fit_transform(weights)
-    pca = PCA(n_components=min(50, *z.shape), random_state=seed).fit(z)
-    zp = pca.transform(z)
-    panels = [
-        (
-            "PCA",
-            zp[:, :2],
-            f"PC1 ({pca.explained_variance_ratio_[0]:.1%}) / PC2 ({pca.explained_variance_ratio_[1]:.1%})",
-        )
-    ]
-    if len(z) >= 10:
-        perplexity = float(min(30.0, (len(z) - 1) / 3))
+    panels = []
+    explained: dict[str, list[float]] = {}
+    zp = np.empty(0)
+    for kind in ("weights", "canonical"):
+        if kind not in features:
+            continue
+        z = StandardScaler().fit_transform(features[kind])
+        pca = PCA(n_components=min(50, *z.shape), random_state=seed).fit(z)
+        zp = pca.transform(z)
+        ratio = pca.explained_variance_ratio_
+        explained[kind] = [float(v) for v in ratio[:2]]
+        panels.append((f"PCA, {FEATURES[kind]}", zp[:, :2], f"PC1 ({ratio[0]:.1%}) / PC2 ({ratio[1]:.1%})"))
+    n = len(zp)
+    if n >= 10:
+        perplexity = float(min(30.0, (n - 1) / 3))
         zt = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(zp)
-        panels.append(("t-SNE (of the first 50 PCs)", zt, f"perplexity {perplexity:.0f}"))
+        kind = "canonical" if "canonical" in features else "weights"
+        panels.append((f"t-SNE of the first 50 PCs, {FEATURES[kind]}", zt, f"perplexity {perplexity:.0f}"))
     labels = nets.labels
     datasets = [str(d) for d in nets.table.column("dataset").to_pylist()]
     targets = list(dict.fromkeys(labels.tolist()))
@@ -348,11 +382,12 @@ def plot_projection(weights: npt.NDArray[np.float32], nets: Networks, path: Path
         ax.set_yticks([])
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="center right", fontsize=8, frameon=False)
-    fig.suptitle(f"{len(z)} networks, standardised flattened weights ({z.shape[1]:,} values)")
-    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    width = features["weights"].shape[1]
+    fig.suptitle(f"{n} networks, standardised flattened weights ({width:,} values)")
+    fig.tight_layout(rect=(0, 0, 0.8 if len(panels) < 3 else 0.86, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return {"pca_explained_variance": [float(v) for v in pca.explained_variance_ratio_[:2]]}
+    return {"pca_explained_variance": explained["weights"], "pca_explained_variance_by_features": explained}
 
 
 def plot_confusions(results: Sequence[TaskResult], path: Path) -> dict[str, Any]:
@@ -364,7 +399,7 @@ def plot_confusions(results: Sequence[TaskResult], path: Path) -> dict[str, Any]
     fig, axes = plt.subplots(1, len(chosen), figsize=(5.8 * len(chosen), 5.4), squeeze=False)
     out: dict[str, Any] = {}
     for ax, r in zip(axes[0], chosen, strict=True):
-        scores = {("weights", n): v for n, v in r.weights.items()} | {("stats", n): v for n, v in r.stats.items()}
+        scores = {(k, n): v for k, by in r.scores.items() if k != "loss" for n, v in by.items()}
         kind, best = max(scores, key=lambda kn: scores[kn].summary()["mean"])
         pred = r.predictions[kind, best]
         truth = np.tile(r.task.labels, len(pred) // len(r.task.labels))
@@ -390,8 +425,7 @@ def plot_confusions(results: Sequence[TaskResult], path: Path) -> dict[str, Any]
                     )
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        what = "raw weights" if kind == "weights" else "weight statistics"
-        ax.set_title(f"{r.task.title}\n{CLASSIFIERS[best]} on {what}, out-of-fold, all seeds", fontsize=10)
+        ax.set_title(f"{r.task.title}\n{CLASSIFIERS[best]} on {FEATURES[kind]}, out-of-fold, all seeds", fontsize=10)
         out[r.task.name] = {"features": kind, "classifier": best, "classes": classes, "counts": cm.tolist()}
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -400,25 +434,27 @@ def plot_confusions(results: Sequence[TaskResult], path: Path) -> dict[str, Any]
 
 
 def plot_accuracy(results: Sequence[TaskResult], path: Path) -> None:
-    """Per task, each classifier on raw weights (solid), weight statistics (dotted) and losses only
-    (hatched); chance marked."""
+    """Per task, each classifier on raw weights (solid), canonical weights (light), weight statistics
+    (dotted) and losses only (hatched); chance marked."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    names = list(results[0].weights)
-    width = 0.8 / (3 * len(names))
+    names = list(results[0].scores["weights"])
+    all_styles: dict[str, dict[str, Any]] = {
+        "weights": {},
+        "canonical": {"alpha": 0.45},
+        "stats": {"hatch": "...", "alpha": 0.55},
+        "loss": {"hatch": "///", "fill": False},
+    }
+    styles = [(k, FEATURES[k], v) for k, v in all_styles.items() if k in results[0].scores]
+    width = 0.8 / (len(styles) * len(names))
     colours = _palette(len(names))
     fig, ax = plt.subplots(figsize=(max(7.0, 1.8 * len(results) + 2) + 3.0, 4.8))
-    styles: tuple[tuple[str, str, dict[str, Any]], ...] = (
-        ("weights", "raw weights", {}),
-        ("stats", "weight statistics", {"hatch": "...", "alpha": 0.55}),
-        ("loss", "losses only", {"hatch": "///", "fill": False}),
-    )
     for t, r in enumerate(results):
         for c, name in enumerate(names):
             for j, (kind, label, style) in enumerate(styles):
-                score = getattr(r, kind)[name].summary()
+                score = r.scores[kind][name].summary()
                 ax.bar(
-                    t - 0.4 + width * (3 * c + j + 0.5),
+                    t - 0.4 + width * (len(styles) * c + j + 0.5),
                     score["mean"],
                     width,
                     yerr=score["std"],
@@ -533,9 +569,10 @@ def render_markdown(report: dict[str, Any], notes: str | None = None) -> str:
             n = max(t[kind], key=lambda n: t[kind][n]["mean"])
             return f"{t[kind][n]['mean']:.1%} ± {t[kind][n]['std']:.1%} ({CLASSIFIERS[n]})"
 
+        kinds = [k for k in FEATURES if k in t]
         lines.append(
-            f"- **{t['title']}** (chance {t['chance']:.1%}; best classifier of each): raw weights {best('weights')}; "
-            f"weight statistics {best('stats')}; losses only {best('loss')}"
+            f"- **{t['title']}** (chance {t['chance']:.1%}; best classifier of each): "
+            + "; ".join(f"{FEATURES[k]} {best(k)}" for k in kinds)
         )
     lines += ["", "## Data", ""]
     for s in report["sources"]:
@@ -567,7 +604,7 @@ def render_markdown(report: dict[str, Any], notes: str | None = None) -> str:
         "## Protocol",
         "",
         f"- Features: {p['features']}.",
-        f"- Also reported: {p['also']}.",
+        *(f"- Also reported: {a}." for a in (p["also"] if isinstance(p["also"], list) else [p["also"]])),
         f"- Baseline: {p['baseline']}.",
         f"- Classifiers: {'; '.join(f'{CLASSIFIERS[k]} (`{v}`)' for k, v in p['classifiers'].items())}.",
         f"- Evaluation: {ev['description']}. Seeds {', '.join(map(str, ev['seeds']))}; the spread is over seeds "
@@ -591,28 +628,32 @@ def render_markdown(report: dict[str, Any], notes: str | None = None) -> str:
             if dropped
             else ""
         )
+        kinds = [k for k in FEATURES if k in t]
+        heads = {"weights": "raw weights (the spec's protocol)", "loss": "losses only (baseline)"}
         lines += [
             f"{sum(t['classes'].values())} networks ({counts}); {folds}; chance {t['chance']:.3f}.{note}",
             "",
-            "| classifier | raw weights (the spec's protocol) | weight statistics | losses only (baseline) |",
-            "|---|---:|---:|---:|",
+            "| classifier | " + " | ".join(heads.get(k, FEATURES[k]) for k in kinds) + " |",
+            "|---|" + "---:|" * len(kinds),
         ]
         for name in t["weights"]:
-            capped = sum(t[k][name]["fits_at_iteration_cap"] for k in ("weights", "stats", "loss"))
+            capped = sum(t[k][name]["fits_at_iteration_cap"] for k in kinds)
             note = f" ({capped} fits stopped at the iteration cap)" if capped else ""
-            lines.append(
-                f"| {CLASSIFIERS[name]}{note} | {_fmt(t['weights'][name])} | {_fmt(t['stats'][name])} "
-                f"| {_fmt(t['loss'][name])} |"
-            )
+            lines.append(f"| {CLASSIFIERS[name]}{note} | " + " | ".join(_fmt(t[k][name]) for k in kinds) + " |")
         lines.append("")
     lines += ["## Figures", ""]
     for fig, caption in (
         (
             "projection.png",
-            "Standardised weights projected to 2-D (PCA; t-SNE of the first 50 PCs), coloured by target.",
+            "Standardised weights projected to 2-D (PCA of the raw and the canonical weights; t-SNE of the "
+            "first 50 PCs), coloured by target.",
         ),
         ("confusion.png", "Confusion matrices of the best classifier on weights (out-of-fold, all seeds)."),
-        ("accuracy.png", "Accuracy per classifier: weights (solid) against losses only (hatched); dashes: chance."),
+        (
+            "accuracy.png",
+            "Accuracy per classifier: raw weights (solid), canonical weights (light), weight statistics (dotted), "
+            "losses only (hatched); dashes: chance.",
+        ),
     ):
         if fig in report["figures"]:
             lines += [f"![{caption}]({fig})", "", f"*{caption}*", ""]
@@ -686,7 +727,7 @@ def _analyze(
     t0 = time.monotonic()
     weights = nets.weights()
     log(f"loaded {len(nets)} networks x {weights.shape[1]:,} weights in {time.monotonic() - t0:.2f} s")
-    stats = weight_statistics(weights, nets)
+    features = feature_sets(weights, nets)
     seed_list = list(range(seeds))
     tasks = tasks_for(nets)
     if not tasks:
@@ -695,9 +736,7 @@ def _analyze(
     task_json: list[dict[str, Any]] = []
     for task in tasks:
         t0 = time.monotonic()
-        r = run_task(
-            task, weights, nets, stats, classifiers=classifiers, seeds=seed_list, folds=folds, test_size=test_size
-        )
+        r = run_task(task, features, nets, classifiers=classifiers, seeds=seed_list, folds=folds, test_size=test_size)
         classes = dict(zip(*np.unique(task.labels, return_counts=True), strict=True))
         entry: dict[str, Any] = {
             "name": task.name,
@@ -710,20 +749,13 @@ def _analyze(
             log(f"{task.name}: skipped: {r}")
         else:
             results.append(r)
-            entry |= {
-                "chance": r.chance,
-                "folds": r.folds,
-                "weights": {k: v.summary() for k, v in r.weights.items()},
-                "stats": {k: v.summary() for k, v in r.stats.items()},
-                "loss": {k: v.summary() for k, v in r.loss.items()},
-            }
-            best = max(r.weights, key=lambda n: r.weights[n].summary()["mean"])
-            best_s = max(r.stats, key=lambda n: r.stats[n].summary()["mean"])
-            log(
-                f"{task.name}: best {best} {r.weights[best].summary()['mean']:.3f} on raw weights, "
-                f"{best_s} {r.stats[best_s].summary()['mean']:.3f} on weight statistics, "
-                f"chance {r.chance:.3f} ({time.monotonic() - t0:.1f} s)"
+            entry |= {"chance": r.chance, "folds": r.folds}
+            entry |= {kind: {k: v.summary() for k, v in by.items()} for kind, by in r.scores.items()}
+            bests = ", ".join(
+                f"{FEATURES[kind]} {r.best(kind)} {r.scores[kind][r.best(kind)].summary()['mean']:.3f}"
+                for kind in r.scores
             )
+            log(f"{task.name}: best of {bests}; chance {r.chance:.3f} ({time.monotonic() - t0:.1f} s)")
         if task.dropped:
             entry["dropped"] = task.dropped
             entry["classes"] = {k: v for k, v in entry["classes"].items() if k not in task.dropped}
@@ -734,7 +766,7 @@ def _analyze(
         import matplotlib as mpl  # noqa: PLC0415
 
         mpl.use("Agg")
-        figs["projection.png"] = plot_projection(weights, nets, out / "projection.png")
+        figs["projection.png"] = plot_projection(features, nets, out / "projection.png")
         figs["confusion.png"] = plot_confusions(results, out / "confusion.png")
         plot_accuracy(results, out / "accuracy.png")
         figs["accuracy.png"] = {}
@@ -759,9 +791,20 @@ def _analyze(
         "protocol": {
             "features": f"flattened weights ({weights.shape[1]:,} float32 values per network, model.safetensors "
             "order), standardised on each training split",
-            "also": "per-tensor statistics of the weights (mean, sd, mean |w|, quantiles 0, .1, .25, .5, .75, .9, 1 "
-            f"of each of the {len(nets.layout)} tensors: {stats.shape[1]} features), standardised; invariant to "
-            "permutations of hidden units, unlike the raw weights",
+            "also": [
+                *(
+                    [
+                        "canonical weights: the same flattened weights after each network's hidden units are "
+                        "sign-normalised and sorted (mlds_operator.canonical; every network still computes what "
+                        "it did), standardised"
+                    ]
+                    if "canonical" in features
+                    else []
+                ),
+                "per-tensor statistics of the weights (mean, sd, mean |w|, quantiles 0, .1, .25, .5, .75, .9, 1 "
+                f"of each of the {len(nets.layout)} tensors: {features['stats'].shape[1]} features), standardised; "
+                "invariant to permutations of hidden units, unlike the raw weights",
+            ],
             "baseline": "the same classifiers on log10 of the final training and evaluation MSE, standardised",
             "classifiers": {k: repr(make_classifier(k, 0)[-1]) for k in classifiers},
             "evaluation": {"seeds": seed_list, "folds": folds, "test_size": test_size, "description": desc},

@@ -78,6 +78,8 @@ def test_the_report_has_weights_above_chance_losses_near_it_and_the_figures(
     assert len(five["weights"]["logreg"]["per_seed"]) == 2
     assert five["loss"]["logreg"]["mean"] < 0.5
     assert set(five["stats"]) == {"knn", "logreg"}  # per-tensor statistics, beside the raw weights
+    assert set(five["canonical"]) == {"knn", "logreg"}  # and the canonical weights (a GRU dataset)
+    assert len(report["protocol"]["also"]) == 2
     assert tasks["machines-ds1-ds2"]["weights"]["knn"]["mean"] > 0.8
     assert tasks["modified-EightBit"]["weights"]["logreg"]["mean"] > 0.9
     md = (out / "report.md").read_text()
@@ -85,6 +87,7 @@ def test_the_report_has_weights_above_chance_losses_near_it_and_the_figures(
     assert "Which machine, 5-way (ds1)" in md
     assert "![" in md
     assert "EightBit: clean (ds1) vs modified (ds2)" in md
+    assert "| canonical weights |" in md
 
 
 def test_indistinguishable_targets_stay_near_chance(tmp_path: Path) -> None:
