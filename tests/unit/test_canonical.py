@@ -8,6 +8,8 @@ the module.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +30,7 @@ def _layout(module: torch.nn.Module) -> list[Param]:
     return out
 
 
-def _matrix(nets: list[torch.nn.Module], layout: list[Param]) -> np.ndarray:
+def _matrix(nets: Sequence[torch.nn.Module], layout: list[Param]) -> np.ndarray:
     return np.stack([np.concatenate([n.state_dict()[p.name].numpy().ravel() for p in layout]) for n in nets]).astype(
         np.float32
     )
@@ -42,7 +44,8 @@ def _load(module: torch.nn.Module, row: np.ndarray, layout: list[Param]) -> torc
 def _outputs(net: torch.nn.Module, seed: int = 0) -> torch.Tensor:
     x = torch.randint(0, 2, (6, 30, 9), generator=torch.Generator().manual_seed(seed)).float()
     with torch.no_grad():
-        return net(x)
+        out: torch.Tensor = net(x)
+    return out
 
 
 def _symmetry(sd: dict[str, np.ndarray], shape: Shape, rng: np.random.Generator) -> dict[str, np.ndarray]:
