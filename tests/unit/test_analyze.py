@@ -77,6 +77,7 @@ def test_the_report_has_weights_above_chance_losses_near_it_and_the_figures(
     assert five["weights"]["logreg"]["mean"] > 0.9
     assert len(five["weights"]["logreg"]["per_seed"]) == 2
     assert five["loss"]["logreg"]["mean"] < 0.5
+    assert five["eval_loss"]["logreg"]["mean"] < 0.5  # the criterion's loss alone, a second baseline
     assert set(five["stats"]) == {"knn", "logreg"}  # per-tensor statistics, beside the raw weights
     assert set(five["canonical"]) == {"knn", "logreg"}  # and the canonical weights (a GRU dataset)
     assert len(report["protocol"]["also"]) == 2
