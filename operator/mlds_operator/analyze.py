@@ -309,11 +309,14 @@ def run_task(
     seeds: Sequence[int],
     folds: int,
     test_size: float | None,
+    jobs: int = 1,
 ) -> TaskResult | str:
     """Every classifier on every feature set and on losses for ``task``; or why the task cannot be run.
 
     A class of a single network cannot be both trained on and tested: it is dropped from the task (and
-    listed in ``task.dropped``); the task is skipped if fewer than two classes remain.
+    listed in ``task.dropped``); the task is skipped if fewer than two classes remain. ``jobs`` > 1 runs
+    the (feature set, classifier) evaluations in that many processes; every fit is seeded, so the
+    numbers do not depend on it.
     """
     classes, counts = np.unique(task.labels, return_counts=True)
     lonely = {str(c): int(n) for c, n in zip(classes, counts, strict=True) if n < 2}
@@ -331,12 +334,19 @@ def run_task(
         "loss": _loss_features(nets, task.rows),
         "eval_loss": _loss_features(nets, task.rows, ["eval_loss"]),
     }
-    for kind, feats in sets.items():
-        into = result.scores.setdefault(kind, {})
-        for name in classifiers:
-            into[name], pred = evaluate(feats, y, name, seeds=seeds, folds=k, test_size=test_size)
-            if kind not in BASELINES:
-                result.predictions[kind, name] = pred
+    work = [(kind, name) for kind in sets for name in classifiers]
+    if jobs > 1:
+        from joblib import Parallel, delayed  # type: ignore[import-untyped]  # noqa: PLC0415 - scikit-learn's own dependency
+
+        outs = Parallel(n_jobs=jobs)(
+            delayed(evaluate)(sets[kind], y, name, seeds=seeds, folds=k, test_size=test_size) for kind, name in work
+        )
+    else:
+        outs = [evaluate(sets[kind], y, name, seeds=seeds, folds=k, test_size=test_size) for kind, name in work]
+    for (kind, name), (score, pred) in zip(work, outs, strict=True):
+        result.scores.setdefault(kind, {})[name] = score
+        if kind not in BASELINES:
+            result.predictions[kind, name] = pred
     return result
 
 
@@ -693,6 +703,7 @@ def analyze(
     folds: int = DEFAULT_FOLDS,
     test_size: float | None = None,
     first: int | None = None,
+    jobs: int = 1,
     figures: bool = True,
     title: str = "MLDS weight-space analysis",
     notes: str | None = None,
@@ -711,6 +722,7 @@ def analyze(
             folds=folds,
             test_size=test_size,
             first=first,
+            jobs=jobs,
             figures=figures,
             title=title,
             notes=notes,
@@ -728,6 +740,7 @@ def _analyze(
     folds: int,
     test_size: float | None,
     first: int | None,
+    jobs: int,
     figures: bool,
     title: str,
     notes: str | None,
@@ -752,7 +765,9 @@ def _analyze(
     task_json: list[dict[str, Any]] = []
     for task in tasks:
         t0 = time.monotonic()
-        r = run_task(task, features, nets, classifiers=classifiers, seeds=seed_list, folds=folds, test_size=test_size)
+        r = run_task(
+            task, features, nets, classifiers=classifiers, seeds=seed_list, folds=folds, test_size=test_size, jobs=jobs
+        )
         classes = dict(zip(*np.unique(task.labels, return_counts=True), strict=True))
         entry: dict[str, Any] = {
             "name": task.name,
@@ -861,6 +876,14 @@ def _analyze(
     help="Comma-separated subset of knn, logreg, forest, mlp.",
 )
 @click.option("--first", type=click.IntRange(min=2), default=None, help="Only the first N networks of each target.")
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(1, 1024),
+    default=1,
+    show_default=True,
+    help="Processes for the classifier fits (the results do not depend on it).",
+)
 @click.option("--no-figures", is_flag=True, help="Skip the PNGs.")
 @click.option("--title", default="MLDS weight-space analysis", show_default=True, help="The report's title.")
 @click.option(
@@ -878,6 +901,7 @@ def analyze_command(
     test_size: float | None,
     classifiers: str,
     first: int | None,
+    jobs: int,
     no_figures: bool,
     title: str,
     notes: Path | None,
@@ -915,6 +939,7 @@ def analyze_command(
         folds=folds,
         test_size=test_size,
         first=first,
+        jobs=jobs,
         figures=not no_figures,
         title=title,
         notes=notes.read_text() if notes is not None else None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -137,3 +138,11 @@ def test_cli_writes_the_report_and_records_its_command(study: tuple[Path, Path],
     assert "Synthetic." in (out / "report.md").read_text()
     bad = CliRunner().invoke(cli, ["analyze", str(study[0]), "--out", str(out), "--classifiers", "svm"])
     assert bad.exit_code != 0
+
+
+def test_parallel_fits_give_the_same_numbers(study: tuple[Path, Path], tmp_path: Path) -> None:
+    kwargs: dict[str, Any] = {"classifiers": ["knn", "logreg"], "seeds": 2, "figures": False}
+    one = analyze([str(study[0])], tmp_path / "one", jobs=1, **kwargs)
+    two = analyze([str(study[0])], tmp_path / "two", jobs=2, **kwargs)
+    assert one["tasks"] == two["tasks"]
+    assert one["tasks"][0]["weights"]["logreg"]["per_seed"]  # numbers were compared, not two empty lists
