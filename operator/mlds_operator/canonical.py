@@ -31,25 +31,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+if TYPE_CHECKING:
+    from .dataset import Param  # types only: this module needs nothing but numpy at run time
+
 __all__ = ["canonicalize", "is_gru_layout"]
 
 F32 = npt.NDArray[np.float32]
-
-
-class _Param(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def shape(self) -> tuple[int, ...]: ...
-    @property
-    def start(self) -> int: ...
-    @property
-    def stop(self) -> int: ...
 
 
 def _depths(names: set[str]) -> tuple[int, int]:
@@ -58,7 +50,7 @@ def _depths(names: set[str]) -> tuple[int, int]:
     return gru, linear
 
 
-def is_gru_layout(layout: Sequence[_Param]) -> bool:
+def is_gru_layout(layout: Sequence[Param]) -> bool:
     """Whether ``layout`` is the MLDS GRU network's (ds1, ds2, ds3, ds5), which :func:`canonicalize` handles."""
     names = {p.name for p in layout}
     gru, linear = _depths(names)
@@ -84,7 +76,7 @@ def _sign(lean: F32) -> F32:
     return np.where(lean >= 0, 1.0, -1.0).astype(np.float32)
 
 
-def canonicalize(weights: F32, layout: Sequence[_Param]) -> F32:
+def canonicalize(weights: F32, layout: Sequence[Param]) -> F32:
     """The canonical form of every row of ``weights`` (networks x parameters, in ``layout``'s columns).
 
     Returns a new float32 matrix with the same shape and layout. Raises ValueError for a layout that is
