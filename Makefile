@@ -54,13 +54,13 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
-	$(BIN)/mypy contract worker operator cli
+	$(BIN)/mypy contract worker operator data cli
 
 check-generated: $(STAMP)
-	$(BIN)/python -m mlds_operator.generate --check
+	$(BIN)/python -m mlds_operator.artifacts.generate --check
 
 generate: $(STAMP)
-	$(BIN)/python -m mlds_operator.generate
+	$(BIN)/python -m mlds_operator.artifacts.generate
 
 test: $(STAMP) $(PROM_STAMP) $(TOOLS_STAMP) $(CHECKOV_STAMP) lint typecheck check-generated
 	$(BIN)/python -m pytest -q

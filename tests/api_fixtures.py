@@ -45,9 +45,9 @@ from mlds_contract.lease import (
     NoLease,
 )
 from mlds_contract.plan import UnitSpec
-from mlds_operator.api import Campaigns, RequestObserver, create_app
-from mlds_operator.service import CampaignService, ServiceSettings, result_files_for
-from mlds_operator.store import LocalStore
+from mlds_operator.leases.http import Campaigns, RequestObserver, create_app
+from mlds_operator.leases.service import CampaignService, ServiceSettings, result_files_for
+from mlds_operator.storage.store import LocalStore
 from pydantic import BaseModel, TypeAdapter
 
 __all__ = [

@@ -16,7 +16,7 @@ manifest (kmock stores objects as they come, with no defaulting or schema valida
    server, a null field of an object is absent to CEL (``has()`` is false).
 
 Not emulated: pruning of unknown fields (step 3 rejects them instead, as strict field validation
-does), formats, and CEL cost limits (our rules are constant-cost; see mlds_operator.crd).
+does), formats, and CEL cost limits (our rules are constant-cost; see mlds_operator.artifacts.crd).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
-from mlds_operator.crd import openapi_schema
+from mlds_operator.artifacts.crd import openapi_schema
 
 __all__ = ["Admission", "admit", "apply_defaults", "cel_available", "draft4_schema", "nodes_with_defaults", "validator"]
 

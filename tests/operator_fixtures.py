@@ -55,11 +55,11 @@ import pytest_asyncio
 from kmock._internal import enums, rendering  # kmock 0.8 keeps these out of its public names
 from kmock._internal.references import ResourceInfo
 from mlds_contract.campaign import API_GROUP, API_VERSION, KIND, Accelerator, Storage
-from mlds_operator import pods
-from mlds_operator.cli import OperatorConfig, run_operator
-from mlds_operator.controller import OperatorSettings
-from mlds_operator.crd import CATEGORIES, PLURAL, PRINTER_COLUMNS, SHORT_NAMES, SINGULAR
-from mlds_operator.service import ServiceSettings
+from mlds_operator.artifacts.crd import CATEGORIES, PLURAL, PRINTER_COLUMNS, SHORT_NAMES, SINGULAR
+from mlds_operator.controller import pods
+from mlds_operator.controller.command import OperatorConfig, run_operator
+from mlds_operator.controller.sync import OperatorSettings
+from mlds_operator.leases.service import ServiceSettings
 
 __all__ = [
     "CAMPAIGNS",

@@ -37,9 +37,9 @@ from typing import Any, TypeVar
 import yaml
 from aiohttp import web
 from mlds_contract.campaign import CampaignSpec, Storage, TrainingCampaign
-from mlds_operator.api import Campaigns, create_app
-from mlds_operator.service import CampaignService, ServiceSettings
-from mlds_operator.store import LocalStore
+from mlds_operator.leases.http import Campaigns, create_app
+from mlds_operator.leases.service import CampaignService, ServiceSettings
+from mlds_operator.storage.store import LocalStore
 
 __all__ = [
     "MACHINES",

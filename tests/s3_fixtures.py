@@ -15,7 +15,7 @@ Fixtures:
   them and nothing can reach real AWS), no AWS profile or config files, no proxy for loopback.
 - ``s3_bucket`` (function): the name of a fresh, empty bucket.
 - ``s3_storage`` (function): a campaign ``Storage`` spec for that bucket, prefix ``campaign``.
-- ``s3_store`` (function): an :class:`~mlds_operator.store.S3Store` opened on it through ``open_store``.
+- ``s3_store`` (function): an :class:`~mlds_operator.storage.store.S3Store` opened on it through ``open_store``.
 - ``minio_client`` (function): a raw ``minio.Minio`` client for the server (to inspect or tamper
   behind the store's back).
 
@@ -42,7 +42,7 @@ import pytest
 import urllib3
 from minio import Minio
 from mlds_contract.campaign import Storage
-from mlds_operator.store import S3Store, open_store
+from mlds_operator.storage.store import S3Store, open_store
 from moto.server import ThreadedMotoServer
 
 __all__ = [

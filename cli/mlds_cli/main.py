@@ -19,14 +19,14 @@ from mlds_contract.errors import UserError
 
 #: name -> "module:attribute" of a click command.
 COMMANDS: dict[str, str] = {
-    "run": "mlds_operator.local:run_command",
-    "operator": "mlds_operator.cli:operator_command",
+    "run": "mlds_operator.run.runner:run_command",
+    "operator": "mlds_operator.controller.command:operator_command",
     "worker": "mlds_worker.loop:worker_command",
     "train": "mlds_worker.cli:train_command",
-    "crd": "mlds_operator.crd:crd_command",
-    "dataset": "mlds_operator.dataset:dataset_group",
-    "analyze": "mlds_operator.analyze:analyze_command",
-    "bench": "mlds_operator.bench:bench_command",
+    "crd": "mlds_operator.artifacts.crd:crd_command",
+    "dataset": "mlds_data.dataset:dataset_group",
+    "analyze": "mlds_data.analyze:analyze_command",
+    "bench": "mlds_operator.bench.command:bench_command",
 }
 
 HELP = {

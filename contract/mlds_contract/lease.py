@@ -1,6 +1,6 @@
 """Wire types of the lease HTTP protocol between workers and the lease server (DESIGN.md §2).
 
-The lease server (the operator, or `mlds run`) owns a lease book (``mlds_operator.leasebook``); worker
+The lease server (the operator, or `mlds run`) owns a lease book (``mlds_operator.leases.book``); worker
 pods pull units from it over HTTP. This module is the one definition of the request and reply bodies:
 the server parses requests with these models, the worker builds them, and the lease API's OpenAPI
 document is generated from them. Fields are snake_case in Python and camelCase on the wire, unknown

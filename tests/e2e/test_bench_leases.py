@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-from mlds_operator.bench import bench_command
-from mlds_operator.bench_leases import format_result, run_bench
+from mlds_operator.bench.command import bench_command
+from mlds_operator.bench.leases import format_result, run_bench
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

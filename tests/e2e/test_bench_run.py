@@ -7,7 +7,7 @@ import re
 import pytest
 from click.testing import CliRunner
 from mlds_contract.errors import UserError
-from mlds_operator.bench_run import bench_campaign, bench_run_command
+from mlds_operator.bench.campaign_run import bench_campaign, bench_run_command
 
 
 def test_the_fixed_campaign_spreads_the_networks_evenly_over_its_machines() -> None:

@@ -15,7 +15,7 @@
   carry a reason, written next to it in the chart or the Dockerfile.
 - **hadolint** on Dockerfile.worker (all targets are in that file) at the strictest threshold.
 - **RBAC**: the chart's rules equal exactly what the code calls: every method of
-  :class:`mlds_operator.kube.Kube` is run against a recording API client (the kubernetes client builds
+  :class:`mlds_operator.controller.kube.Kube` is run against a recording API client (the kubernetes client builds
   each request; nothing is sent), and kopf's needs are derived from the operator's registry and settings.
 """
 
@@ -43,14 +43,14 @@ import kubernetes_validate
 import pytest
 import yaml
 from mlds_contract.campaign import API_GROUP
-from mlds_operator import pods
-from mlds_operator.api import Campaigns, create_app
-from mlds_operator.chart import value_docs
-from mlds_operator.cli import operator_command
-from mlds_operator.crd import PLURAL, crd_manifest
-from mlds_operator.handlers import build_registry
-from mlds_operator.kube import Kube
-from mlds_operator.metrics import ServerMetrics
+from mlds_operator.artifacts.chart_readme import value_docs
+from mlds_operator.artifacts.crd import PLURAL, crd_manifest
+from mlds_operator.controller import pods
+from mlds_operator.controller.command import operator_command
+from mlds_operator.controller.handlers import build_registry
+from mlds_operator.controller.kube import Kube
+from mlds_operator.leases.http import Campaigns, create_app
+from mlds_operator.leases.metrics import ServerMetrics
 
 from tests.chart_render import NAMESPACE, scenario_values
 from tests.operator_fixtures import (

@@ -1,6 +1,6 @@
 """`mlds dataset pull` from a real S3 protocol server (moto) through the MinIO SDK, as a real process.
 
-A synthetic dataset in the real layout (:func:`mlds_operator.bench_load.synthesize`) is uploaded under a
+A synthetic dataset in the real layout (:func:`mlds_operator.bench.load.synthesize`) is uploaded under a
 campaign prefix; the CLI pulls it, is killed half-way and resumes, meets an object damaged in the
 bucket (detected by sha256 against the manifest, not written, the pull fails) and, once the object is
 repaired, fetches just that one again; a file damaged on disk after a complete pull is fetched again.
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from minio import Minio
-from mlds_operator.bench_load import synthesize
-from mlds_operator.dataset import JOURNAL_FILE, SUMS_FILE, load
-from mlds_operator.manifest import MANIFEST_KEY
+from mlds_data.dataset import JOURNAL_FILE, SUMS_FILE, load
+from mlds_operator.bench.load import synthesize
+from mlds_operator.storage.manifest import MANIFEST_KEY
 
 from tests.s3_fixtures import S3Server
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession
-from mlds_operator import pods
-from mlds_operator.alerts import render_rules_yaml
-from mlds_operator.generate import default_root
+from mlds_operator.artifacts.alerts import render_rules_yaml
+from mlds_operator.artifacts.generate import default_root
+from mlds_operator.controller import pods
 
 from tests.dashboard_png import draw_dashboard
 from tests.e2e.test_operator_campaign import NS, Kubelet, operator_process

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from mlds_operator import pods
-from mlds_operator.manifest import read_manifest
+from mlds_operator.controller import pods
+from mlds_operator.storage.manifest import read_manifest
 
 from tests.operator_fixtures import (
     CAMPAIGNS,

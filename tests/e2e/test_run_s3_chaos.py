@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from mlds_operator import manifest as mf
+from mlds_operator.storage import manifest as mf
 
 from tests.run_fixtures import (
     Event,

@@ -21,7 +21,7 @@ import yarl
 from minio import Minio
 from mlds_contract.campaign import Storage
 from mlds_contract.errors import StorageUnavailable, UserError
-from mlds_operator.manifest import (
+from mlds_operator.storage.manifest import (
     compact_manifest,
     find_results,
     get_checkpoint,
@@ -30,7 +30,7 @@ from mlds_operator.manifest import (
     read_manifest,
     write_part,
 )
-from mlds_operator.store import S3Store, VerifyResult, open_store
+from mlds_operator.storage.store import S3Store, VerifyResult, open_store
 
 from tests.s3_fixtures import S3Server, moto_server, stop_moto_server
 

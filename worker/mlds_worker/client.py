@@ -1,4 +1,4 @@
-"""The worker's client of the lease API (:mod:`mlds_operator.api` serves it; the wire types are shared).
+"""The worker's client of the lease API (:mod:`mlds_operator.leases.http` serves it; the wire types are shared).
 
 Used by the worker loop (:mod:`mlds_worker.loop`). Maps HTTP answers onto what the worker does next:
 

@@ -1,0 +1,178 @@
+"""The Helm chart's generated README: its values table comes from the ``# --`` comments of values.yaml.
+
+Called by :mod:`mlds_operator.artifacts.generate` (``make generate`` writes ``charts/mlds/README.md``; ``make
+check-generated`` fails when it is stale) and by the chart tests. The chart's CRD copy is the same text as
+``crds/`` (:func:`mlds_operator.artifacts.crd.render_crd_yaml`), so it needs nothing here.
+
+A value is documented by a comment block right above its key whose first line starts with ``# --``
+(the helm-docs convention; later ``#`` lines continue it). A key without one must be a mapping whose
+keys are all documented; anything else raises :class:`UndocumentedValue`, so the README cannot list a
+value without saying what it does. Keys under a documented mapping (``resources.requests.cpu``) are
+part of its default and get no row of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from mlds_operator.artifacts.generate import default_root
+
+__all__ = ["CHART_DIR", "UndocumentedValue", "ValueDoc", "render_chart_readme", "value_docs"]
+
+#: The chart, relative to the repository root.
+CHART_DIR = "charts/mlds"
+
+_KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][A-Za-z0-9_]*):(?:\s|$)")
+_COMMENT = re.compile(r"^(?P<indent> *)#(?P<text>.*)$")
+
+
+class UndocumentedValue(ValueError):
+    """A key of values.yaml has no ``# --`` comment (and is not a mapping of documented keys)."""
+
+
+@dataclass(frozen=True)
+class ValueDoc:
+    """One row of the values table."""
+
+    path: str  # dotted, e.g. "operator.image.tag"
+    description: str
+    default: Any
+
+
+def _lookup(values: Any, path: list[str]) -> Any:
+    for part in path:
+        values = values[part]
+    return values
+
+
+def value_docs(text: str) -> list[ValueDoc]:
+    """The documented values of a values.yaml text, in file order (see the module docstring)."""
+    values = yaml.safe_load(text) or {}
+    docs: list[ValueDoc] = []
+    stack: list[tuple[int, str]] = []  # (indent, key) of the mappings enclosing the current line
+    documented_above: int | None = None  # indent of the innermost documented key we are inside
+    pending: list[str] | None = None  # the comment block just above, when it is a `# --` doc
+    undocumented: list[str] = []
+    for line in text.splitlines():
+        if not line.strip():
+            pending = None
+            continue
+        comment = _COMMENT.match(line)
+        if comment:
+            body = comment["text"].strip()
+            if body.startswith("--"):
+                pending = [body[2:].strip()]
+            elif pending is not None:
+                pending.append(body)
+            continue
+        key = _KEY.match(line)
+        if key is None:
+            pending = None  # a list item or a flow continuation inside some value
+            continue
+        indent = len(key["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if documented_above is not None and indent <= documented_above:
+            documented_above = None
+        path = [k for _, k in stack] + [key["key"]]
+        stack.append((indent, key["key"]))
+        if documented_above is not None:
+            pending = None
+            continue  # part of a documented value's default
+        value = _lookup(values, path)
+        if pending:
+            docs.append(ValueDoc(".".join(path), " ".join(p for p in pending if p), value))
+            documented_above = indent
+        elif not (isinstance(value, dict) and value):
+            undocumented.append(".".join(path))
+        pending = None
+    if undocumented:
+        raise UndocumentedValue("values.yaml keys without a `# --` comment: " + ", ".join(undocumented))
+    return docs
+
+
+def _type(value: Any) -> str:
+    match value:
+        case bool():
+            return "bool"
+        case int():
+            return "int"
+        case float():
+            return "float"
+        case str():
+            return "string"
+        case list():
+            return "list"
+        case _:
+            return "object"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+_INTRO = """\
+Installs the mlds operator: the `TrainingCampaign` CRD, the operator Deployment (kopf, one replica), its
+ServiceAccount with least-privilege RBAC, and the Service of the lease API and `/metrics`. The worker pods
+are not part of the chart: the operator creates one Job per pool of each campaign, with the worker image of
+the pool's accelerator (below). Optional, all off by default: a Prometheus Operator `ServiceMonitor` and
+`PrometheusRule`, a ConfigMap with the Grafana dashboard for the Grafana sidecar, and a `NetworkPolicy`
+for the operator pod.
+
+```sh
+helm install mlds charts/mlds --namespace mlds-system --create-namespace
+kubectl -n mlds-system rollout status deployment/mlds-operator
+```
+
+See the repository README ("Install on a cluster") for storage, example campaigns and the dataset.
+
+**CRDs** are in `crds/` (generated from the API contract, the same file as the repository's `crds/`).
+Helm installs them with the chart but never upgrades or deletes them: after upgrading the chart, apply the
+new one with `kubectl apply --server-side -f charts/mlds/crds/`.
+
+**RBAC**: the ClusterRole `<fullname>-campaigns` grants exactly what the operator does: campaigns
+(list, watch, patch; status: patch), Jobs (list, create, patch, delete), Secrets (get, create, delete),
+Events (create). It is bound cluster-wide, or with `operator.watchNamespaces` by one RoleBinding per
+namespace. `<fullname>-discovery` lets kopf list and watch CRDs (and namespaces, when watching a list of
+them). A test compares these rules with the API calls the code makes.
+
+**One replica**: every campaign's lease book lives in the operator's memory (checkpointed to the bucket),
+so the Deployment has exactly one replica and the `Recreate` strategy; workers keep training through an
+operator restart and re-attach to their leases.
+
+**Worker images** default to `<workers.image.repository>:<tag>-cpu`, `-cuda` and `-rocm` (tag: the
+chart's appVersion), built from `Dockerfile.worker` (targets `worker-cpu`, `worker-cuda`, `worker-rocm`;
+the operator image is its `operator` target). A pool's own `image` in a campaign wins over these.
+"""
+
+
+def render_chart_readme() -> str:
+    """``charts/mlds/README.md``: Chart.yaml's name and description, the notes above, the values table."""
+    chart_dir = default_root() / CHART_DIR
+    chart = yaml.safe_load((chart_dir / "Chart.yaml").read_text(encoding="utf-8"))
+    docs = value_docs((chart_dir / "values.yaml").read_text(encoding="utf-8"))
+    lines = [
+        "<!-- Generated from Chart.yaml and the comments of values.yaml by `python -m mlds_operator.artifacts.generate`"
+        " (make generate). DO NOT EDIT. -->",
+        "",
+        f"# {chart['name']}",
+        "",
+        f"Chart version {chart['version']}, app version {chart['appVersion']}, Kubernetes {chart['kubeVersion']}.",
+        "",
+        " ".join(str(chart["description"]).split()),
+        "",
+        _INTRO,
+        "## Values",
+        "",
+        "| Key | Type | Default | Description |",
+        "|-----|------|---------|-------------|",
+    ]
+    for doc in docs:
+        default = json.dumps(doc.default, separators=(",", ":"), sort_keys=False)
+        lines.append(f"| `{doc.path}` | {_type(doc.default)} | `{_cell(default)}` | {_cell(doc.description)} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,861 @@
+"""The lease book: which worker trains which unit until when, and what became of every unit.
+
+One lease server process (the operator, or `mlds run`) owns one book per campaign and calls it from its
+lease HTTP API (DESIGN.md §2). The book is pure: no I/O, no threads, the clock injected (tests drive a
+fake one). It is not thread-safe; the server calls it from one event loop.
+
+Units are the indices ``0..total-1``. Per unit the book keeps a state (pending -> leased -> succeeded |
+failed) and an attempt counter in numpy arrays (11 bytes a unit: a million units take ~11 MB); only live
+leases are Python objects. The rules:
+
+- **Grant**: up to K lowest-index pending units per lease, each with its attempt number (the counter;
+  seeds derive from it). A lease has an unguessable id and a deadline ``now + lease_seconds``. Grants
+  first expire overdue leases. A paused book grants nothing.
+- **Heartbeat** extends the lease to ``now + lease_seconds``; only its worker may (else :class:`NotHolder`).
+  A lease is expired by :meth:`LeaseBook.expire` (which grants call), never by time alone, so a heartbeat
+  that arrives a little late but before the sweep still saves its lease.
+- **Expiry**: every unit of an overdue lease goes back to pending with its attempt counted. An attempt is
+  counted by raising the counter to ``attempt + 1``, so each attempt number is counted once however many
+  reports name it. A unit whose counter reaches ``max_attempts`` is failed. While the book is paused,
+  expiry returns units without counting (the suspension stopped the workers, not the unit).
+- **Complete** (the caller has verified the files in storage first): accepted once, while the unit is not
+  succeeded, whoever sends it and under whatever lease: a finished network is never thrown away, even
+  after its lease expired and was re-issued, after the unit failed, or after a restart made the lease id
+  unknown. Completions are therefore keyed by unit and worker, not by lease id. Later completions of the
+  unit are duplicates. ``converged=False`` is a failed attempt (retried with attempt + 1, new seeds).
+- **Fail** ``retry=False`` counts the attempt; ``retry=True`` ("release") returns the unit uncounted.
+  A failure report from a worker that no longer holds the unit counts only if that attempt was not counted
+  yet and no other worker holds the unit; otherwise it is a duplicate.
+- **Speculative leases** (opt-in per request): with nothing pending, an idle worker may get a copy of units
+  other workers hold (soonest deadline first, at most one extra copy per unit, never of its own units),
+  with the same attempt number, so either copy yields the result the campaign's seeds define. The first
+  accepted completion wins and the other copy is revoked (its heartbeat lists it under ``cancel``, its
+  completion is a duplicate). A holder that fails, releases or expires while the other copy lives just
+  drops out: the attempt is counted when its last holder gives up.
+- **Checkpoint** (:meth:`LeaseBook.to_bytes`): states, attempts, per-pool counters and settings; no lease
+  ids or deadlines (deadlines are read from a clock that does not survive a restart, and ids are bearer
+  tokens we keep out of the bucket). Units leased at checkpoint time are restored as *orphans*: still
+  leased, held by no known lease, for one lease duration. A live worker's heartbeat then re-establishes
+  its lease under the same id (:meth:`LeaseBook.heartbeat` with ``units``), for its units that are pending
+  or orphaned; units still orphaned at the end of the grace return to pending uncounted. So a restarted
+  server honours the leases of live workers instead of expiring them all at once, and nobody else is
+  granted their units meanwhile. Units leased after the last checkpoint come back pending, and their
+  workers re-adopt them the same way unless someone was granted them first. Completions after the last
+  checkpoint are lost from it; a worker's late completion is still accepted.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import secrets
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from mlds_contract.campaign import UnitCounts
+from mlds_contract.errors import MldsError
+from mlds_contract.lease import Outcome, UnitState
+
+from mlds_operator.leases.ranges import format_ranges
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "BookStats",
+    "CheckpointError",
+    "Clock",
+    "HeartbeatResult",
+    "LeaseBook",
+    "LeaseError",
+    "LeaseView",
+    "NotHolder",
+    "PoolFigures",
+    "UnitView",
+    "UnknownLease",
+    "UnknownUnit",
+]
+
+#: Seconds, from any fixed origin; only differences matter. Default: ``time.monotonic``.
+Clock = Callable[[], float]
+
+#: Version written into checkpoints; :meth:`LeaseBook.from_bytes` reads this version only.
+CHECKPOINT_VERSION = 1
+_MAGIC = b"MLDSBOOK"
+_HEADER = struct.Struct("<8sHI")  # magic, version, length of the JSON settings that follow
+
+# Unit states as stored in the state array (uint8).
+_PENDING, _LEASED, _DONE, _FAILED = 0, 1, 2, 3
+_STATE_NAMES = (UnitState.pending, UnitState.leased, UnitState.succeeded, UnitState.failed)
+# Holder slots: >= 0 is a live lease's slot; these mark "no holder" and "leased before a restart".
+_NOBODY, _ORPHAN = -1, -2
+_MAX_COUNTER = 0xFFFF  # the attempt counter is uint16
+
+
+class LeaseError(MldsError):
+    """A lease request that does not fit the book's state. The HTTP layer maps subclasses to 4xx answers."""
+
+
+class UnknownLease(LeaseError):
+    """The book knows no lease with this id and the request gives no units to re-establish it (HTTP 404)."""
+
+
+class NotHolder(LeaseError):
+    """The worker does not hold this lease, or none of its units is free to re-establish it (HTTP 409).
+
+    The worker stops training the lease; completions it already has are still worth sending.
+    """
+
+
+class UnknownUnit(LeaseError, IndexError):
+    """A unit index outside the campaign (HTTP 404)."""
+
+
+class CheckpointError(MldsError):
+    """Bytes that are not a lease-book checkpoint this version can read, or that do not fit the campaign."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseView:
+    """A lease as the book sees it now: the units it still holds, with their attempt numbers."""
+
+    lease_id: str
+    worker: str
+    pool: str
+    units: tuple[int, ...]  # ascending
+    attempts: tuple[int, ...]  # attempt number of each unit, aligned with units
+    deadline: float  # on the book's clock
+    granted_at: float  # on the book's clock
+    speculative: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatResult:
+    """What a heartbeat did: the new deadline and the units the worker should stop training."""
+
+    lease_id: str
+    deadline: float  # on the book's clock
+    cancel: tuple[int, ...]  # ascending
+    readopted: bool  # the book did not know the lease and re-established it
+
+
+@dataclass(frozen=True, slots=True)
+class UnitView:
+    """One unit's state, attempt counter and the ids of the leases that hold it (two with a speculative copy)."""
+
+    unit: int
+    state: UnitState
+    attempts: int
+    leases: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolFigures:
+    """Per-pool counters: units completed, attempts failed (failures, non-convergence, expiry), live workers."""
+
+    name: str
+    succeeded: int
+    failed: int
+    workers: int
+
+
+@dataclass(frozen=True, slots=True)
+class BookStats:
+    """Aggregates for a campaign's status and metrics."""
+
+    total: int
+    pending: int
+    leased: int
+    succeeded: int
+    failed: int
+    leases: int  # live leases
+    pools: tuple[PoolFigures, ...]  # by name
+    failed_units: str  # compressed ranges, e.g. "12,40-42" (cut with " (+N more)" when long)
+    finished: bool  # nothing pending or leased: every unit succeeded or failed
+    paused: bool
+
+    def unit_counts(self) -> UnitCounts:
+        """The counts as the campaign status model."""
+        return UnitCounts(
+            total=self.total, pending=self.pending, leased=self.leased, succeeded=self.succeeded, failed=self.failed
+        )
+
+
+@dataclass(eq=False, slots=True)
+class _Lease:
+    lease_id: str
+    seq: int  # distinguishes this lease's entries in the expiry heap from a re-adopted lease with the same id
+    slot: int  # index in LeaseBook._slots; what the holder arrays store
+    worker: str
+    pool: str
+    units: npt.NDArray[np.int64]  # ascending; every unit granted, held or not any more
+    attempts: npt.NDArray[np.int64]  # aligned with units
+    granted_at: float
+    deadline: float
+    speculative: bool
+    held: int  # units still held; the lease ends at 0
+    revoked: list[int] = field(default_factory=list)  # units another worker completed
+
+
+@dataclass(slots=True)
+class _PoolCounter:
+    succeeded: int = 0
+    failed: int = 0
+
+
+def _new_lease_id() -> str:
+    # 144 random bits, URL-safe: a lease id is a bearer token for its units.
+    return secrets.token_urlsafe(18)
+
+
+class LeaseBook:
+    """The lease book of one campaign (see the module docstring for the rules)."""
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        max_attempts: int = 3,
+        lease_seconds: float = 600.0,
+        clock: Clock = time.monotonic,
+        pools: Iterable[str] = (),
+    ) -> None:
+        """A book of ``total`` pending units. ``pools`` are listed in stats even before any worker shows up."""
+        if total < 0:
+            raise ValueError(f"total must be >= 0, got {total}")
+        self._check_settings(max_attempts, lease_seconds)
+        self._n = total
+        self._max_attempts = max_attempts
+        self._lease_seconds = float(lease_seconds)
+        self._clock = clock
+        self._state = np.zeros(total, dtype=np.uint8)
+        self._attempts = np.zeros(total, dtype=np.uint16)
+        self._holder = np.full(total, _NOBODY, dtype=np.int32)  # primary holder's slot, or _ORPHAN
+        self._spare = np.full(total, _NOBODY, dtype=np.int32)  # speculative copy's slot
+        self._counts = [total, 0, 0, 0]  # by state code
+        self._low = 0  # no unit below this index is pending; grants scan from here
+        self._leases: dict[str, _Lease] = {}
+        self._slots: list[_Lease | None] = []
+        self._free_slots: list[int] = []
+        self._heap: list[tuple[float, int, str]] = []  # (deadline when pushed, lease seq, lease id)
+        self._seq = itertools.count()
+        self._pools: dict[str, _PoolCounter] = {name: _PoolCounter() for name in pools}
+        self._workers: dict[str, tuple[str, float]] = {}  # worker -> (pool, last seen)
+        self._orphan_deadline: float | None = None
+        self._paused = False
+
+    # ----------------------------------------------------------------------------------------- settings
+
+    @staticmethod
+    def _check_settings(max_attempts: int, lease_seconds: float) -> None:
+        if not 1 <= max_attempts < _MAX_COUNTER:
+            raise ValueError(f"max_attempts must be in 1..{_MAX_COUNTER - 1}, got {max_attempts}")
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
+
+    @property
+    def total(self) -> int:
+        """Number of units."""
+        return self._n
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts per unit before it fails."""
+        return self._max_attempts
+
+    @max_attempts.setter
+    def max_attempts(self, value: int) -> None:
+        """Lowering it fails pending units that have used it up; raising it does not revive failed units."""
+        self._check_settings(value, self._lease_seconds)
+        self._max_attempts = value
+        used_up = np.flatnonzero((self._state == _PENDING) & (self._attempts >= value))
+        self._state[used_up] = _FAILED
+        self._counts[_PENDING] -= used_up.size
+        self._counts[_FAILED] += used_up.size
+
+    @property
+    def lease_seconds(self) -> float:
+        """Lease length; applies to leases granted or extended from now on."""
+        return self._lease_seconds
+
+    @lease_seconds.setter
+    def lease_seconds(self, value: float) -> None:
+        self._check_settings(self._max_attempts, value)
+        self._lease_seconds = float(value)
+
+    @property
+    def paused(self) -> bool:
+        """A paused book (campaign ``suspend: true``) grants nothing and counts no expiry."""
+        return self._paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self._paused = value
+
+    @property
+    def finished(self) -> bool:
+        """Nothing pending or leased: every unit succeeded or failed."""
+        return self._counts[_PENDING] == 0 and self._counts[_LEASED] == 0
+
+    def now(self) -> float:
+        """The book's clock (deadlines are on it); the HTTP layer turns ``deadline - now()`` into wire times."""
+        return self._now()
+
+    def _now(self) -> float:
+        return float(self._clock())
+
+    # ------------------------------------------------------------------------------------ the protocol
+
+    def grant(self, worker: str, pool: str, max_units: int, *, speculative: bool = False) -> LeaseView | None:
+        """Lease up to ``max_units`` units to ``worker``, lowest pending index first; None when there is nothing.
+
+        Expires overdue leases first. With ``speculative`` and nothing pending, the lease may copy units
+        other workers hold (``LeaseView.speculative``). A paused book returns None.
+        """
+        if max_units < 1:
+            raise ValueError(f"max_units must be >= 1, got {max_units}")
+        now = self._now()
+        self.expire(now)
+        self._seen(worker, pool, now)
+        if self._paused:
+            return None
+        units = self._take_pending(max_units)
+        if units.size:
+            lease = self._new_lease(worker, pool, units, self._attempts[units].astype(np.int64), now, speculative=False)
+            self._state[units] = _LEASED
+            self._holder[units] = lease.slot
+            self._counts[_PENDING] -= units.size
+            self._counts[_LEASED] += units.size
+            return self._view(lease, all_held=True)
+        if speculative:
+            return self._grant_speculative(worker, pool, max_units, now)
+        return None
+
+    def heartbeat(
+        self, lease_id: str, worker: str, *, pool: str, units: Mapping[int, int] | None = None
+    ) -> HeartbeatResult:
+        """Extend ``lease_id`` to ``now + lease_seconds``; ``units`` maps the units the worker still trains to attempts.
+
+        ``cancel`` lists the given units the lease no longer holds (or, without ``units``, the units other
+        workers completed). For a lease the book does not know, re-establishes it under the same id for
+        the given units that are pending or orphaned (``readopted=True``) and cancels the others.
+
+        Raises :class:`NotHolder` when another worker holds the lease or none of the units is free, and
+        :class:`UnknownLease` when the lease is unknown and no units are given.
+        """
+        now = self._now()
+        self._seen(worker, pool, now)
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            if not units:
+                raise UnknownLease(f"no lease {lease_id!r}, and no units were given to re-establish it")
+            return self._readopt(lease_id, worker, pool, units, now)
+        if lease.worker != worker:
+            raise NotHolder(f"lease {lease_id!r} is held by another worker, not {worker!r}")
+        lease.deadline = now + self._lease_seconds
+        # Without a unit list, report what other workers completed; with one, everything the lease lost.
+        cancel = sorted(set(lease.revoked)) if units is None else sorted(u for u in units if not self._holds(lease, u))
+        return HeartbeatResult(lease_id, lease.deadline, tuple(cancel), readopted=False)
+
+    def complete(self, unit: int, *, worker: str, pool: str, attempt: int, converged: bool) -> Outcome:
+        """Record a verified result of ``unit``; call only after checking its files in storage.
+
+        ``converged=True``: accepted (the unit succeeded, counted for ``pool``) unless it already succeeded,
+        then a duplicate. Any other holder's copy is revoked. ``converged=False``: a failed attempt, as
+        :meth:`fail` with ``retry=False``.
+        """
+        self._check_unit(unit)
+        self._seen(worker, pool, self._now())
+        if not converged:
+            return self._report_failure(unit, worker, pool, attempt)
+        if self._state[unit] == _DONE:
+            return Outcome.duplicate
+        self._finish(unit, worker, pool)
+        return Outcome.accepted
+
+    def fail(self, unit: int, *, worker: str, pool: str, attempt: int, retry: bool) -> Outcome:
+        """A worker gives ``unit`` back: ``retry=False`` counts ``attempt``, ``retry=True`` releases it uncounted.
+
+        A release from a worker that does not hold the unit changes nothing (a duplicate), except that an
+        orphaned unit (leased before a restart, not re-adopted) goes back to pending at once.
+        """
+        self._check_unit(unit)
+        self._seen(worker, pool, self._now())
+        if self._state[unit] in (_DONE, _FAILED):
+            return Outcome.duplicate
+        if not retry:
+            return self._report_failure(unit, worker, pool, attempt)
+        lease = self._holding_lease(unit, worker)
+        if lease is not None:
+            self._give_back(unit, lease, counted=False)
+            return Outcome.accepted
+        if self._state[unit] == _LEASED and self._holder[unit] == _ORPHAN:
+            # Leased before a restart and not re-adopted: its worker lets it go, so nobody need wait for the grace.
+            self._holder[unit] = _NOBODY
+            self._set_state(unit, _PENDING)
+            return Outcome.accepted
+        return Outcome.duplicate
+
+    def release_lease(self, lease_id: str, worker: str) -> list[int]:
+        """Give back every unit ``worker`` still holds under ``lease_id``, uncounted; returns them ascending.
+
+        Raises :class:`UnknownLease` or :class:`NotHolder`.
+        """
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            raise UnknownLease(f"no lease {lease_id!r}")
+        if lease.worker != worker:
+            raise NotHolder(f"lease {lease_id!r} is held by another worker, not {worker!r}")
+        self._seen(worker, lease.pool, self._now())
+        held: list[int] = self._give_back_all(lease, counted=False).tolist()
+        return held
+
+    def expire(self, now: float | None = None) -> list[LeaseView]:
+        """Expire leases whose deadline is at or before ``now`` (default: the clock); returns them as they were.
+
+        Also ends the grace of units orphaned by a restore. The server calls this periodically; grants
+        call it too.
+        """
+        now = self._now() if now is None else now
+        if self._orphan_deadline is not None and now >= self._orphan_deadline:
+            self._orphan_deadline = None
+            orphans = np.flatnonzero(self._holder == _ORPHAN)
+            if orphans.size:
+                self._holder[orphans] = _NOBODY
+                self._state[orphans] = _PENDING
+                self._counts[_LEASED] -= orphans.size
+                self._counts[_PENDING] += orphans.size
+                self._low = min(self._low, int(orphans[0]))
+        expired: list[LeaseView] = []
+        while self._heap and self._heap[0][0] <= now:
+            _, seq, lease_id = heapq.heappop(self._heap)
+            lease = self._leases.get(lease_id)
+            if lease is None or lease.seq != seq:
+                continue  # ended, or a re-adopted lease reusing the id (it has its own entry)
+            if lease.deadline > now:
+                # Heartbeats move deadlines without touching the heap; re-file the lease under its new one.
+                heapq.heappush(self._heap, (lease.deadline, seq, lease_id))
+                continue
+            expired.append(self._view(lease))
+            self._give_back_all(lease, counted=not self._paused)
+        return expired
+
+    # ---------------------------------------------------------------------------------------- queries
+
+    def lease(self, lease_id: str) -> LeaseView | None:
+        """A live lease, or None."""
+        lease = self._leases.get(lease_id)
+        return None if lease is None else self._view(lease)
+
+    def leases(self) -> list[LeaseView]:
+        """All live leases, soonest deadline first."""
+        return [self._view(lease) for lease in sorted(self._leases.values(), key=lambda x: (x.deadline, x.seq))]
+
+    def unit(self, unit: int) -> UnitView:
+        """One unit's state, attempt counter and holders."""
+        self._check_unit(unit)
+        ids = tuple(
+            lease.lease_id
+            for slot in (int(self._holder[unit]), int(self._spare[unit]))
+            if slot >= 0 and (lease := self._slots[slot]) is not None
+        )
+        return UnitView(unit, _STATE_NAMES[int(self._state[unit])], int(self._attempts[unit]), ids)
+
+    def failed_units(self) -> npt.NDArray[np.int64]:
+        """Indices of failed units, ascending."""
+        return np.flatnonzero(self._state == _FAILED).astype(np.int64)
+
+    def stats(self, *, active_seconds: float = 300.0, failed_max_chars: int | None = 4096) -> BookStats:
+        """Counts by state, per-pool figures (workers seen in the last ``active_seconds``) and failed ranges."""
+        now = self._now()
+        workers: dict[str, int] = {}
+        for pool, last_seen in self._workers.values():
+            if last_seen >= now - active_seconds:
+                workers[pool] = workers.get(pool, 0) + 1
+        pools = tuple(
+            PoolFigures(name, c.succeeded, c.failed, workers.get(name, 0)) for name, c in sorted(self._pools.items())
+        )
+        failed = format_ranges(self.failed_units(), max_chars=failed_max_chars) if self._counts[_FAILED] else ""
+        pending, leased, done, n_failed = self._counts
+        return BookStats(
+            total=self._n,
+            pending=pending,
+            leased=leased,
+            succeeded=done,
+            failed=n_failed,
+            leases=len(self._leases),
+            pools=pools,
+            failed_units=failed,
+            finished=self.finished,
+            paused=self._paused,
+        )
+
+    # ------------------------------------------------------------------------------------- checkpoint
+
+    def to_bytes(self) -> bytes:
+        """A compact snapshot: settings, per-pool counters, and every unit's state and attempt counter.
+
+        Live leases are not written; their units are written as leased and restored as orphans (see the
+        module docstring). Layout: ``MLDSBOOK``, version (u16), JSON length (u32), JSON settings, then the
+        zlib-compressed state bytes (u8 each) followed by the attempt counters (u16 little-endian each).
+        """
+        settings = {
+            "total": self._n,
+            "maxAttempts": self._max_attempts,
+            "leaseSeconds": self._lease_seconds,
+            "paused": self._paused,
+            "pools": {name: [c.succeeded, c.failed] for name, c in sorted(self._pools.items())},
+        }
+        head = json.dumps(settings, separators=(",", ":")).encode()
+        body = zlib.compress(self._state.tobytes() + self._attempts.astype("<u2").tobytes(), 6)
+        return _HEADER.pack(_MAGIC, CHECKPOINT_VERSION, len(head)) + head + body
+
+    @classmethod
+    def from_bytes(
+        cls,
+        data: bytes,
+        *,
+        clock: Clock = time.monotonic,
+        total: int | None = None,
+        max_attempts: int | None = None,
+        lease_seconds: float | None = None,
+        pools: Iterable[str] = (),
+    ) -> LeaseBook:
+        """Rebuild a book from :meth:`to_bytes`. Settings given here override the checkpoint's.
+
+        Units leased at checkpoint time become orphans for one lease duration from now. Raises
+        :class:`CheckpointError` for foreign, corrupt or newer-version bytes, or when ``total`` is given
+        and differs.
+        """
+        if len(data) < _HEADER.size:
+            raise CheckpointError("not a lease-book checkpoint: too short")
+        magic, version, head_len = _HEADER.unpack_from(data)
+        if magic != _MAGIC:
+            raise CheckpointError("not a lease-book checkpoint: bad magic bytes")
+        if version != CHECKPOINT_VERSION:
+            raise CheckpointError(f"lease-book checkpoint version {version}; this mlds reads {CHECKPOINT_VERSION}")
+        try:
+            settings: dict[str, Any] = json.loads(data[_HEADER.size : _HEADER.size + head_len])
+            n = int(settings["total"])
+            raw = zlib.decompress(data[_HEADER.size + head_len :])
+            saved_pools = {str(k): (int(v[0]), int(v[1])) for k, v in settings["pools"].items()}
+            book = cls(
+                n,
+                max_attempts=int(settings["maxAttempts"]) if max_attempts is None else max_attempts,
+                lease_seconds=float(settings["leaseSeconds"]) if lease_seconds is None else lease_seconds,
+                clock=clock,
+                pools=pools,
+            )
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, zlib.error) as exc:
+            raise CheckpointError(f"corrupt lease-book checkpoint: {exc}") from exc
+        if total is not None and n != total:
+            raise CheckpointError(f"checkpoint holds {n} units but the campaign has {total}")
+        if len(raw) != 3 * n:
+            raise CheckpointError(f"corrupt lease-book checkpoint: {len(raw)} body bytes for {n} units")
+        state = np.frombuffer(raw, dtype=np.uint8, count=n).copy()
+        if n and int(state.max()) > _FAILED:
+            raise CheckpointError("corrupt lease-book checkpoint: unknown unit state")
+        book._state = state
+        book._attempts = np.frombuffer(raw, dtype="<u2", count=n, offset=n).astype(np.uint16)
+        book._paused = bool(settings.get("paused", False))
+        for name, (succeeded, failed) in saved_pools.items():
+            book._pools[name] = _PoolCounter(succeeded, failed)
+        book._counts = np.bincount(state, minlength=4).tolist()
+        leased = np.flatnonzero(state == _LEASED)
+        book._holder[leased] = _ORPHAN
+        if leased.size:
+            book._orphan_deadline = clock() + book._lease_seconds
+        pending = np.flatnonzero(state == _PENDING)
+        book._low = int(pending[0]) if pending.size else n
+        book.max_attempts = book._max_attempts  # fail pending units a lowered max_attempts has used up
+        return book
+
+    # -------------------------------------------------------------------------------------- internals
+
+    def _check_unit(self, unit: int) -> None:
+        if not 0 <= unit < self._n:
+            raise UnknownUnit(f"unit {unit} is outside the campaign (0..{self._n - 1})")
+
+    def _seen(self, worker: str, pool: str, now: float) -> None:
+        self._workers[worker] = (pool, now)
+        if pool not in self._pools:
+            self._pools[pool] = _PoolCounter()
+
+    def _take_pending(self, k: int) -> npt.NDArray[np.int64]:
+        """The ``k`` lowest pending units (fewer if fewer are pending); advances ``_low`` past them."""
+        need = min(k, self._counts[_PENDING])
+        found: list[npt.NDArray[np.int64]] = []
+        lo = self._low
+        if need and not self._state[lo : lo + need].any() and lo + need <= self._n:
+            # The common case: the pending frontier is contiguous (pending is state 0).
+            self._low = lo + need
+            return np.arange(lo, lo + need, dtype=np.int64)
+        chunk = 4096  # grows geometrically, so a scan across a long leased/done stretch stays cheap
+        while need > 0 and lo < self._n:
+            hi = min(self._n, lo + chunk)
+            idx = np.flatnonzero(self._state[lo:hi] == _PENDING)
+            if idx.size >= need:
+                idx = idx[:need]
+                found.append(idx + lo)
+                lo += int(idx[-1]) + 1
+                need = 0
+                break
+            if idx.size:
+                found.append(idx + lo)
+                need -= idx.size
+            lo = hi
+            chunk = min(chunk * 4, 1 << 20)
+        self._low = lo  # the units below lo were not pending, or are being leased now
+        if not found:
+            return np.empty(0, dtype=np.int64)
+        return np.concatenate(found).astype(np.int64, copy=False)
+
+    def _grant_speculative(self, worker: str, pool: str, k: int, now: float) -> LeaseView | None:
+        if not bool(np.any((self._holder >= 0) & (self._spare == _NOBODY))):
+            return None  # every leased unit already has its copy: skip walking the leases (idle workers poll)
+        picked_units: list[npt.NDArray[np.int64]] = []
+        picked_attempts: list[npt.NDArray[np.int64]] = []
+        got = 0
+        for lease in sorted(self._leases.values(), key=lambda x: (x.deadline, x.seq)):
+            if lease.worker == worker:
+                continue
+            # Units this lease holds as the only holder: candidates for the one extra copy.
+            sel = np.flatnonzero((self._holder[lease.units] == lease.slot) & (self._spare[lease.units] == _NOBODY))
+            sel = sel[: k - got]
+            if sel.size:
+                picked_units.append(lease.units[sel])
+                picked_attempts.append(lease.attempts[sel])
+                got += sel.size
+                if got >= k:
+                    break
+        if not got:
+            return None
+        units = np.concatenate(picked_units)
+        attempts = np.concatenate(picked_attempts)
+        order = np.argsort(units)
+        spec = self._new_lease(worker, pool, units[order], attempts[order], now, speculative=True)
+        self._spare[spec.units] = spec.slot
+        return self._view(spec)
+
+    def _readopt(self, lease_id: str, worker: str, pool: str, units: Mapping[int, int], now: float) -> HeartbeatResult:
+        ok_units: list[int] = []
+        ok_attempts: list[int] = []
+        cancel: list[int] = []
+        for unit, attempt in sorted(units.items()):
+            free = (
+                0 <= unit < self._n
+                and 0 <= attempt < self._max_attempts
+                and (self._state[unit] == _PENDING or (self._state[unit] == _LEASED and self._holder[unit] == _ORPHAN))
+            )
+            if free:
+                ok_units.append(unit)
+                ok_attempts.append(attempt)
+            else:
+                cancel.append(unit)
+        if not ok_units:
+            raise NotHolder(
+                f"lease {lease_id!r} is unknown and none of its units is free to re-establish it "
+                "(they succeeded, failed or are leased to another worker)"
+            )
+        arr = np.asarray(ok_units, dtype=np.int64)
+        att = np.asarray(ok_attempts, dtype=np.int64)
+        lease = self._new_lease(worker, pool, arr, att, now, speculative=False, lease_id=lease_id)
+        pending = int(np.count_nonzero(self._state[arr] == _PENDING))
+        self._counts[_PENDING] -= pending
+        self._counts[_LEASED] += pending
+        self._state[arr] = _LEASED
+        self._holder[arr] = lease.slot
+        # A worker on a later attempt than the book remembers (an old checkpoint): the earlier ones were counted.
+        self._attempts[arr] = np.maximum(self._attempts[arr], att).astype(np.uint16)
+        return HeartbeatResult(lease_id, lease.deadline, tuple(cancel), readopted=True)
+
+    def _new_lease(
+        self,
+        worker: str,
+        pool: str,
+        units: npt.NDArray[np.int64],
+        attempts: npt.NDArray[np.int64],
+        now: float,
+        *,
+        speculative: bool,
+        lease_id: str | None = None,
+    ) -> _Lease:
+        if lease_id is None:
+            lease_id = _new_lease_id()
+            while lease_id in self._leases:
+                lease_id = _new_lease_id()
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            slot = len(self._slots)
+            self._slots.append(None)
+        lease = _Lease(
+            lease_id=lease_id,
+            seq=next(self._seq),
+            slot=slot,
+            worker=worker,
+            pool=pool,
+            units=units,
+            attempts=attempts,
+            granted_at=now,
+            deadline=now + self._lease_seconds,
+            speculative=speculative,
+            held=int(units.size),
+        )
+        if len(self._heap) > 2 * len(self._leases) + 1024:
+            # Entries of ended leases stay until their deadline passes; with fast turnover they would pile up.
+            self._heap = [(x.deadline, x.seq, x.lease_id) for x in self._leases.values()]
+            heapq.heapify(self._heap)
+        self._slots[slot] = lease
+        self._leases[lease_id] = lease
+        heapq.heappush(self._heap, (lease.deadline, lease.seq, lease_id))
+        return lease
+
+    def _end(self, lease: _Lease) -> None:
+        del self._leases[lease.lease_id]
+        self._slots[lease.slot] = None
+        self._free_slots.append(lease.slot)
+
+    def _holds(self, lease: _Lease, unit: int) -> bool:
+        return 0 <= unit < self._n and lease.slot in (self._holder[unit], self._spare[unit])
+
+    def _holding_lease(self, unit: int, worker: str) -> _Lease | None:
+        """The lease through which ``worker`` holds ``unit``, if any (a worker never holds a unit twice)."""
+        for slot in (int(self._holder[unit]), int(self._spare[unit])):
+            if slot >= 0:
+                lease = self._slots[slot]
+                if lease is not None and lease.worker == worker:
+                    return lease
+        return None
+
+    def _attempt_of(self, lease: _Lease, unit: int) -> int:
+        return int(lease.attempts[int(np.searchsorted(lease.units, unit))])
+
+    def _view(self, lease: _Lease, *, all_held: bool = False) -> LeaseView:
+        units, attempts = lease.units, lease.attempts
+        if not all_held:
+            mask = (self._holder[units] == lease.slot) | (self._spare[units] == lease.slot)
+            units, attempts = units[mask], attempts[mask]
+        return LeaseView(
+            lease_id=lease.lease_id,
+            worker=lease.worker,
+            pool=lease.pool,
+            units=tuple(units.tolist()),
+            attempts=tuple(attempts.tolist()),
+            deadline=lease.deadline,
+            granted_at=lease.granted_at,
+            speculative=lease.speculative,
+        )
+
+    def _set_state(self, unit: int, new: int) -> None:
+        old = int(self._state[unit])
+        self._state[unit] = new
+        self._counts[old] -= 1
+        self._counts[new] += 1
+        if new == _PENDING and unit < self._low:
+            self._low = unit
+
+    def _detach(self, unit: int, lease: _Lease) -> bool:
+        """Take ``unit`` out of ``lease`` (ending the lease when it holds nothing); True if no holder is left."""
+        slot = lease.slot
+        if self._holder[unit] == slot:
+            spare = int(self._spare[unit])
+            self._holder[unit] = spare if spare >= 0 else _NOBODY  # the speculative copy becomes the holder
+            self._spare[unit] = _NOBODY
+            last = spare < 0
+        elif self._spare[unit] == slot:
+            self._spare[unit] = _NOBODY
+            last = False
+        else:  # pragma: no cover - callers only detach held units
+            raise AssertionError(f"lease {lease.lease_id} does not hold unit {unit}")
+        lease.held -= 1
+        if lease.held == 0:
+            self._end(lease)
+        return last
+
+    def _give_back(self, unit: int, lease: _Lease, *, counted: bool) -> None:
+        """``lease`` lets go of ``unit``; if it was the last holder the unit is pending again (or failed)."""
+        attempt = self._attempt_of(lease, unit)
+        last = self._detach(unit, lease)
+        if counted:
+            self._pools[lease.pool].failed += 1
+        if last:
+            if counted:
+                self._count_failure(unit, attempt)
+            else:
+                self._set_state(unit, _PENDING)
+
+    def _give_back_all(self, lease: _Lease, *, counted: bool) -> npt.NDArray[np.int64]:
+        """:meth:`_give_back` for every unit ``lease`` holds, vectorised (a mass expiry after an outage); ends it."""
+        u, a, slot = lease.units, lease.attempts, lease.slot
+        as_primary = self._holder[u] == slot
+        as_spare = self._spare[u] == slot
+        held: npt.NDArray[np.int64] = u[as_primary | as_spare]
+        self._spare[u[as_spare]] = _NOBODY
+        primary, primary_attempts = u[as_primary], a[as_primary]
+        spare = self._spare[primary]
+        promote = spare >= 0  # the speculative copy carries on as the holder
+        self._holder[primary[promote]] = spare[promote]
+        self._spare[primary[promote]] = _NOBODY
+        last, last_attempts = primary[~promote], primary_attempts[~promote]
+        self._holder[last] = _NOBODY
+        if counted:
+            counter = np.maximum(self._attempts[last].astype(np.int64), last_attempts + 1)
+            self._attempts[last] = np.minimum(counter, _MAX_COUNTER).astype(np.uint16)
+            failed = counter >= self._max_attempts
+            self._pools[lease.pool].failed += int(held.size)
+        else:
+            failed = np.zeros(last.size, dtype=bool)
+        self._state[last] = np.where(failed, _FAILED, _PENDING).astype(np.uint8)
+        n_failed = int(np.count_nonzero(failed))
+        self._counts[_LEASED] -= int(last.size)
+        self._counts[_FAILED] += n_failed
+        self._counts[_PENDING] += int(last.size) - n_failed
+        pending = last[~failed]
+        if pending.size:
+            self._low = min(self._low, int(pending[0]))  # units are ascending
+        lease.held = 0
+        self._end(lease)
+        return held
+
+    def _count_failure(self, unit: int, attempt: int) -> None:
+        """Count ``attempt`` of a unit no live lease holds: pending with the next attempt, or failed."""
+        counter = max(int(self._attempts[unit]), attempt + 1)
+        self._attempts[unit] = min(counter, _MAX_COUNTER)
+        self._holder[unit] = _NOBODY  # clears an orphan mark
+        new = _FAILED if counter >= self._max_attempts else _PENDING
+        if int(self._state[unit]) != new:
+            self._set_state(unit, new)
+
+    def _report_failure(self, unit: int, worker: str, pool: str, attempt: int) -> Outcome:
+        state = int(self._state[unit])
+        if state in (_DONE, _FAILED):
+            return Outcome.duplicate
+        lease = self._holding_lease(unit, worker)
+        if lease is not None:
+            self._give_back(unit, lease, counted=True)
+            return Outcome.accepted
+        # Not a holder any more (its lease expired, or the server restarted). Count the attempt only if it
+        # was not counted yet and no live lease holds the unit: otherwise the current holder's outcome decides.
+        if attempt < int(self._attempts[unit]) or (state == _LEASED and self._holder[unit] != _ORPHAN):
+            return Outcome.duplicate
+        self._pools[pool].failed += 1
+        self._count_failure(unit, attempt)
+        return Outcome.accepted
+
+    def _finish(self, unit: int, worker: str, pool: str) -> None:
+        """``unit`` succeeded: revoke every copy (other workers are told on their next heartbeat)."""
+        while (slot := int(self._holder[unit])) >= 0:
+            lease = self._slots[slot]
+            assert lease is not None
+            if lease.worker != worker:
+                lease.revoked.append(unit)
+            self._detach(unit, lease)
+        self._holder[unit] = _NOBODY  # clears an orphan mark
+        self._set_state(unit, _DONE)
+        self._pools[pool].succeeded += 1

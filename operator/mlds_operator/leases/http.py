@@ -1,0 +1,432 @@
+"""The lease HTTP API: workers lease units, heartbeat, complete and fail them (DESIGN.md §2).
+
+Served by the operator (all campaigns of the cluster) and by ``mlds run`` (one campaign), from the
+same :func:`create_app`. Each campaign is a :class:`~mlds_operator.leases.service.CampaignService` in a
+:class:`Campaigns` registry, addressed as ``/v1/campaigns/{namespace}/{name}``; a worker is given that
+base URL and its campaign's bearer token. Routes (bodies: :mod:`mlds_contract.lease`)::
+
+    POST /v1/campaigns/{ns}/{name}/leases                       LeaseRequest     -> LeaseGrant | NoLease
+    POST /v1/campaigns/{ns}/{name}/leases/{leaseId}/heartbeat   HeartbeatRequest -> HeartbeatReply
+    POST /v1/campaigns/{ns}/{name}/leases/{leaseId}/release     ReleaseRequest   -> ReleaseReply
+    POST /v1/campaigns/{ns}/{name}/units/{unit}/complete        CompleteRequest  -> CompleteReply
+    POST /v1/campaigns/{ns}/{name}/units/{unit}/fail            FailRequest      -> FailReply
+    PUT  /v1/objects/{key}?expires=..&sig=..                    result upload (local-folder stores only)
+    GET  /openapi.json   GET /healthz
+
+Errors are RFC 9457 problem details (``ErrorReply``): 401 missing or wrong token (the same answer for
+an unknown campaign, so tokens cannot be probed per campaign), 404 unknown unit, 409 a lease the worker
+does not hold, 413 a body over :data:`MAX_BODY`, 422 a malformed body (types are checked strictly) or a
+result that fails verification, 503 storage outage (with Retry-After). Anything else is a bug and
+answers 500 with no internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from mlds_contract.errors import StorageUnavailable, TemporaryError
+from mlds_contract.lease import (
+    PROBLEM_JSON,
+    CompleteReply,
+    CompleteRequest,
+    ErrorReply,
+    FailReply,
+    FailRequest,
+    HeartbeatReply,
+    HeartbeatRequest,
+    LeaseGrant,
+    LeaseRequest,
+    NoLease,
+    ReleaseReply,
+    ReleaseRequest,
+)
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+
+from mlds_operator.leases.book import NotHolder, UnknownLease, UnknownUnit
+from mlds_operator.leases.service import CampaignService, ResultRejected
+from mlds_operator.storage.store import LocalStore
+
+__all__ = ["Campaigns", "RequestObserver", "create_app", "openapi_document"]
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+#: Largest request body accepted: a completion carries meta.json inline (a few kB); uploads are separate.
+MAX_BODY = 1 << 20
+#: Largest result file accepted by the local upload route (ds3 snapshots of 4,096 epochs are ~70 MB).
+MAX_UPLOAD = 256 << 20
+
+#: (endpoint, status code, seconds) after each request; the metrics layer hooks here.
+RequestObserver = Callable[[str, int, float], None]
+
+
+class Campaigns:
+    """The campaigns a server serves, by (namespace, name)."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, str], CampaignService] = {}
+
+    def add(self, namespace: str, name: str, service: CampaignService) -> None:
+        self._by_key[(namespace, name)] = service
+
+    def remove(self, namespace: str, name: str) -> CampaignService | None:
+        return self._by_key.pop((namespace, name), None)
+
+    def get(self, namespace: str, name: str) -> CampaignService | None:
+        return self._by_key.get((namespace, name))
+
+    def items(self) -> list[tuple[tuple[str, str], CampaignService]]:
+        return list(self._by_key.items())
+
+
+CAMPAIGNS: web.AppKey[Campaigns] = web.AppKey("campaigns", Campaigns)
+LOCAL_STORE: web.AppKey[LocalStore | None] = web.AppKey("local_store")
+OBSERVER: web.AppKey[RequestObserver | None] = web.AppKey("observer")
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    kind: str,
+    request: web.Request | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = ErrorReply(
+        type=f"urn:mlds:lease:{kind}",
+        title=title,
+        status=status,
+        detail=detail,
+        instance=request.path if request is not None else None,
+    )
+    return web.Response(
+        status=status,
+        body=body.model_dump_json(by_alias=True, exclude_none=True),
+        content_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def _reply(model: BaseModel) -> web.Response:
+    return web.Response(body=model.model_dump_json(by_alias=True), content_type="application/json")
+
+
+def _readable(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:8]:
+        where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    more = len(exc.errors()) - 8
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+async def _body(request: web.Request) -> bytes:
+    """The request body, refused past MAX_BODY (the app's client_max_size is the upload route's, far larger)."""
+    too_large = _HttpProblem(413, "Too large", f"request bodies are limited to {MAX_BODY} bytes", kind="too-large")
+    if request.content_length is not None:
+        if request.content_length > MAX_BODY:
+            raise too_large
+        return await request.read()  # reads exactly Content-Length bytes (faster than iterating chunks)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 16):  # chunked bodies announce no length
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: web.Request, model: type[M]) -> M:
+    raw = await _body(request)
+    try:
+        # Strict: "2", 2.0 and true are not an integer, "yes" is not a boolean (the OpenAPI document's types).
+        return model.model_validate_json(raw or b"null", strict=True)
+    except ValidationError as exc:
+        raise _HttpProblem(422, "Malformed request body", _readable(exc), kind="malformed") from exc
+
+
+class _HttpProblem(Exception):
+    def __init__(self, status: int, title: str, detail: str, *, kind: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.kind, self.headers = status, title, detail, kind, headers
+
+
+def _service(request: web.Request) -> CampaignService:
+    campaigns = request.app[CAMPAIGNS]
+    service = campaigns.get(request.match_info["namespace"], request.match_info["name"])
+    # Unknown campaign and wrong token look the same: a token holder learns nothing about other campaigns.
+    if service is None or not service.authorized(request.headers.get("Authorization")):
+        raise _HttpProblem(
+            401,
+            "Unauthorized",
+            "missing or wrong bearer token for this campaign",
+            kind="unauthorized",
+            headers={"WWW-Authenticate": 'Bearer realm="mlds"'},
+        )
+    return service
+
+
+def _int(request: web.Request, name: str) -> int:
+    text = request.match_info[name]
+    if not text.isdigit() or len(text) > 12:
+        raise _HttpProblem(
+            404, "Unknown unit", f"{name} must be a non-negative integer, got {text!r}", kind="unknown-unit"
+        )
+    return int(text)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    response: web.StreamResponse
+    try:
+        response = await handler(request)
+    except _HttpProblem as p:
+        response = problem(p.status, p.title, p.detail, kind=p.kind, request=request, headers=p.headers)
+    except ResultRejected as exc:
+        response = problem(422, "Result rejected", str(exc), kind=f"result-{exc.reason}", request=request)
+    except (NotHolder, UnknownLease) as exc:
+        response = problem(409, "Not the lease holder", str(exc), kind="not-holder", request=request)
+    except UnknownUnit as exc:
+        response = problem(404, "Unknown unit", str(exc), kind="unknown-unit", request=request)
+    except (StorageUnavailable, TemporaryError) as exc:
+        delay = str(max(1, round(exc.delay)))
+        response = problem(
+            503,
+            "Temporarily unavailable",
+            str(exc),
+            kind="unavailable",
+            request=request,
+            headers={"Retry-After": delay},
+        )
+    except web.HTTPException as exc:
+        response = problem(exc.status, exc.reason, exc.text or exc.reason, kind="http", request=request)
+    except Exception:
+        log.exception("lease API bug on %s %s", request.method, request.path)
+        response = problem(
+            500, "Internal error", "the lease server hit a bug; see its log", kind="internal", request=request
+        )
+    observer = request.app.get(OBSERVER)
+    if observer is not None:
+        route = request.match_info.route.resource
+        endpoint = route.canonical if route is not None else "unmatched"
+        observer(endpoint, response.status, time.perf_counter() - started)
+    return response
+
+
+async def _lease(request: web.Request) -> web.Response:
+    service = _service(request)
+    body = await _parse(request, LeaseRequest)
+    reply: LeaseGrant | NoLease = await service.grant(body)
+    return _reply(reply)
+
+
+async def _heartbeat(request: web.Request) -> web.Response:
+    service = _service(request)
+    body = await _parse(request, HeartbeatRequest)
+    reply: HeartbeatReply = service.heartbeat(request.match_info["lease"], body)
+    return _reply(reply)
+
+
+async def _release(request: web.Request) -> web.Response:
+    service = _service(request)
+    body = await _parse(request, ReleaseRequest)
+    reply: ReleaseReply = service.release(request.match_info["lease"], body)
+    return _reply(reply)
+
+
+def _check_unit_matches(request: web.Request, unit: int) -> None:
+    if _int(request, "unit") != unit:
+        raise _HttpProblem(422, "Malformed request body", f"body unit {unit} differs from the URL's", kind="malformed")
+
+
+async def _complete(request: web.Request) -> web.Response:
+    service = _service(request)
+    body = await _parse(request, CompleteRequest)
+    _check_unit_matches(request, body.unit)
+    reply: CompleteReply = await service.complete(body)
+    return _reply(reply)
+
+
+async def _fail(request: web.Request) -> web.Response:
+    service = _service(request)
+    body = await _parse(request, FailRequest)
+    _check_unit_matches(request, body.unit)
+    reply: FailReply = service.fail(body)
+    return _reply(reply)
+
+
+async def _upload(request: web.Request) -> web.Response:
+    store = request.app[LOCAL_STORE]
+    if store is None:
+        raise _HttpProblem(404, "Not found", "this server hosts no local-folder store", kind="not-found")
+    key = request.match_info["key"]
+    q = request.query
+    if not store.check_upload(key, q.get("expires", ""), q.get("sig", "")):
+        raise _HttpProblem(403, "Forbidden", "upload URL is invalid, for another key, or expired", kind="forbidden")
+    if request.content_length is not None and request.content_length > MAX_UPLOAD:
+        raise _HttpProblem(413, "Too large", f"uploads are limited to {MAX_UPLOAD} bytes", kind="too-large")
+    data = await request.read()
+    rel = key  # LocalStore keys carry no prefix: the key is the path under its root
+    await asyncio.to_thread(store.put_bytes, rel, data)
+    return web.Response(status=200)
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "campaigns": len(request.app[CAMPAIGNS].items())})
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+def create_app(
+    campaigns: Campaigns,
+    *,
+    local_store: LocalStore | None = None,
+    observer: RequestObserver | None = None,
+) -> web.Application:
+    """The lease API as an aiohttp application over ``campaigns``."""
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_UPLOAD)
+    app[CAMPAIGNS] = campaigns
+    app[LOCAL_STORE] = local_store
+    app[OBSERVER] = observer
+    base = "/v1/campaigns/{namespace}/{name}"
+    app.router.add_post(f"{base}/leases", _lease)
+    app.router.add_post(f"{base}/leases/{{lease}}/heartbeat", _heartbeat)
+    app.router.add_post(f"{base}/leases/{{lease}}/release", _release)
+    app.router.add_post(f"{base}/units/{{unit}}/complete", _complete)
+    app.router.add_post(f"{base}/units/{{unit}}/fail", _fail)
+    app.router.add_put("/v1/objects/{key:.+}", _upload)
+    app.router.add_get("/healthz", _health)
+    app.router.add_get("/openapi.json", _openapi)
+    return app
+
+
+# ------------------------------------------------------------------------------------------- OpenAPI
+
+_OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, list[type[BaseModel]], str]] = [
+    (
+        "post",
+        "/v1/campaigns/{namespace}/{name}/leases",
+        "lease",
+        LeaseRequest,
+        [LeaseGrant, NoLease],
+        "Lease up to maxUnits units, or learn why there are none (paused, busy, finished).",
+    ),
+    (
+        "post",
+        "/v1/campaigns/{namespace}/{name}/leases/{lease}/heartbeat",
+        "heartbeat",
+        HeartbeatRequest,
+        [HeartbeatReply],
+        "Extend a lease; re-establishes it after a server restart when its units are free.",
+    ),
+    (
+        "post",
+        "/v1/campaigns/{namespace}/{name}/leases/{lease}/release",
+        "release",
+        ReleaseRequest,
+        [ReleaseReply],
+        "Give back every unit still held under a lease, uncounted (worker shutting down).",
+    ),
+    (
+        "post",
+        "/v1/campaigns/{namespace}/{name}/units/{unit}/complete",
+        "complete",
+        CompleteRequest,
+        [CompleteReply],
+        "Report a trained unit whose files were uploaded; verified in storage before it counts.",
+    ),
+    (
+        "post",
+        "/v1/campaigns/{namespace}/{name}/units/{unit}/fail",
+        "fail",
+        FailRequest,
+        [FailReply],
+        "Give one unit back: fail (attempt counted) or release (not counted).",
+    ),
+]
+
+
+def openapi_document() -> dict[str, Any]:
+    """The lease API's OpenAPI 3.1 document, generated from the wire models."""
+    models: list[type[BaseModel]] = [ErrorReply]
+    for _, _, _, req, replies, _ in _OPERATIONS:
+        if req is not None:
+            models.append(req)
+        models.extend(replies)
+    _, schema = models_json_schema(
+        [(m, "validation") for m in dict.fromkeys(models)],
+        ref_template="#/components/schemas/{model}",
+        by_alias=True,
+    )
+    schemas = schema.get("$defs", {})
+
+    def ref(m: type[BaseModel]) -> dict[str, str]:
+        return {"$ref": f"#/components/schemas/{m.__name__}"}
+
+    def error(desc: str) -> dict[str, Any]:
+        return {"description": desc, "content": {PROBLEM_JSON: {"schema": ref(ErrorReply)}}}
+
+    paths: dict[str, Any] = {}
+    for method, path, op_id, req, replies, summary in _OPERATIONS:
+        params = [
+            {
+                "name": p,
+                "in": "path",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 0} if p == "unit" else {"type": "string"},
+            }
+            for p in ("namespace", "name", "lease", "unit")
+            if "{" + p + "}" in path
+        ]
+        ok_schema = ref(replies[0]) if len(replies) == 1 else {"oneOf": [ref(r) for r in replies]}
+        op: dict[str, Any] = {
+            "operationId": op_id,
+            "summary": summary,
+            "security": [{"bearer": []}],
+            "parameters": params,
+            "responses": {
+                "200": {"description": "OK", "content": {"application/json": {"schema": ok_schema}}},
+                "401": error("Missing or wrong bearer token."),
+                "404": error("Unknown unit."),
+                "409": error("The worker does not hold this lease."),
+                "422": error("Malformed body, or a result that failed verification."),
+                "503": error("Storage unavailable; retry after Retry-After seconds."),
+            },
+        }
+        if req is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(req)}}}
+        paths.setdefault(path, {})[method] = op
+    paths["/healthz"] = {
+        "get": {"operationId": "health", "summary": "Liveness.", "responses": {"200": {"description": "OK"}}}
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "mlds lease API",
+            "version": "v1",
+            "description": "Workers lease workunits, heartbeat, and report results (DESIGN.md §2).",
+        },
+        "paths": paths,
+        "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+def render_openapi_json() -> str:
+    """The document as checked in under docs/ (generated; see mlds_operator.artifacts.generate)."""
+    return json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,591 @@
+"""One campaign's lease service: the lease book, the store, verification, checkpoints and the dataset files.
+
+The lease API (:mod:`mlds_operator.leases.http`) calls one :class:`CampaignService` per campaign; the operator
+and ``mlds run`` create them, drive :meth:`CampaignService.tick` periodically, and read
+:meth:`CampaignService.snapshot` for status and progress. Nothing here knows HTTP or kopf.
+
+**Results go through staging.** A grant hands out presigned PUT URLs for
+``_mlds/staging/<unit>/<attempt>-<worker>/<file>``, never for the final folder. On completion the
+service reads each staged object, checks size and SHA-256 against what the worker declared (and the
+model digest against meta.json), writes the files to ``<target>/<replica:05d>/`` itself (meta.json last,
+so a folder with a meta.json is a whole, verified result) and only then tells the book. A worker whose
+lease expired while it trained can therefore never overwrite a verified result: the final keys are
+written by the server alone, once per unit. Non-converged attempts are kept for research under
+``unconverged/<target>/<replica:05d>/attempt-<n>/`` and are not in the manifest.
+
+**Durability.** Verified rows accumulate in memory and are flushed as a manifest part, followed by a
+lease-book checkpoint, every ``checkpoint_seconds`` (and at the end). After a crash, the checkpoint
+restores the book and :meth:`CampaignService.recover` scans the final result folders for units verified
+after it, so no finished network is trained twice or lost from the manifest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from mlds_contract.campaign import CampaignSpec, Dataset, Phase
+from mlds_contract.errors import MldsError, StorageUnavailable
+from mlds_contract.lease import (
+    CompleteReply,
+    CompleteRequest,
+    FailKind,
+    FailReply,
+    FailRequest,
+    HeartbeatReply,
+    HeartbeatRequest,
+    LeasedUnit,
+    LeaseGrant,
+    LeaseRequest,
+    NoLease,
+    NoLeaseReason,
+    Outcome,
+    ReleaseReply,
+    ReleaseRequest,
+)
+from mlds_contract.plan import Target, UnitSpec, campaign_targets, unit_spec
+
+from mlds_operator.leases.book import BookStats, CheckpointError, Clock, LeaseBook
+from mlds_operator.storage import manifest as mf
+from mlds_operator.storage.store import Store
+
+__all__ = ["CampaignService", "ResultRejected", "ServiceObserver", "ServiceSettings", "Snapshot", "result_files_for"]
+
+log = logging.getLogger(__name__)
+
+STAGING = "_mlds/staging"
+MODEL = "model.safetensors"
+META = "meta.json"
+
+
+class ResultRejected(MldsError):
+    """A completion whose files are missing or do not match what the worker declared (HTTP 422)."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # missing | size_mismatch | sha_mismatch | bad_files | bad_meta
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Tunables of a campaign service; defaults suit a cluster, tests shrink them."""
+
+    #: Seconds between manifest-part flushes + checkpoints. A crash loses no result (recovery scans the
+    #: results), only the work of re-reading a few meta.json files; 30 s keeps bucket writes negligible.
+    checkpoint_seconds: float = 30.0
+    #: Flush early when this many verified rows are buffered (bounds memory and part size).
+    part_rows: int = 5000
+    #: Lifetime of presigned upload URLs. Longer than any sane training time of one lease; the URL only
+    #: reaches this unit's staging keys, so a long life exposes nothing else.
+    upload_url_seconds: float = 24 * 3600.0
+    #: Window over which the networks-per-hour rate is measured.
+    rate_window_seconds: float = 600.0
+    #: Retry-After hint when nothing is pending (units may come back through expiry) or the campaign is paused.
+    idle_retry_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What status, metrics and progress bars show: book aggregates plus rates."""
+
+    stats: BookStats
+    phase: Phase
+    networks_per_hour: float | None
+    eta: datetime | None
+    training_seconds: float  # summed over verified networks
+    rejected: dict[str, int]  # rejected completions by reason
+
+
+class ServiceObserver(Protocol):
+    """What a service reports as it happens; :class:`mlds_operator.leases.metrics.CampaignMetrics` implements it.
+
+    Called on the event loop, after the book has changed; ``pool`` is the worker's (or the lease's) pool.
+    """
+
+    def lease_granted(self, pool: str, *, units: int, reissued: int) -> None:
+        """A lease of ``units`` units, ``reissued`` of them on a later attempt after one ended without a result."""
+
+    def lease_extended(self, pool: str) -> None:
+        """A heartbeat extended (or re-established) a lease."""
+
+    def lease_expired(self, pool: str, *, units: int, counted: bool) -> None:
+        """A lease ran out holding ``units`` units; ``counted``: their attempts were counted (book not paused)."""
+
+    def attempt_failed(self, pool: str, reason: str) -> None:
+        """An attempt ended without a result: ``error`` (the worker said so) or ``unconverged`` (epoch cap)."""
+
+    def result_published(self, pool: str, size: int) -> None:
+        """Verified result files of ``size`` bytes were written to their final folder."""
+
+    def result_verified(self, pool: str, *, training_seconds: float, epochs: int) -> None:
+        """A converged result was verified and counted (the unit succeeded)."""
+
+    def result_duplicate(self, pool: str) -> None:
+        """A completion of a unit that had already succeeded (dropped)."""
+
+    def result_rejected(self, pool: str, reason: str) -> None:
+        """A completion failed verification (:attr:`ResultRejected.reason`)."""
+
+
+def result_files_for(dataset: Dataset) -> tuple[str, ...]:
+    """The files a worker uploads per unit (meta.json last: its presence marks a whole result)."""
+    files = [MODEL, "history.csv"]
+    if dataset is Dataset.ds3:
+        files.append("snapshots.safetensors")
+    files.append(META)
+    return tuple(files)
+
+
+@dataclass
+class _Verified:
+    files: dict[str, bytes]
+    meta: dict[str, Any]
+
+
+@dataclass
+class CampaignService:
+    """The lease service of one campaign (see the module docstring)."""
+
+    name: str
+    spec: CampaignSpec
+    store: Store
+    token: str
+    book: LeaseBook
+    settings: ServiceSettings = field(default_factory=ServiceSettings)
+    wall: Callable[[], float] = time.time
+    _targets: list[Target] = field(init=False)
+    _rows: list[dict[str, Any]] = field(init=False, default_factory=list)
+    _part_seq: int = field(init=False, default=1)
+    _last_flush: float = field(init=False, default=0.0)
+    _finishing: dict[int, asyncio.Lock] = field(init=False, default_factory=dict)
+    _recent: collections.deque[float] = field(init=False, default_factory=collections.deque)
+    _training_seconds: float = field(init=False, default=0.0)
+    _rejected: collections.Counter[str] = field(init=False, default_factory=collections.Counter)
+    _finalized: bool = field(init=False, default=False)
+    _flush_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+    _presign_inline: bool = field(init=False, default=False)  # see grant()
+    #: Told of leases, results and failures as they happen (the metrics layer: mlds_operator.leases.metrics.instrument).
+    observer: ServiceObserver | None = None
+
+    def __post_init__(self) -> None:
+        self._targets = campaign_targets(self.spec)
+        self._last_flush = self.book.now()
+
+    # ------------------------------------------------------------------------------------------- opening
+
+    @classmethod
+    async def open(
+        cls,
+        name: str,
+        spec: CampaignSpec,
+        store: Store,
+        *,
+        token: str | None = None,
+        pools: list[str] | None = None,
+        clock: Clock = time.monotonic,
+        settings: ServiceSettings | None = None,
+    ) -> CampaignService:
+        """Open a campaign: restore the book from the store's checkpoint (if any) and recover later results."""
+        total = len(campaign_targets(spec)) * spec.networks_per_target
+        pools = pools if pools is not None else [p.name for p in spec.pools]
+        saved = await asyncio.to_thread(mf.get_checkpoint, store)
+        book: LeaseBook | None = None
+        if saved is not None:
+            try:
+                book = LeaseBook.from_bytes(
+                    saved,
+                    clock=clock,
+                    total=total,
+                    max_attempts=spec.leases.max_attempts,
+                    lease_seconds=spec.leases.duration_seconds,
+                    pools=pools,
+                )
+            except CheckpointError as exc:
+                log.warning("campaign=%s checkpoint unusable, recovering from results: %s", name, exc)
+        if book is None:
+            book = LeaseBook(
+                total,
+                max_attempts=spec.leases.max_attempts,
+                lease_seconds=spec.leases.duration_seconds,
+                clock=clock,
+                pools=pools,
+            )
+        service = cls(
+            name=name,
+            spec=spec,
+            store=store,
+            token=token or secrets.token_urlsafe(32),
+            book=book,
+            settings=settings or ServiceSettings(),
+        )
+        service.book.paused = spec.suspend
+        service._part_seq = await asyncio.to_thread(mf.next_part_seq, store)
+        recovered = await service.recover()
+        if saved is not None or recovered:
+            log.info(
+                "campaign=%s resumed: %d/%d succeeded (%d recovered from results)",
+                name,
+                book.stats().succeeded,
+                total,
+                recovered,
+            )
+        return service
+
+    async def recover(self) -> int:
+        """Mark done every unit whose verified result folder exists but the book does not count. Returns how many."""
+        index = {t.name: i for i, t in enumerate(self._targets)}
+        n = self.spec.networks_per_target
+        recovered = 0
+        folders = await asyncio.to_thread(lambda: list(mf.find_results(self.store)))
+        for folder in folders:
+            target, _, replica = folder.partition("/")
+            if target not in index or not replica.isdigit() or int(replica) >= n:
+                continue
+            unit = index[target] * n + int(replica)
+            if self.book.unit(unit).state.value == "succeeded":
+                continue
+            raw = await asyncio.to_thread(self.store.get_bytes, f"{folder}/{META}")
+            try:
+                meta = json.loads(raw or b"")
+            except ValueError:
+                continue
+            self.book.complete(
+                unit, worker="recovered", pool=str(meta.get("pool") or "recovered"), attempt=0, converged=True
+            )
+            self._rows.append(mf.manifest_row(meta, folder))
+            recovered += 1
+        if recovered:
+            await self.flush()
+        return recovered
+
+    # --------------------------------------------------------------------------------------------- auth
+
+    def authorized(self, header: str | None) -> bool:
+        """Constant-time check of an ``Authorization: Bearer <token>`` header."""
+        if not header or not header.startswith("Bearer "):
+            return False
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape: encode them back the same way, or a
+        # non-UTF-8 header would raise (a 500) instead of being just a wrong token.
+        return hmac.compare_digest(header[7:].strip().encode("utf-8", "surrogateescape"), self.token.encode())
+
+    # ------------------------------------------------------------------------------------------ protocol
+
+    def _wall_deadline(self, deadline: float) -> tuple[datetime, float]:
+        seconds = max(deadline - self.book.now(), 0.001)
+        return datetime.fromtimestamp(self.wall() + seconds, tz=UTC), seconds
+
+    def unit_spec(self, unit: int, attempt: int) -> UnitSpec:
+        return unit_spec(self.spec, unit, attempt, campaign=self.name, targets=self._targets)
+
+    @staticmethod
+    def staging_prefix(unit: int, attempt: int, worker: str) -> str:
+        return f"{STAGING}/{unit}/{attempt}-{worker}"
+
+    async def grant(self, req: LeaseRequest) -> LeaseGrant | NoLease:
+        if self.book.finished:
+            return NoLease(reason=NoLeaseReason.finished, retry_after_seconds=0)
+        self._expire()  # the grant would expire overdue leases itself, unseen by the observer
+        view = self.book.grant(req.worker, req.pool, req.max_units, speculative=req.allow_speculative)
+        if view is None:
+            if self.book.finished:
+                return NoLease(reason=NoLeaseReason.finished, retry_after_seconds=0)
+            reason = NoLeaseReason.paused if self.book.paused else NoLeaseReason.busy
+            return NoLease(reason=reason, retry_after_seconds=self.settings.idle_retry_seconds)
+        expires = timedelta(seconds=self.settings.upload_url_seconds)
+
+        def presign() -> list[LeasedUnit]:
+            out = []
+            for unit, attempt in zip(view.units, view.attempts, strict=True):
+                spec = self.unit_spec(unit, attempt)
+                prefix = self.staging_prefix(unit, attempt, req.worker)
+                uploads = {f: self.store.presign_put(f"{prefix}/{f}", expires) for f in result_files_for(spec.dataset)}
+                out.append(LeasedUnit(spec=spec, uploads=uploads))
+            return out
+
+        try:
+            if self._presign_inline:
+                units = presign()
+            else:
+                # The first grant signs in a thread: an S3 store without a configured region looks the bucket's
+                # region up once (network I/O). After that, signing is pure computation (an HMAC per URL,
+                # microseconds), and a thread hop per lease cost more than the signing and halved the grant
+                # rate under load (`mlds bench leases`), so later grants sign on the event loop.
+                units = await asyncio.to_thread(presign)
+                self._presign_inline = True
+        except Exception:
+            # Presigning is local computation for both backends, but never strand the units if it fails.
+            self.book.release_lease(view.lease_id, req.worker)
+            raise
+        if self.observer is not None:
+            reissued = 0 if view.speculative else sum(1 for a in view.attempts if a > 0)
+            self.observer.lease_granted(req.pool, units=len(view.units), reissued=reissued)
+        deadline, seconds = self._wall_deadline(view.deadline)
+        return LeaseGrant(
+            lease_id=view.lease_id,
+            deadline=deadline,
+            lease_seconds=seconds,
+            heartbeat_seconds=max(seconds / 3.0, 0.5),
+            speculative=view.speculative,
+            units=units,
+        )
+
+    def heartbeat(self, lease_id: str, req: HeartbeatRequest) -> HeartbeatReply:
+        units = {u.unit: u.attempt for u in req.units}
+        result = self.book.heartbeat(lease_id, req.worker, pool=req.pool, units=units)
+        if self.observer is not None:
+            self.observer.lease_extended(req.pool)
+        deadline, seconds = self._wall_deadline(result.deadline)
+        return HeartbeatReply(
+            deadline=deadline, lease_seconds=seconds, cancel=list(result.cancel), readopted=result.readopted
+        )
+
+    def release(self, lease_id: str, req: ReleaseRequest) -> ReleaseReply:
+        return ReleaseReply(released=self.book.release_lease(lease_id, req.worker))
+
+    def fail(self, req: FailRequest) -> FailReply:
+        outcome = self.book.fail(
+            req.unit, worker=req.worker, pool=req.pool, attempt=req.attempt, retry=req.kind is FailKind.release
+        )
+        if req.kind is FailKind.fail and outcome is Outcome.accepted and self.observer is not None:
+            self.observer.attempt_failed(req.pool, "error")
+        if req.kind is FailKind.fail:
+            log.info(
+                "campaign=%s unit=%d attempt=%d worker=%s failed: %s",
+                self.name,
+                req.unit,
+                req.attempt,
+                req.worker,
+                req.reason or "no reason given",
+            )
+        return FailReply(status=outcome, state=self.book.unit(req.unit).state)
+
+    async def complete(self, req: CompleteRequest) -> CompleteReply:
+        """Verify a unit's staged files, publish them, then count the unit. Raises :class:`ResultRejected`."""
+        self.book.unit(req.unit)  # UnknownUnit for an index outside the campaign
+        # One completion of a unit at a time: verify -> publish -> count must not interleave with another
+        # copy's (a speculative twin, a late worker), or two attempts could both write the final folder.
+        lock = self._finishing.setdefault(req.unit, asyncio.Lock())
+        async with lock:
+            reply = await self._complete_locked(req)
+        if reply.state.value == "succeeded" and not lock.locked():
+            # Later arrivals are duplicates that publish nothing, so they need no lock. Not so for a failed
+            # unit: a late converged copy is still accepted, and a copy already queued on this lock would
+            # run beside a new arrival's fresh lock (locked() is False while waiters are queued).
+            self._finishing.pop(req.unit, None)
+        return reply
+
+    async def _complete_locked(self, req: CompleteRequest) -> CompleteReply:
+        observer = self.observer
+        if self.book.unit(req.unit).state.value == "succeeded":
+            await asyncio.to_thread(self._drop_staging, req)
+            if observer is not None:
+                observer.result_duplicate(req.pool)
+            return CompleteReply(status=Outcome.duplicate, state=self.book.unit(req.unit).state)
+        spec = self.unit_spec(req.unit, req.attempt)
+        try:
+            verified = await asyncio.to_thread(self._verify, req, spec)
+        except ResultRejected as exc:
+            if observer is not None:
+                observer.result_rejected(req.pool, exc.reason)
+            raise
+        final = spec.key if req.converged else f"unconverged/{spec.key}/attempt-{req.attempt}"
+        await asyncio.to_thread(self._publish, final, verified.files)
+        if observer is not None:
+            observer.result_published(req.pool, sum(len(data) for data in verified.files.values()))
+        outcome = self.book.complete(
+            req.unit, worker=req.worker, pool=req.pool, attempt=req.attempt, converged=req.converged
+        )
+        if outcome is Outcome.accepted and req.converged:
+            self._rows.append(mf.manifest_row(verified.meta, spec.key))
+            self._recent.append(self.wall())
+            self._training_seconds += req.training_seconds
+            if observer is not None:
+                observer.result_verified(req.pool, training_seconds=req.training_seconds, epochs=req.epochs)
+        elif outcome is Outcome.accepted and observer is not None:
+            observer.attempt_failed(req.pool, "unconverged")
+        await asyncio.to_thread(self._drop_staging, req)
+        return CompleteReply(status=outcome, state=self.book.unit(req.unit).state)
+
+    def _verify(self, req: CompleteRequest, spec: UnitSpec) -> _Verified:
+        expected = set(result_files_for(spec.dataset))
+        if set(req.files) != expected:
+            self._rejected["bad_files"] += 1
+            raise ResultRejected(
+                f"unit {req.unit}: expected files {sorted(expected)}, got {sorted(req.files)}", reason="bad_files"
+            )
+        prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
+        files: dict[str, bytes] = {}
+        for name, digest in req.files.items():
+            data = self.store.get_bytes(f"{prefix}/{name}")
+            if data is None:
+                self._rejected["missing"] += 1
+                raise ResultRejected(f"unit {req.unit}: {name} was not uploaded", reason="missing")
+            if len(data) != digest.size:
+                self._rejected["size_mismatch"] += 1
+                raise ResultRejected(
+                    f"unit {req.unit}: {name} is {len(data)} bytes in storage, declared {digest.size}",
+                    reason="size_mismatch",
+                )
+            if hashlib.sha256(data).hexdigest() != digest.sha256:
+                self._rejected["sha_mismatch"] += 1
+                raise ResultRejected(f"unit {req.unit}: {name} sha256 does not match", reason="sha_mismatch")
+            files[name] = data
+        try:
+            meta = json.loads(files[META])
+        except ValueError as exc:
+            self._rejected["bad_meta"] += 1
+            raise ResultRejected(f"unit {req.unit}: meta.json is not JSON: {exc}", reason="bad_meta") from exc
+        problems = _meta_problems(meta, req, spec)
+        if problems:
+            self._rejected["bad_meta"] += 1
+            raise ResultRejected(f"unit {req.unit}: meta.json {'; '.join(problems)}", reason="bad_meta")
+        return _Verified(files=files, meta=meta)
+
+    def _publish(self, folder: str, files: dict[str, bytes]) -> None:
+        # meta.json last: a folder with a meta.json is a whole result (recovery relies on it).
+        for name in sorted(files, key=lambda n: n == META):
+            self.store.put_bytes(f"{folder}/{name}", files[name], _content_type(name))
+
+    def _drop_staging(self, req: CompleteRequest) -> None:
+        prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
+        try:
+            for name in req.files:
+                self.store.delete(f"{prefix}/{name}")
+        except StorageUnavailable as exc:  # staging is garbage once published; a leftover costs bytes only
+            log.warning("campaign=%s could not delete staging %s: %s", self.name, prefix, exc)
+
+    # ------------------------------------------------------------------------------------- housekeeping
+
+    async def tick(self) -> None:
+        """Periodic work: expire leases, flush rows + checkpoint when due, finalize when every unit is done."""
+        self._expire()
+        due = self.book.now() - self._last_flush >= self.settings.checkpoint_seconds
+        if due or len(self._rows) >= self.settings.part_rows:
+            await self.flush()
+        if self.book.finished and not self._finalized:
+            await self.finalize()
+
+    def _expire(self) -> None:
+        paused = self.book.paused
+        for lease in self.book.expire():
+            if self.observer is not None:
+                self.observer.lease_expired(lease.pool, units=len(lease.units), counted=not paused)
+
+    async def flush(self) -> None:
+        """Write buffered manifest rows as a part, then the book's checkpoint (in that order)."""
+        async with self._flush_lock:
+            rows, self._rows = self._rows, []
+            checkpoint = self.book.to_bytes()
+            try:
+                if rows:
+                    await asyncio.to_thread(mf.write_part, self.store, self._part_seq, rows)
+                    self._part_seq += 1
+                await asyncio.to_thread(mf.put_checkpoint, self.store, checkpoint)
+            except BaseException:
+                self._rows = rows + self._rows  # keep them for the next try
+                raise
+            self._last_flush = self.book.now()
+
+    async def finalize(self) -> str:
+        """Write manifest.parquet, README.md and the per-target data; returns the manifest's URL."""
+        await self.flush()
+        stats = self.book.stats()
+        await asyncio.to_thread(mf.compact_manifest, self.store)
+        readme = mf.campaign_readme(
+            self.name,
+            self.spec,
+            store_url=self.store.url,
+            succeeded=stats.succeeded,
+            failed_units=stats.failed_units or None,
+            created=datetime.now(UTC),
+        )
+        await asyncio.to_thread(mf.put_readme, self.store, readme)
+        await asyncio.to_thread(self._write_target_data)
+        self._finalized = True
+        return self.manifest_url
+
+    def _write_target_data(self) -> None:
+        # Imported here: only finalization needs the workload generators (numpy, scikit-learn).
+        from mlds_worker.workloads import save_data, target_data  # noqa: PLC0415 - finalization only
+
+        for i, target in enumerate(self._targets):
+            if target.dataset is Dataset.ds4 and self.spec.workload.images.value == "mnist":
+                continue  # MNIST's own files already sit in the store; nothing generated to record
+            if self.store.stat(mf.target_data_key(target.name)) is not None:
+                continue
+            data = target_data(self.unit_spec(i * self.spec.networks_per_target, 0))
+            mf.put_target_data(self.store, target.name, save_data(data))
+
+    @property
+    def finalized(self) -> bool:
+        return self._finalized
+
+    @property
+    def manifest_url(self) -> str:
+        return f"{self.store.url.rstrip('/')}/{mf.MANIFEST_KEY}"
+
+    # -------------------------------------------------------------------------------------------- views
+
+    def snapshot(self) -> Snapshot:
+        stats = self.book.stats()
+        now = self.wall()
+        window = self.settings.rate_window_seconds
+        while self._recent and self._recent[0] < now - window:
+            self._recent.popleft()
+        rate: float | None = None
+        eta: datetime | None = None
+        if len(self._recent) >= 2:
+            span = max(now - self._recent[0], 1.0)
+            rate = len(self._recent) * 3600.0 / span
+            remaining = stats.pending + stats.leased
+            if rate > 0 and remaining:
+                eta = datetime.fromtimestamp(now + remaining * 3600.0 / rate, tz=UTC)
+        if stats.finished:
+            phase = Phase.Succeeded if stats.failed == 0 else Phase.Failed
+        elif stats.paused:
+            phase = Phase.Suspended
+        elif stats.succeeded or stats.leased or stats.failed:
+            phase = Phase.Running
+        else:
+            phase = Phase.Pending
+        return Snapshot(
+            stats=stats,
+            phase=phase,
+            networks_per_hour=rate,
+            eta=eta,
+            training_seconds=self._training_seconds,
+            rejected=dict(self._rejected),
+        )
+
+
+def _meta_problems(meta: object, req: CompleteRequest, spec: UnitSpec) -> list[str]:
+    """How an uploaded meta.json contradicts the completion (empty when it agrees)."""
+    if not isinstance(meta, dict):
+        return ["is not an object"]
+    problems = []
+    if meta.get("sha256") != req.files[MODEL].sha256:
+        problems.append("names another model sha256")
+    for key, want in (("unit", req.unit), ("attempt", req.attempt), ("target", spec.target)):
+        if meta.get(key) != want:
+            problems.append(f"{key} is {meta.get(key)!r}, expected {want!r}")
+    if bool(meta.get("converged")) != req.converged:
+        problems.append("disagrees with the completion on converged")
+    return problems
+
+
+def _content_type(name: str) -> str:
+    if name.endswith(".json"):
+        return "application/json"
+    if name.endswith(".csv"):
+        return "text/csv"
+    return "application/octet-stream"

@@ -1,0 +1,469 @@
+"""`mlds run CAMPAIGN.yaml`: a whole campaign on one machine, with the cluster's own parts.
+
+Reads the same TrainingCampaign manifest as the operator, serves the same lease API in-process
+(:mod:`mlds_operator.leases.http`) and starts N real ``mlds worker`` processes against it; results go to a local
+folder (default) or to S3 when the manifest has ``spec.storage``. It supervises the workers (a crashed
+worker is restarted), shows live progress, and at the end writes the manifest, README and per-target
+data and prints a summary.
+
+Resuming: run the same command again. The lease book's checkpoint and the verified results in the
+store say what is done; nothing finished is trained again. The campaign's token and last port are kept
+in the state folder (the local store's ``_mlds/`` or ``.mlds/<name>/`` beside the manifest for S3), so
+workers of a killed run that are still training re-attach to the restarted server and deliver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import click
+import yaml
+from aiohttp import web
+from mlds_contract.campaign import TrainingCampaign
+from mlds_contract.errors import UserError
+from mlds_contract.plan import check_campaign
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mlds_operator.leases.http import Campaigns, create_app
+from mlds_operator.leases.metrics import ServerMetrics, instrument
+from mlds_operator.leases.service import CampaignService, ServiceSettings, Snapshot
+from mlds_operator.storage.store import LocalStore, Store, open_store
+
+__all__ = ["RunOptions", "load_campaign", "run_campaign", "run_command"]
+
+log = logging.getLogger("mlds.run")
+
+LOCAL_NAMESPACE = "local"
+LOCAL_POOL = "local"
+
+
+def load_campaign(path: Path) -> TrainingCampaign:
+    """Parse and check a TrainingCampaign file, as strictly as the API server would. Raises UserError."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        # PyYAML's message spans several lines (with a caret drawing); the CLI promises one line.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path} is not valid YAML: {problem}{where}") from exc
+    campaigns = [d for d in docs if isinstance(d, dict) and d.get("kind") == "TrainingCampaign"]
+    if len(campaigns) != 1:
+        raise UserError(f"{path} must hold exactly one TrainingCampaign document (found {len(campaigns)})")
+    doc = campaigns[0]
+    doc.pop("status", None)
+    try:
+        # Strict, like the API server: "100" is not a number, "true" is not a boolean.
+        campaign = TrainingCampaign.model_validate_json(json.dumps(doc), strict=True)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise UserError(f"{path}: {where}: {first.get('msg')}{more}") from exc
+    check_campaign(campaign.spec)
+    return campaign
+
+
+@dataclass
+class RunOptions:
+    workers: int
+    store_dir: Path | None
+    host: str = "127.0.0.1"
+    port: int | None = None
+    token_file: Path | None = None
+    progress: bool = True
+    restarts: int | None = None  # worker restarts allowed in total; default 3 per worker
+    settings: ServiceSettings | None = None
+
+
+@dataclass
+class RunSummary:
+    name: str
+    snapshot: Snapshot
+    wall_seconds: float
+    workers: int
+    dataset: str
+    manifest: str | None
+
+    @property
+    def overhead(self) -> float | None:
+        """Share of worker-seconds not spent training verified networks (all system overheads together)."""
+        capacity = self.wall_seconds * self.workers
+        if capacity <= 0 or self.snapshot.training_seconds <= 0:
+            return None
+        return max(0.0, 1.0 - self.snapshot.training_seconds / capacity)
+
+
+def _free_port(host: str, preferred: int | None) -> int:
+    for candidate in ([preferred] if preferred else []) + [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, candidate))
+            except OSError:
+                continue
+            port: int = s.getsockname()[1]
+            return port
+    raise UserError(f"no free port on {host}")
+
+
+class _Supervisor:
+    """Starts worker processes, restarts crashed ones, stops them all on the way out."""
+
+    def __init__(self, argv: list[str], n: int, log_dir: Path, restarts: int, env: dict[str, str]) -> None:
+        self.argv, self.n, self.log_dir, self.restarts_left, self.env = argv, n, log_dir, restarts, env
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._logs: dict[int, IO[bytes]] = {}
+        self.run_id = secrets.token_hex(3)
+        self.generation: dict[int, int] = {}
+
+    def start(self, i: int) -> None:
+        gen = self.generation.get(i, -1) + 1
+        self.generation[i] = gen
+        worker_id = f"{socket.gethostname()}-{self.run_id}-{i}-{gen}"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        logf = self._logs.get(i) or (self.log_dir / f"worker-{i}.log").open("ab")
+        self._logs[i] = logf
+        self.procs[i] = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+            [*self.argv, "--worker-id", worker_id],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,  # a Ctrl-C reaches mlds run only; it stops the workers in order
+        )
+
+    def start_all(self) -> None:
+        for i in range(self.n):
+            self.start(i)
+
+    def check(self, finished: bool) -> list[str]:
+        """Restart workers that died while work remains; returns log lines about it."""
+        notes = []
+        for i, proc in list(self.procs.items()):
+            code = proc.poll()
+            if code is None or (code == 0 and finished):
+                continue
+            if code == 0:
+                continue  # drained its share; no more work for it right now
+            if finished or self.restarts_left <= 0:
+                continue
+            self.restarts_left -= 1
+            notes.append(f"worker {i} exited with status {code}; restarting it (see {self.log_dir}/worker-{i}.log)")
+            self.start(i)
+        return notes
+
+    def alive(self) -> int:
+        return sum(1 for p in self.procs.values() if p.poll() is None)
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        for f in self._logs.values():
+            f.close()
+
+    async def wait_drained(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+
+def _state_dir(campaign: TrainingCampaign, store_dir: Path | None, manifest_path: Path) -> Path:
+    if campaign.spec.storage is None and store_dir is not None:
+        return store_dir / "_mlds"
+    return manifest_path.parent / ".mlds" / campaign.name
+
+
+def _load_or_create_token(path: Path) -> str:
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+@dataclass
+class _Server:
+    service: CampaignService
+    store: Store
+    runner: web.AppRunner
+    url: str  # the campaign's lease API base URL
+    token_file: Path
+    state: Path
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.service.flush()
+        await self.runner.cleanup()
+        self.store.close()
+
+
+async def _open_server(campaign: TrainingCampaign, manifest_path: Path, opts: RunOptions) -> _Server:
+    """Open the store and the campaign service (resuming from a checkpoint) and start the lease API."""
+    spec = campaign.spec
+    store_dir = opts.store_dir
+    if spec.storage is None and store_dir is None:
+        store_dir = Path("mlds-data") / campaign.name
+    state = _state_dir(campaign, store_dir, manifest_path)
+    token_file = opts.token_file or state / "run-token"
+    token = _load_or_create_token(token_file)
+    run_info = state / "run.json"
+    last_port = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        last_port = int(json.loads(run_info.read_text())["port"])
+    port = _free_port(opts.host, opts.port or last_port)
+    if opts.port and port != opts.port:
+        raise UserError(f"port {opts.port} on {opts.host} is in use")
+    base = f"http://{opts.host}:{port}"
+    store: Store
+    local: LocalStore | None = None
+    if spec.storage is None:
+        assert store_dir is not None
+        # The upload-signing secret derives from the token, so URLs handed out before a restart stay valid.
+        secret = hashlib.sha256(b"mlds-uploads/" + token.encode()).digest()
+        local = LocalStore(store_dir, upload_base_url=base, secret=secret)
+        local.ensure_root()
+        store = local
+    else:
+        store = await asyncio.to_thread(open_store, spec.storage)
+    service = await CampaignService.open(
+        campaign.name, spec, store, token=token, pools=[LOCAL_POOL], settings=opts.settings
+    )
+    instrument(service, LOCAL_NAMESPACE, {LOCAL_POOL: "cpu"})  # the workers run with --device cpu
+    campaigns = Campaigns()
+    campaigns.add(LOCAL_NAMESPACE, campaign.name, service)
+    server_metrics = ServerMetrics(campaigns, component="run")
+    app = create_app(campaigns, local_store=local, observer=server_metrics.observe_request)
+    server_metrics.add_route(app)  # GET /metrics on the lease API's port, as the operator serves it
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, opts.host, port, reuse_address=True).start()
+    state.mkdir(parents=True, exist_ok=True)
+    run_info.write_text(json.dumps({"port": port, "pid": os.getpid()}) + "\n")
+    url = f"{base}/v1/campaigns/{LOCAL_NAMESPACE}/{campaign.name}"
+    return _Server(service=service, store=store, runner=runner, url=url, token_file=token_file, state=state)
+
+
+def _worker_argv(server: _Server, units_per_lease: int) -> list[str]:
+    return [
+        *(sys.executable, "-m", "mlds_cli", "worker"),
+        *("--url", server.url, "--token-file", str(server.token_file), "--pool", LOCAL_POOL),
+        *("--units-per-lease", str(units_per_lease), "--device", "cpu"),
+        # Outlive a crash of this process only to deliver the lease in hand (see the module docstring).
+        *("--parent-pid", str(os.getpid())),
+    ]
+
+
+async def _supervise(server: _Server, sup: _Supervisor, display: _Display, stop: asyncio.Event) -> bool:
+    """Drive the service and the workers until the campaign is finalized; True when interrupted."""
+    service = server.service
+    if not service.book.finished:
+        sup.start_all()
+    with display:
+        while True:
+            await service.tick()
+            display.update(service.snapshot(), sup.alive())
+            if service.finalized:
+                await sup.wait_drained(timeout=10.0)
+                return False
+            for note in sup.check(service.book.finished):
+                display.note(note)
+            if not service.book.finished and sup.alive() == 0 and sup.restarts_left <= 0:
+                raise UserError(f"every worker has died; see the logs in {sup.log_dir}")
+            if stop.is_set():
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+
+
+async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: RunOptions) -> RunSummary:
+    """Run (or resume) a campaign to the end; returns the summary. Raises UserError for setup problems."""
+    server = await _open_server(campaign, manifest_path, opts)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    restarts = opts.restarts if opts.restarts is not None else 3 * opts.workers
+    sup = _Supervisor(
+        _worker_argv(server, campaign.spec.pools[0].units_per_lease), opts.workers, server.state / "logs", restarts, env
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    started = time.monotonic()
+    try:
+        interrupted = await _supervise(server, sup, _Display(campaign.name, enabled=opts.progress), stop)
+    finally:
+        await sup.stop()
+        await server.close()
+    if interrupted:
+        raise click.ClickException(
+            f"interrupted: progress is saved; run the same command again to resume ({server.store.url})"
+        )
+    service = server.service
+    return RunSummary(
+        name=campaign.name,
+        snapshot=service.snapshot(),
+        wall_seconds=time.monotonic() - started,
+        workers=opts.workers,
+        dataset=server.store.url,
+        manifest=service.manifest_url if service.finalized else None,
+    )
+
+
+class _Display:
+    """A live progress bar on a terminal; a line every 10 s otherwise (logs, CI)."""
+
+    def __init__(self, name: str, *, enabled: bool) -> None:
+        self.name, self.enabled = name, enabled
+        self._progress: Any = None
+        self._task: Any = None
+        self._last_line = 0.0
+        self.tty = sys.stderr.isatty()
+
+    def __enter__(self) -> _Display:
+        if self.enabled and self.tty:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TextColumn("ETA {task.fields[eta]}"),
+                TextColumn("[red]{task.fields[failed]}"),
+                TextColumn("{task.fields[workers]}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.name, total=None, rate="", eta="-", failed="", workers="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
+
+    def note(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text)
+        elif self.enabled:
+            click.echo(text, err=True)
+
+    def update(self, snap: Snapshot, workers: int) -> None:
+        s = snap.stats
+        rate = f"{snap.networks_per_hour:,.0f} nets/h" if snap.networks_per_hour else ""
+        eta = snap.eta.astimezone().strftime("%H:%M:%S") if snap.eta else "-"
+        failed = f"{s.failed} failed" if s.failed else ""
+        if self._progress is not None:
+            self._progress.update(
+                self._task,
+                total=s.total,
+                completed=s.succeeded + s.failed,
+                rate=rate,
+                eta=eta,
+                failed=failed,
+                workers=f"{workers} workers",
+            )
+        elif self.enabled and time.monotonic() - self._last_line >= 10.0:
+            self._last_line = time.monotonic()
+            click.echo(
+                f"{self.name}: {s.succeeded}/{s.total} done, {s.leased} leased, {s.failed} failed"
+                f"{', ' + rate if rate else ''}, {workers} workers",
+                err=True,
+            )
+
+
+@click.command("run")
+# No exists=True: click's usage error spans four lines; load_campaign says "cannot read FILE: ..." in one.
+@click.argument("campaign_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--workers",
+    "-w",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="Worker processes (default: the number of CPU cores).",
+)
+@click.option(
+    "--store",
+    "store_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Local folder for results (default: ./mlds-data/NAME). Ignored when the file has spec.storage.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the lease API listens on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Lease API port (default: the last run's, else a free one).",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where the campaign's token is kept (default: in the state folder).",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+def run_command(
+    campaign_file: Path,
+    workers: int | None,
+    store_dir: Path | None,
+    host: str,
+    port: int | None,
+    token_file: Path | None,
+    quiet: bool,
+) -> None:
+    """Run a campaign file on this machine; run it again to resume."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    campaign = load_campaign(campaign_file)
+    n = workers or os.cpu_count() or 1
+    opts = RunOptions(
+        workers=n, store_dir=store_dir, host=host, port=port or None, token_file=token_file, progress=not quiet
+    )
+    summary = asyncio.run(run_campaign(campaign, campaign_file, opts))
+    s = summary.snapshot.stats
+    lines = [
+        f"{summary.name}: {summary.snapshot.phase.value}: {s.succeeded}/{s.total} networks"
+        + (f", {s.failed} failed (units {s.failed_units})" if s.failed else ""),
+        f"  wall {summary.wall_seconds:,.1f} s with {summary.workers} workers; "
+        f"training {summary.snapshot.training_seconds:,.1f} s"
+        + (f"; overhead {summary.overhead:.1%}" if summary.overhead is not None else ""),
+        f"  dataset: {summary.dataset}",
+    ]
+    if summary.manifest:
+        lines.append(f"  manifest: {summary.manifest}")
+    click.echo("\n".join(lines))
+    if s.failed:
+        sys.exit(1)

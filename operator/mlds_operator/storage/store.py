@@ -1,0 +1,777 @@
+"""The object store: the one module that talks to object storage (STYLE.md #2).
+
+Two backends behind one small synchronous interface, :class:`Store`:
+
+- :class:`S3Store`: a bucket (MinIO or any S3) through the MinIO SDK. The operator opens it with the
+  credentials it read from the campaign's Secret; ``mlds run --store s3://...`` with
+  ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``.
+- :class:`LocalStore`: a folder, for ``mlds run`` (the default).
+
+Callers: the lease API (presigned upload URLs, verification of completed units), the campaign loop
+(manifest parts, checkpoints, the README, per-target data; see :mod:`mlds_operator.storage.manifest`) and the
+``mlds dataset`` commands. The API is synchronous; the asyncio server calls it through
+``asyncio.to_thread`` (objects are small: a result is ~20 kB, a checkpoint or manifest part a few MB).
+
+Workers hold no storage credentials (DESIGN.md §2). They upload each result file with a plain HTTP
+``PUT`` to a URL the server signs for exactly that key, that method and a short lifetime:
+
+- S3: an AWS SigV4 presigned URL (``X-Amz-Expires``, signed headers ``host``). The upload must send
+  ``Content-Type: application/octet-stream``: some servers (moto, the S3 test server) store a body sent
+  with a form content type as an *empty* object.
+- Local: ``{upload_base_url}/v1/objects/{key}?expires=<unix seconds>&sig=<hex>``, an HMAC-SHA256 over
+  method, key and expiry with a per-store secret. The lease API hosts that route and calls
+  :meth:`LocalStore.check_upload` then :meth:`LocalStore.put_bytes`.
+
+Nothing a worker declares is trusted: :meth:`Store.verify` re-reads every object and checks its size and
+SHA-256 before a unit counts as done.
+
+Keys: every method takes a key *relative to the campaign's root* (``ParityMachine/00007/meta.json``).
+:meth:`Store.key` validates it (no ``..``, ``.``, empty parts, absolute paths, backslashes or control
+characters) and joins the store's prefix.
+
+Errors (mlds_contract.errors): an outage (network, timeout, HTTP 5xx, throttling, a full disk) raises
+:class:`StorageUnavailable`, which callers retry with backoff; a configuration mistake (bad credentials,
+access denied, a missing bucket that may not be created, a TLS mismatch, an unwritable folder) raises
+:class:`UserError` with a message saying what to fix. A missing object is not an error: ``None``.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import hashlib
+import hmac
+import io
+import logging
+import os
+import re
+import secrets
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any, Protocol, runtime_checkable
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
+from minio.helpers import check_bucket_name
+from mlds_contract.campaign import Storage
+from mlds_contract.errors import MldsError, StorageUnavailable, UserError
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_READ_TIMEOUT",
+    "DEFAULT_RETRIES",
+    "LocalStore",
+    "ObjectInfo",
+    "S3Store",
+    "Store",
+    "VerifyResult",
+    "check_rel",
+    "open_store",
+]
+
+log = logging.getLogger(__name__)
+
+#: Seconds to open a TCP connection to S3. Short: a refused or unroutable endpoint is an outage the
+#: caller retries with its own backoff, and the lease API must not stall behind it.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Seconds to wait for the next response bytes (not for the whole body). Objects are small (a result
+#: ~20 kB, a manifest part a few MB); a server silent this long is unwell.
+DEFAULT_READ_TIMEOUT = 15.0
+#: Retries of one request inside the HTTP client (connection errors, read timeouts, HTTP 500/502/503/504),
+#: with exponential backoff from 0.2 s. A refused connection surfaces as StorageUnavailable in under a
+#: second, a server that accepts and never answers after (1 + retries) * read timeout = 45 s; the caller
+#: (the lease API, the campaign loop) then retries on its own schedule.
+DEFAULT_RETRIES = 2
+
+_CHUNK = 1 << 16
+# One key part: printable, no slash or backslash. Control characters would corrupt logs and XML listings.
+_BAD_PART = re.compile(r"[\x00-\x1f\x7f\\]")
+# Characters urllib.parse.quote(key, safe="/") leaves as they are: a key made of them needs no quoting.
+_URL_SAFE_KEY = re.compile(r"[A-Za-z0-9_.~/-]*\Z")
+_TMP_MARK = ".mlds-tmp-"
+
+# S3 error codes that mean "the credentials or permissions are wrong": retrying will not help.
+_CREDENTIAL_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "ExpiredToken",
+        "InvalidAccessKeyId",
+        "InvalidToken",
+        "SignatureDoesNotMatch",
+        "AccountProblem",
+    }
+)
+# S3 error codes of a server that is overloaded or briefly unable to serve: retry later.
+_TRANSIENT_CODES = frozenset(
+    {
+        "InternalError",
+        "OperationAborted",
+        "RequestTimeout",
+        "ServiceUnavailable",
+        "SlowDown",
+        "XMinioServerNotInitialized",
+    }
+)
+
+
+class VerifyResult(enum.StrEnum):
+    """The outcome of :meth:`Store.verify`: is an uploaded object what the worker declared?"""
+
+    ok = "ok"
+    missing = "missing"
+    size_mismatch = "size_mismatch"
+    sha_mismatch = "sha_mismatch"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the store knows of one object without reading it."""
+
+    key: str  # relative to the store's root (what the methods take), never prefixed
+    size: int
+    etag: str | None = None  # S3's ETag (MD5 of a single-part upload); None for local files
+    last_modified: datetime | None = None  # timezone-aware UTC, by the store's clock
+
+
+@runtime_checkable
+class Store(Protocol):
+    """The object-store interface both backends implement. All keys are relative (see module docs)."""
+
+    @property
+    def url(self) -> str:
+        """Where the campaign's objects live: ``s3://bucket/prefix`` or ``file:///abs/path``."""
+        ...
+
+    def key(self, rel: str) -> str:
+        """The backend's name for ``rel`` (prefix-joined). Raises ValueError for an unsafe key."""
+        ...
+
+    def put_bytes(self, rel: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """Store ``data`` at ``rel``, atomically: readers see the old object or the new one, never a part."""
+        ...
+
+    def get_bytes(self, rel: str) -> bytes | None:
+        """The object's bytes, or None if it does not exist."""
+        ...
+
+    def stat(self, rel: str) -> ObjectInfo | None:
+        """Size (and ETag, modification time) of an object, or None if it does not exist."""
+        ...
+
+    def sha256(self, rel: str) -> str | None:
+        """Hex SHA-256 of the object's bytes (streamed), or None if it does not exist."""
+        ...
+
+    def list(self, rel_prefix: str = "") -> Iterator[str]:
+        """Relative keys starting with ``rel_prefix`` (a plain string prefix, as in S3). Order unspecified."""
+        ...
+
+    def scan(self, rel_prefix: str = "") -> Iterator[ObjectInfo]:
+        """Like :meth:`list`, with each object's size and modification time."""
+        ...
+
+    def delete(self, rel: str) -> None:
+        """Remove an object; removing a missing object is not an error."""
+        ...
+
+    def presign_put(self, rel: str, expires: timedelta) -> str:
+        """A URL that lets its holder ``PUT`` exactly this key, until ``expires`` from now."""
+        ...
+
+    def verify(self, rel: str, size: int, sha256: str) -> VerifyResult:
+        """Check that the object exists with exactly this size and SHA-256 (hex)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections. The store must not be used afterwards."""
+        ...
+
+
+def check_rel(rel: str) -> str:
+    """Validate a relative key and return it. Raises ValueError for anything that could escape the root.
+
+    Refused: empty keys, absolute paths, empty parts (``a//b``, a trailing slash), ``.`` and ``..``
+    parts, backslashes and control characters. Keys come from target names and replica numbers (and, in
+    local mode, from the path of an upload request), so a refusal is a bug or an attack, never a typo.
+    """
+    if not rel:
+        raise ValueError("empty object key")
+    if rel.startswith("/"):
+        raise ValueError(f"object key must be relative, got {rel!r}")
+    for part in rel.split("/"):
+        if part in ("", ".", ".."):
+            raise ValueError(f"object key has an empty, '.' or '..' part: {rel!r}")
+        if _BAD_PART.search(part):
+            raise ValueError(f"object key has a backslash or control character: {rel!r}")
+    return rel
+
+
+def _check_prefix(rel_prefix: str) -> str:
+    """A listing prefix: empty (everything), or a key prefix that may end in ``/`` or mid-part."""
+    if rel_prefix:
+        check_rel(rel_prefix.removesuffix("/"))
+    return rel_prefix
+
+
+def _hash_stream(chunks: Iterator[bytes], limit: int | None = None) -> tuple[int, str]:
+    """Size and hex SHA-256 of a byte stream; stops reading once past ``limit`` bytes (size then exceeds it)."""
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in chunks:
+        digest.update(chunk)
+        size += len(chunk)
+        if limit is not None and size > limit:
+            break
+    return size, digest.hexdigest()
+
+
+def _verdict(size: int, digest: str, want_size: int, want_sha: str) -> VerifyResult:
+    if size != want_size:
+        return VerifyResult.size_mismatch
+    if not hmac.compare_digest(digest, want_sha.lower()):
+        return VerifyResult.sha_mismatch
+    return VerifyResult.ok
+
+
+# --------------------------------------------------------------------------------------------------- S3
+
+
+def _http_client(connect_timeout: float, read_timeout: float, retries: int, cert_check: bool) -> urllib3.PoolManager:
+    """The MinIO SDK's default pool, with bounded timeouts and retries.
+
+    The SDK's own default waits 5 minutes per read and retries 5 times: an outage would hang the lease
+    API (and a test) for half an hour. Here one call gives up after about
+    ``(retries + 1) * (connect or read timeout) + backoff`` and raises StorageUnavailable.
+    """
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+        # The server calls the store from a thread pool; one connection per thread avoids churn.
+        maxsize=32,
+        cert_reqs="CERT_REQUIRED" if cert_check else "CERT_NONE",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(
+            total=retries,
+            backoff_factor=0.2,
+            status_forcelist=[500, 502, 503, 504],
+            # A retried PUT is safe (it overwrites with the same bytes).
+            allowed_methods=frozenset({"GET", "HEAD", "PUT", "DELETE"}),
+        ),
+    )
+
+
+class S3Store:
+    """A campaign's objects under ``prefix`` in an S3 bucket, through one MinIO client made at construction.
+
+    Construction does no network I/O; :meth:`ensure_bucket` (called by :func:`open_store`) checks the
+    bucket and creates it when allowed.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        bucket: str,
+        prefix: str = "",
+        access_key: str | None,
+        secret_key: str | None,
+        session_token: str | None = None,
+        secure: bool = True,
+        region: str | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        cert_check: bool = True,
+    ) -> None:
+        if "://" in endpoint:
+            raise UserError(
+                f"storage.endpoint must be host:port without a scheme, got {endpoint!r} "
+                "(use secure: false for plain HTTP)"
+            )
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        if self.prefix:
+            check_rel(self.prefix)
+        self.secure = secure
+        self.region = region
+        try:
+            self._client = Minio(
+                endpoint,
+                access_key=access_key,
+                secret_key=secret_key,
+                session_token=session_token,
+                secure=secure,
+                region=region,
+                http_client=_http_client(connect_timeout, read_timeout, retries, cert_check),
+            )
+            check_bucket_name(bucket)
+        except ValueError as exc:  # the SDK validates the endpoint and the bucket name
+            raise UserError(f"invalid storage settings (endpoint {endpoint!r}, bucket {bucket!r}): {exc}") from exc
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    @property
+    def client(self) -> Minio:
+        """The underlying MinIO client (for tests and tools; production code goes through the methods)."""
+        return self._client
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.url!r}, endpoint={self.endpoint!r})"
+
+    def key(self, rel: str) -> str:
+        check_rel(rel)
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def _rel(self, key: str) -> str:
+        return key[len(self.prefix) + 1 :] if self.prefix else key
+
+    def _error(self, exc: Exception, doing: str) -> MldsError:
+        """Map an SDK or transport exception onto the mlds tree (see the module docs)."""
+        where = f"{doing} in {self.url} (endpoint {self.endpoint})"
+        if isinstance(exc, S3Error):
+            return self._s3_error(exc, where)
+        status: int | None = None
+        if isinstance(exc, ServerError):
+            status = exc.status_code
+        elif isinstance(exc, InvalidResponseError):  # not S3 XML: a proxy's error page, or not S3 at all
+            status = int(getattr(exc, "_code", 0) or 0)
+        if status is not None:
+            if status >= 500 or status in (408, 429):
+                return StorageUnavailable(f"object store unavailable while {where}: HTTP {status}")
+            return UserError(f"{self.endpoint} does not answer like an S3 server while {where}: {exc}")
+        reason = getattr(exc, "reason", None)  # urllib3's MaxRetryError wraps the last connection error
+        if isinstance(reason, urllib3.exceptions.SSLError):
+            return UserError(
+                f"TLS failed while {where}: {reason}; if the endpoint speaks plain HTTP, set storage.secure: false"
+            )
+        return StorageUnavailable(f"object store unreachable while {where}: {reason or exc}")
+
+    def _s3_error(self, exc: S3Error, where: str) -> MldsError:
+        code = exc.code or ""
+        status = exc.response.status if exc.response is not None else 0
+        if code in _CREDENTIAL_CODES:
+            return UserError(
+                f"object store refused {where}: {code} ({exc.message}); check the credentials "
+                "(the campaign's credentialsSecret, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) "
+                "and the bucket policy"
+            )
+        if code == "NoSuchBucket":
+            return UserError(f"bucket {self.bucket!r} does not exist while {where}")
+        if code in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
+            return StorageUnavailable(f"object store unavailable while {where}: {code} ({exc.message})")
+        return UserError(f"object store rejected {where}: {code} ({exc.message})")
+
+    def _call(self, doing: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._error(exc, doing) from exc
+
+    def ensure_bucket(self, *, create: bool = True) -> None:
+        """Check the bucket exists; create it if allowed. Raises UserError or StorageUnavailable."""
+        if self._call("checking bucket", lambda: self._client.bucket_exists(self.bucket)):
+            return
+        if not create:
+            raise UserError(f"bucket {self.bucket!r} does not exist at {self.endpoint} and may not be created")
+        try:
+            self._client.make_bucket(self.bucket, location=self.region)
+            log.info("created bucket=%s endpoint=%s", self.bucket, self.endpoint)
+        except S3Error as exc:
+            # Created concurrently by another operator replica or `mlds run`: fine.
+            if exc.code != "BucketAlreadyOwnedByYou":
+                raise self._error(exc, "creating bucket") from exc
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._error(exc, "creating bucket") from exc
+
+    def put_bytes(self, rel: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        # A single PUT is atomic in S3 (and MinIO): a reader sees the old object or the new one.
+        key = self.key(rel)
+        self._call(
+            f"writing {rel}",
+            # BytesIO over bytes shares the buffer (no copy) until written to.
+            lambda: self._client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type),
+        )
+
+    def _open(self, rel: str) -> Any | None:
+        """A streaming GET response, or None for a missing object."""
+        key = self.key(rel)
+        try:
+            return self._client.get_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code == "NoSuchKey":
+                return None
+            raise self._error(exc, f"reading {rel}") from exc
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._error(exc, f"reading {rel}") from exc
+
+    def _consume(self, rel: str, response: Any, fn: Callable[[Any], Any]) -> Any:
+        try:
+            return fn(response)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._error(exc, f"reading {rel}") from exc
+        finally:
+            response.close()
+            response.release_conn()
+
+    def get_bytes(self, rel: str) -> bytes | None:
+        response = self._open(rel)
+        if response is None:
+            return None
+        data: bytes = self._consume(rel, response, lambda r: r.read())
+        return data
+
+    def stat(self, rel: str) -> ObjectInfo | None:
+        key = self.key(rel)
+        try:
+            obj = self._client.stat_object(self.bucket, key)
+        except S3Error as exc:
+            # A HEAD has no body: a missing bucket also reads as NoSuchKey here.
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                return None
+            raise self._error(exc, f"reading {rel}") from exc
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._error(exc, f"reading {rel}") from exc
+        return ObjectInfo(key=rel, size=int(obj.size or 0), etag=obj.etag, last_modified=obj.last_modified)
+
+    def sha256(self, rel: str) -> str | None:
+        response = self._open(rel)
+        if response is None:
+            return None
+        _, digest = self._consume(rel, response, lambda r: _hash_stream(r.stream(_CHUNK)))
+        return str(digest)
+
+    def scan(self, rel_prefix: str = "") -> Iterator[ObjectInfo]:
+        _check_prefix(rel_prefix)
+        prefix = f"{self.prefix}/{rel_prefix}" if self.prefix else rel_prefix
+        doing = f"listing {rel_prefix or '/'}"
+        try:
+            for obj in self._client.list_objects(self.bucket, prefix=prefix or None, recursive=True):
+                if obj.is_dir or obj.object_name is None:
+                    continue
+                yield ObjectInfo(
+                    key=self._rel(obj.object_name),
+                    size=int(obj.size or 0),
+                    etag=obj.etag,
+                    last_modified=obj.last_modified,
+                )
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._error(exc, doing) from exc
+
+    def list(self, rel_prefix: str = "") -> Iterator[str]:
+        return (info.key for info in self.scan(rel_prefix))
+
+    def delete(self, rel: str) -> None:
+        key = self.key(rel)
+        self._call(f"deleting {rel}", lambda: self._client.remove_object(self.bucket, key))
+
+    def presign_put(self, rel: str, expires: timedelta) -> str:
+        """A SigV4 presigned PUT for exactly this key. No network I/O when the store has a region.
+
+        Without a region the SDK asks the server for the bucket's location once (then caches it).
+        """
+        key = self.key(rel)
+        if not timedelta(seconds=1) <= expires <= timedelta(days=7):
+            raise ValueError(f"presigned URL lifetime must be between 1 second and 7 days, got {expires}")
+        url: str = self._call(f"signing {rel}", lambda: self._client.presigned_put_object(self.bucket, key, expires))
+        return url
+
+    def verify(self, rel: str, size: int, sha256: str) -> VerifyResult:
+        # One GET, not HEAD + GET: the Content-Length answers the size, the body the hash. A body larger
+        # than declared is not read to the end (a misbehaving worker could have uploaded gigabytes).
+        response = self._open(rel)
+        if response is None:
+            return VerifyResult.missing
+
+        def check(r: Any) -> VerifyResult:
+            length = r.headers.get("Content-Length")
+            if length is not None and int(length) != size:
+                return VerifyResult.size_mismatch
+            got_size, digest = _hash_stream(r.stream(_CHUNK), limit=size)
+            return _verdict(got_size, digest, size, sha256)
+
+        result: VerifyResult = self._consume(rel, response, check)
+        return result
+
+    def close(self) -> None:
+        self._client._http.clear()
+
+
+# ------------------------------------------------------------------------------------------------ local
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable. Directories cannot be opened for fsync on every OS; skip there."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the file itself was synced
+    finally:
+        os.close(fd)
+
+
+class LocalStore:
+    """A campaign's objects as files under ``root`` (``mlds run``'s default store).
+
+    Writes are atomic and durable: a temporary file in the same folder, fsync, ``os.replace``, then an
+    fsync of the folder, so a crash leaves the old object or the new one, never a torn file. Temporary
+    files (``.<name>.mlds-tmp-<id>``) are never listed.
+
+    Uploads from worker processes go through the lease API's ``PUT /v1/objects/{key}`` route:
+    :meth:`presign_put` signs ``(PUT, key, expiry)`` with HMAC-SHA256 and a per-store secret, and the
+    route calls :meth:`check_upload` before :meth:`put_bytes`. The secret is random per store object
+    unless given, so URLs die with the server that issued them (local workers die with it too).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        upload_base_url: str | None = None,
+        secret: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+        durable: bool = True,
+    ) -> None:
+        self.root = Path(root).expanduser().absolute()
+        #: Base URL of the server hosting the upload route, e.g. ``http://127.0.0.1:8080``. Settable after
+        #: construction: `mlds run` knows its port only once the lease API is listening.
+        self.upload_base_url = upload_base_url
+        self._secret = secret if secret is not None else secrets.token_bytes(32)
+        self._clock = clock
+        self._durable = durable
+
+    @property
+    def url(self) -> str:
+        return self.root.as_uri()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def ensure_root(self) -> None:
+        """Create the folder if needed and check it is writable. Raises UserError."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the store folder {self.root}: {exc.strerror or exc}") from exc
+        if not self.root.is_dir():
+            raise UserError(f"store path {self.root} exists and is not a folder")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise UserError(f"store folder {self.root} is not writable")
+
+    def key(self, rel: str) -> str:
+        return check_rel(rel)
+
+    def path(self, rel: str) -> Path:
+        """The file that holds ``rel``."""
+        return self.root.joinpath(*self.key(rel).split("/"))
+
+    def _error(self, exc: OSError, doing: str) -> Exception:
+        if exc.errno in (errno.ENOTDIR, errno.EISDIR):
+            return UserError(f"{doing} in {self.root}: a file and a folder share a name ({exc})")
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return UserError(f"{doing} in {self.root}: permission denied ({exc})")
+        return StorageUnavailable(f"{doing} in {self.root} failed: {exc.strerror or exc}")
+
+    def put_bytes(self, rel: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        del content_type  # files have no content type; kept for the common interface
+        path = self.path(rel)
+        tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                if self._durable:
+                    fh.flush()
+                    # Before the rename: otherwise a power loss can leave a renamed, empty file.
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            if self._durable:
+                _fsync_dir(path.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._error(exc, f"writing {rel}") from exc
+
+    def _read(self, rel: str, fn: Callable[[IO[bytes]], Any]) -> Any | None:
+        path = self.path(rel)
+        try:
+            with open(path, "rb") as fh:
+                return fn(fh)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None  # missing, or a "folder" key prefix, or below a file: no such object (as in S3)
+        except OSError as exc:
+            raise self._error(exc, f"reading {rel}") from exc
+
+    def get_bytes(self, rel: str) -> bytes | None:
+        data: bytes | None = self._read(rel, lambda fh: fh.read())
+        return data
+
+    def stat(self, rel: str) -> ObjectInfo | None:
+        path = self.path(rel)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise self._error(exc, f"reading {rel}") from exc
+        if not path.is_file():
+            return None
+        return ObjectInfo(key=rel, size=st.st_size, last_modified=datetime.fromtimestamp(st.st_mtime, UTC))
+
+    def sha256(self, rel: str) -> str | None:
+        result: tuple[int, str] | None = self._read(rel, lambda fh: _hash_stream(iter(lambda: fh.read(_CHUNK), b"")))
+        return None if result is None else result[1]
+
+    def scan(self, rel_prefix: str = "") -> Iterator[ObjectInfo]:
+        _check_prefix(rel_prefix)
+        # S3 prefixes are plain strings ("Parity/0" matches "Parity/00012/meta.json"): walk the deepest
+        # folder the prefix names completely, then filter by the full prefix.
+        folder, _, _ = rel_prefix.rpartition("/")
+        start = self.root.joinpath(*folder.split("/")) if folder else self.root
+        if not start.is_dir():
+            return
+        try:
+            for dirpath, dirnames, filenames in os.walk(start):
+                dirnames.sort()
+                base = Path(dirpath).relative_to(self.root).as_posix()
+                for name in sorted(filenames):
+                    if _TMP_MARK in name and name.startswith("."):
+                        continue
+                    rel = name if base == "." else f"{base}/{name}"
+                    if not rel.startswith(rel_prefix):
+                        continue
+                    try:
+                        st = os.stat(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        continue  # deleted while listing
+                    yield ObjectInfo(key=rel, size=st.st_size, last_modified=datetime.fromtimestamp(st.st_mtime, UTC))
+        except OSError as exc:
+            raise self._error(exc, f"listing {rel_prefix or '/'}") from exc
+
+    def list(self, rel_prefix: str = "") -> Iterator[str]:
+        return (info.key for info in self.scan(rel_prefix))
+
+    def delete(self, rel: str) -> None:
+        try:
+            self.path(rel).unlink(missing_ok=True)
+        except IsADirectoryError:
+            return
+        except OSError as exc:
+            raise self._error(exc, f"deleting {rel}") from exc
+
+    def _sign(self, key: str, expires: int) -> str:
+        message = f"PUT\n{key}\n{expires}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    def presign_put(self, rel: str, expires: timedelta) -> str:
+        """``{upload_base_url}/v1/objects/{key}?expires=<unix seconds>&sig=<hex>`` for exactly this key."""
+        key = self.key(rel)
+        if self.upload_base_url is None:
+            raise RuntimeError("LocalStore.upload_base_url is not set: no server hosts the upload route")
+        if expires <= timedelta(0):
+            raise ValueError(f"presigned URL lifetime must be positive, got {expires}")
+        deadline = int(self._clock() + expires.total_seconds())
+        # A lease presigns a URL per result file, on the lease server's event loop: build it by hand. The
+        # expiry is an integer and the signature hex, so nothing needs escaping; urlencode and quote cost
+        # more than the HMAC (`mlds bench leases`).
+        path = key if _URL_SAFE_KEY.match(key) else urllib.parse.quote(key, safe="/")
+        return (
+            f"{self.upload_base_url.rstrip('/')}/v1/objects/{path}?expires={deadline}&sig={self._sign(key, deadline)}"
+        )
+
+    def check_upload(self, key: str, expires: int | str, sig: str, now: float | None = None) -> bool:
+        """Does ``sig`` authorise a PUT of ``key`` (the URL-decoded path after ``/v1/objects/``) at ``now``?
+
+        False for another key, a tampered or malformed signature or expiry, an unsafe key, or a URL
+        past its expiry. ``now`` is Unix seconds; default: the store's clock.
+        """
+        try:
+            check_rel(key)
+            deadline = int(expires)
+        except (TypeError, ValueError):
+            return False
+        if not hmac.compare_digest(self._sign(key, deadline), str(sig)):
+            return False
+        return (self._clock() if now is None else now) <= deadline
+
+    def verify(self, rel: str, size: int, sha256: str) -> VerifyResult:
+        info = self.stat(rel)
+        if info is None:
+            return VerifyResult.missing
+        if info.size != size:
+            return VerifyResult.size_mismatch
+        result: tuple[int, str] | None = self._read(rel, lambda fh: _hash_stream(iter(lambda: fh.read(_CHUNK), b"")))
+        if result is None:  # deleted between stat and read
+            return VerifyResult.missing
+        return _verdict(result[0], result[1], size, sha256)
+
+    def close(self) -> None:
+        """Nothing to release; for the common interface."""
+
+
+# ------------------------------------------------------------------------------------------------- open
+
+
+def open_store(
+    storage: Storage | None,
+    *,
+    local_root: Path | None = None,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    session_token: str | None = None,
+    upload_base_url: str | None = None,
+    create_bucket: bool = True,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
+) -> Store:
+    """Open a campaign's store and check it is usable (bucket present or created; folder writable).
+
+    ``storage`` is the campaign's ``spec.storage``: None means a folder at ``local_root``. S3 credentials
+    come from the arguments (the operator reads them from the campaign's Secret) or, when those are
+    absent, from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (and ``AWS_SESSION_TOKEN``), as `mlds run`
+    uses. ``upload_base_url`` is the lease API's base URL for local presigned uploads (may be set later
+    on the returned LocalStore). Raises UserError (configuration) or StorageUnavailable (outage).
+    """
+    if storage is None:
+        if local_root is None:
+            raise UserError("the campaign has no spec.storage and no local folder was given (--store)")
+        local = LocalStore(local_root, upload_base_url=upload_base_url)
+        local.ensure_root()
+        return local
+    if access_key is None and secret_key is None:
+        access_key = os.environ.get("AWS_ACCESS_KEY_ID")
+        secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
+        session_token = session_token or os.environ.get("AWS_SESSION_TOKEN")
+    if not access_key or not secret_key:
+        raise UserError(
+            f"no credentials for s3://{storage.bucket} at {storage.endpoint}: set storage.credentialsSecret "
+            "(operator) or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (mlds run)"
+        )
+    s3 = S3Store(
+        endpoint=storage.endpoint,
+        bucket=storage.bucket,
+        prefix=storage.prefix,
+        access_key=access_key,
+        secret_key=secret_key,
+        session_token=session_token,
+        secure=storage.secure,
+        region=storage.region,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries=retries,
+    )
+    s3.ensure_bucket(create=create_bucket)
+    return s3

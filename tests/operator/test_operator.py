@@ -1,0 +1,457 @@
+"""`mlds operator` (kopf) against the kmock Kubernetes emulator over HTTP, with a real S3 protocol server.
+
+The operator runs in the test's event loop (:func:`tests.operator_fixtures.running_operator`), talks to
+the emulator through kopf and the official client exactly as to an API server, and opens each campaign's
+store on moto. No worker runs here: the test reads the objects the operator created, edits the campaign
+as a user would, and speaks to the lease API itself where it needs a worker's view.
+(tests/e2e/test_operator_campaign.py runs whole campaigns with real workers.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from typing import Any
+
+import aiohttp
+import pytest
+from minio import Minio
+from mlds_contract.lease import LeaseGrant, LeaseRequest, NoLease, NoLeaseReason, ReleaseRequest
+from mlds_operator.controller import pods
+
+from tests.operator_fixtures import (
+    CAMPAIGNS,
+    JOBS,
+    SECRETS,
+    TEST_IMAGES,
+    Cluster,
+    RunningOperator,
+    campaign_manifest,
+    condition,
+    credentials_secret,
+    operator_config,
+    running_operator,
+    wait_for,
+)
+from tests.s3_fixtures import S3Server
+
+pytestmark = pytest.mark.e2e
+pytest_plugins = ["tests.s3_fixtures", "tests.operator_fixtures"]
+
+NS = "research"
+#: Seconds to wait for the operator to react: a few status passes (0.3 s each) on a busy 2-core machine.
+REACT = 20.0
+
+
+async def add_credentials(cluster: Cluster, s3: S3Server, name: str = "s3-credentials") -> None:
+    await cluster.create(SECRETS, credentials_secret(NS, name, s3.access_key, s3.secret_key))
+
+
+def ready(cluster: Cluster, name: str) -> bool:
+    return condition(cluster.status(NS, name), "Ready").get("status") == "True"
+
+
+def token_of(cluster: Cluster, campaign: str) -> str:
+    secret = cluster.get(SECRETS, NS, pods.secret_name(campaign))
+    token = pods.token_from_secret(secret)
+    assert token, f"no token Secret for {campaign}"
+    return token
+
+
+async def lease(op: RunningOperator, campaign: str, token: str, pool: str = "cpu") -> tuple[int, Any]:
+    """Ask the campaign's lease API for one unit, as a worker of ``pool`` would."""
+    url = pods.lease_url(op.lease_base_url, NS, campaign) + "/leases"
+    request = LeaseRequest(worker="test-worker", pool=pool, accelerator="cpu", device_name="test", max_units=1)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            url, data=request.model_dump_json(by_alias=True), headers={"Authorization": f"Bearer {token}"}
+        ) as resp,
+    ):
+        body = await resp.json(content_type=None)
+        if resp.status != 200:
+            return resp.status, body
+        reply: LeaseGrant | NoLease = (
+            LeaseGrant.model_validate(body) if "leaseId" in body else NoLease.model_validate(body)
+        )
+        return resp.status, reply
+
+
+async def release(op: RunningOperator, campaign: str, token: str, grant: LeaseGrant) -> None:
+    url = pods.lease_url(op.lease_base_url, NS, campaign) + f"/leases/{grant.lease_id}/release"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            url,
+            data=ReleaseRequest(worker="test-worker").model_dump_json(by_alias=True),
+            headers={"Authorization": f"Bearer {token}"},
+        ) as resp,
+    ):
+        assert resp.status == 200
+
+
+# -------------------------------------------------------------------------------- what is made
+
+
+async def test_a_campaign_gets_a_token_secret_and_one_job_per_pool_with_the_right_resources(
+    cluster: Cluster, s3_server: S3Server, s3_bucket: str
+) -> None:
+    await add_credentials(cluster, s3_server)
+    pools = [
+        {"name": "cpu", "accelerator": "cpu", "replicas": 3, "resources": {"limits": {"cpu": "2", "memory": "2Gi"}}},
+        {
+            "name": "a100",
+            "accelerator": "nvidia",
+            "replicas": 2,
+            "unitsPerLease": 64,
+            "nodeSelector": {"gpu": "a100"},
+            "tolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+        {"name": "mi300", "accelerator": "rocm", "replicas": 1, "resources": {"limits": {"amd.com/gpu": 2}}},
+    ]
+    async with running_operator(operator_config(cluster)) as op:
+        await cluster.create(
+            CAMPAIGNS, campaign_manifest("parity", NS, storage=s3_server.storage(s3_bucket, "parity"), pools=pools)
+        )
+        jobs = await wait_for(
+            lambda: len(cluster.jobs(NS, "parity")) == 3 and cluster.jobs(NS, "parity"),
+            timeout=REACT,
+            what="three Jobs",
+        )
+        await wait_for(lambda: ready(cluster, "parity"), timeout=REACT, what="Ready=True")
+        campaign = cluster.campaign(NS, "parity")
+        assert campaign is not None
+
+        def containers(pool: str) -> dict[str, Any]:
+            (c,) = jobs[pool]["spec"]["template"]["spec"]["containers"]
+            return dict(c)
+
+        cpu, nvidia, rocm = containers("cpu"), containers("a100"), containers("mi300")
+        assert (cpu["image"], nvidia["image"], rocm["image"]) == (
+            TEST_IMAGES["cpu"],
+            TEST_IMAGES["nvidia"],
+            TEST_IMAGES["rocm"],
+        )
+        assert cpu["resources"]["limits"] == {"cpu": "2", "memory": "2Gi"}
+        assert {e["name"]: e.get("value") for e in cpu["env"]}["OMP_NUM_THREADS"] == "2"
+        assert nvidia["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert rocm["resources"]["limits"] == {"amd.com/gpu": 2}
+        assert {e["name"]: e.get("value") for e in nvidia["env"]}["MLDS_UNITS_PER_LEASE"] == "64"
+        a100_pod = jobs["a100"]["spec"]["template"]["spec"]
+        assert a100_pod["nodeSelector"] == {"gpu": "a100"}
+        assert {"key": "spot", "operator": "Exists", "effect": "NoSchedule"} in a100_pod["tolerations"]
+        assert [j["spec"]["parallelism"] for j in (jobs["cpu"], jobs["a100"], jobs["mi300"])] == [3, 2, 1]
+        for job in jobs.values():
+            owner = job["metadata"]["ownerReferences"][0]
+            assert (owner["kind"], owner["name"], owner["uid"]) == (
+                "TrainingCampaign",
+                "parity",
+                campaign["metadata"]["uid"],
+            )
+            assert job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+        env = {e["name"]: e.get("value") for e in cpu["env"]}
+        assert env["MLDS_LEASE_URL"] == f"{op.lease_base_url}/v1/campaigns/{NS}/parity"
+        token = token_of(cluster, "parity")
+        code, grant = await lease(op, "parity", token)
+        assert code == 200
+        assert isinstance(grant, LeaseGrant), "the token in the Secret is the one the lease API takes"
+        await release(op, "parity", token, grant)
+        code, _ = await lease(op, "parity", "not-the-token")
+        assert code == 401
+
+        status = cluster.status(NS, "parity")
+        assert status["phase"] in ("Pending", "Running")
+        assert status["units"]["total"] == 20
+        assert status["progress"] == "0/20"
+        assert status["observedGeneration"] == 1
+        assert [p["name"] for p in status["pools"]] == ["cpu", "a100", "mi300"]
+        assert "kopf" not in status, "handlers return None: no kopf bookkeeping in our status"
+        reasons = {e["reason"] for e in cluster.events(NS, "parity")}
+        assert {"Serving", "WaitingForWorkers"} <= reasons
+
+
+# ------------------------------------------------------------------------------------- edits
+
+
+async def test_replicas_and_suspend_edits_reach_the_jobs_and_the_lease_book(
+    cluster: Cluster, s3_server: S3Server, s3_bucket: str
+) -> None:
+    await add_credentials(cluster, s3_server)
+    async with running_operator(operator_config(cluster)) as op:
+        await cluster.create(CAMPAIGNS, campaign_manifest("edits", NS, storage=s3_server.storage(s3_bucket, "edits")))
+        await wait_for(lambda: ready(cluster, "edits"), timeout=REACT, what="Ready=True")
+        token = token_of(cluster, "edits")
+
+        pools = [{"name": "cpu", "accelerator": "cpu", "replicas": 5, "unitsPerLease": 1}]
+        await cluster.patch(CAMPAIGNS, NS, "edits", {"spec": {"pools": pools}})
+        await wait_for(
+            lambda: cluster.jobs(NS, "edits")["cpu"]["spec"]["parallelism"] == 5, timeout=REACT, what="parallelism 5"
+        )
+        await wait_for(
+            lambda: cluster.status(NS, "edits").get("observedGeneration") == 2, timeout=REACT, what="generation 2"
+        )
+
+        await cluster.patch(CAMPAIGNS, NS, "edits", {"spec": {"suspend": True}})
+        await wait_for(
+            lambda: cluster.jobs(NS, "edits")["cpu"]["spec"]["suspend"] is True, timeout=REACT, what="suspended Job"
+        )
+        await wait_for(lambda: cluster.status(NS, "edits").get("phase") == "Suspended", timeout=REACT, what="Suspended")
+        code, reply = await lease(op, "edits", token)
+        assert (code, getattr(reply, "reason", None)) == (200, NoLeaseReason.paused)
+        assert condition(cluster.status(NS, "edits"), "Suspended")["status"] == "True"
+        assert "SuspendedBySpec" in {e["reason"] for e in cluster.events(NS, "edits")}
+
+        await cluster.patch(CAMPAIGNS, NS, "edits", {"spec": {"suspend": False}})
+        await wait_for(
+            lambda: cluster.jobs(NS, "edits")["cpu"]["spec"]["suspend"] is False, timeout=REACT, what="resumed Job"
+        )
+        code, reply = await wait_for(lambda: _granted(op, "edits", token), timeout=REACT, what="a lease after resuming")
+        assert isinstance(reply, LeaseGrant)
+        await release(op, "edits", token, reply)
+        await wait_for(
+            lambda: condition(cluster.status(NS, "edits"), "Suspended").get("status") == "False",
+            timeout=REACT,
+            what="Suspended=False",
+        )
+
+
+async def _granted(op: RunningOperator, campaign: str, token: str) -> tuple[int, Any] | None:
+    code, reply = await lease(op, campaign, token)
+    return (code, reply) if isinstance(reply, LeaseGrant) else None
+
+
+async def test_a_changed_worker_image_replaces_the_job(cluster: Cluster, s3_server: S3Server, s3_bucket: str) -> None:
+    await add_credentials(cluster, s3_server)
+    async with running_operator(operator_config(cluster)):
+        await cluster.create(CAMPAIGNS, campaign_manifest("images", NS, storage=s3_server.storage(s3_bucket, "img")))
+        first = await wait_for(lambda: cluster.jobs(NS, "images").get("cpu"), timeout=REACT, what="the cpu Job")
+        pools = [{"name": "cpu", "accelerator": "cpu", "replicas": 2, "image": "registry.test/custom:2"}]
+        await cluster.patch(CAMPAIGNS, NS, "images", {"spec": {"pools": pools}})
+
+        def replaced() -> bool:
+            job = cluster.jobs(NS, "images").get("cpu")
+            return (
+                job is not None
+                and job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.test/custom:2"
+            )
+
+        await wait_for(replaced, timeout=REACT, what="a new Job with the new image")
+        assert cluster.jobs(NS, "images")["cpu"]["metadata"]["uid"] != first["metadata"]["uid"]
+
+
+async def test_editing_the_plan_mid_campaign_is_refused_until_reverted(
+    cluster: Cluster, s3_server: S3Server, s3_bucket: str
+) -> None:
+    await add_credentials(cluster, s3_server)
+    async with running_operator(operator_config(cluster)):
+        await cluster.create(CAMPAIGNS, campaign_manifest("plan", NS, storage=s3_server.storage(s3_bucket, "plan")))
+        await wait_for(lambda: ready(cluster, "plan"), timeout=REACT, what="Ready=True")
+        await cluster.patch(CAMPAIGNS, NS, "plan", {"spec": {"seed": 7}})
+        invalid = await wait_for(
+            lambda: (
+                condition(cluster.status(NS, "plan"), "InvalidSpec").get("status") == "True"
+                and condition(cluster.status(NS, "plan"), "InvalidSpec")
+            ),
+            timeout=REACT,
+            what="InvalidSpec=True",
+        )
+        assert invalid["reason"] == "ImmutableFieldChanged"
+        assert "seed" in invalid["message"]
+        assert cluster.jobs(NS, "plan")["cpu"]["spec"]["parallelism"] == 2, "the running campaign carries on"
+        await cluster.patch(CAMPAIGNS, NS, "plan", {"spec": {"seed": 1}})
+        await wait_for(
+            lambda: condition(cluster.status(NS, "plan"), "InvalidSpec").get("status") == "False",
+            timeout=REACT,
+            what="InvalidSpec=False after the revert",
+        )
+
+
+# ----------------------------------------------------------------------------------- deletion
+
+
+async def test_deleting_a_campaign_removes_its_jobs_and_secret_and_keeps_its_results(
+    cluster: Cluster, s3_server: S3Server, s3_bucket: str, minio_client: Minio
+) -> None:
+    await add_credentials(cluster, s3_server)
+    async with running_operator(operator_config(cluster)) as op:
+        await cluster.create(
+            CAMPAIGNS,
+            campaign_manifest(
+                "gone",
+                NS,
+                storage=s3_server.storage(s3_bucket, "gone"),
+                pools=[
+                    {"name": "cpu", "accelerator": "cpu", "replicas": 1},
+                    {"name": "gpu", "accelerator": "nvidia", "replicas": 1},
+                ],
+            ),
+        )
+        await wait_for(lambda: len(cluster.jobs(NS, "gone")) == 2, timeout=REACT, what="two Jobs")
+        await wait_for(lambda: ready(cluster, "gone"), timeout=REACT, what="Ready=True")
+        token = token_of(cluster, "gone")
+        # A result some worker delivered earlier; the operator must never delete results.
+        minio_client.put_object(s3_bucket, "gone/ParityMachine/00000/meta.json", _bytes(b"{}"), 2)
+
+        await cluster.delete(CAMPAIGNS, NS, "gone")
+        await wait_for(lambda: cluster.campaign(NS, "gone") is None, timeout=REACT, what="the campaign to go")
+        assert cluster.jobs(NS, "gone") == {}
+        assert cluster.get(SECRETS, NS, pods.secret_name("gone")) is None
+        assert cluster.get(SECRETS, NS, "s3-credentials") is not None, "not ours to delete"
+        keys = {o.object_name for o in minio_client.list_objects(s3_bucket, prefix="gone/", recursive=True)}
+        assert "gone/ParityMachine/00000/meta.json" in keys
+        assert any(k.startswith("gone/_mlds/") for k in keys), "the book's last checkpoint stays too"
+        code, _ = await lease(op, "gone", token)
+        assert code == 401, "its leases are released with it: the lease API no longer serves it"
+
+
+def _bytes(data: bytes) -> Any:
+    return io.BytesIO(data)
+
+
+# --------------------------------------------------------------------------------- mistakes
+
+
+INVALID: list[tuple[str, dict[str, Any], str, str]] = [
+    (
+        "unknown-machine",
+        {"workload": {"dataset": "ds1", "machines": ["Parity"]}},
+        "InvalidCampaign",
+        "unknown machine 'Parity' for ds1",
+    ),
+    (
+        "ds2-machine-in-ds1",
+        {"workload": {"dataset": "ds1", "machines": ["XORModified"]}},
+        "InvalidCampaign",
+        "unknown machine 'XORModified'",
+    ),
+    (
+        "twice-the-same-machine",
+        {"workload": {"dataset": "ds2", "machines": ["ParityMachine", "ParityModified"]}},
+        "InvalidCampaign",
+        "listed twice",
+    ),
+    (
+        "variants-outside-ds4",
+        {"workload": {"dataset": "ds1", "variants": ["pixel"]}},
+        "InvalidCampaign",
+        "variants applies to ds4 only",
+    ),
+    (
+        "shapes-outside-ds5",
+        {"workload": {"dataset": "ds1", "shapes": [{"hidden": 8}]}},
+        "InvalidCampaign",
+        "shapes applies to ds5 only",
+    ),
+    (
+        "machines-on-ds4",
+        {"workload": {"dataset": "ds4", "machines": ["ParityMachine"]}},
+        "InvalidCampaign",
+        "does not apply to ds4",
+    ),
+    ("duplicate-pools", {"pools": [{"name": "cpu"}, {"name": "cpu"}]}, "InvalidCampaign", "pool names must be unique"),
+    ("no-storage", {"storage": None}, "StorageRequired", "spec.storage is required"),
+    ("negative-networks", {"networksPerTarget": -5}, "MalformedSpec", "networksPerTarget"),
+    ("unknown-dataset", {"workload": {"dataset": "ds7"}}, "MalformedSpec", "workload.dataset"),
+]
+
+
+@pytest.mark.slow
+async def test_semantic_mistakes_fail_the_campaign_with_a_readable_condition_and_no_retry_loop(
+    cluster: Cluster, s3_server: S3Server, s3_bucket: str
+) -> None:
+    await add_credentials(cluster, s3_server)
+    async with running_operator(operator_config(cluster)):
+        for name, spec, _, _ in INVALID:
+            manifest = campaign_manifest(name, NS, storage=s3_server.storage(s3_bucket, name))
+            manifest["spec"].update(spec)
+            if manifest["spec"].get("storage") is None:
+                manifest["spec"].pop("storage")
+            await cluster.create(CAMPAIGNS, manifest)
+        for name, _, reason, fragment in INVALID:
+            cond = await wait_for(
+                lambda name=name: condition(cluster.status(NS, name), "InvalidSpec") or None,
+                timeout=REACT,
+                what=f"the InvalidSpec condition of {name}",
+            )
+            status = cluster.status(NS, name)
+            assert (status["phase"], cond["status"], cond["reason"]) == ("Failed", "True", reason), name
+            assert fragment in cond["message"], (name, cond["message"])
+            assert condition(status, "Failed")["reason"] == "InvalidSpec"
+        await _passes(5)
+        for name, _, reason, _ in INVALID:
+            assert cluster.jobs(NS, name) == {}, name
+            assert cluster.get(SECRETS, NS, pods.secret_name(name)) is None, name
+            warnings = [e for e in cluster.events(NS, name) if e["reason"] == reason]
+            assert len(warnings) == 1, f"{name}: one Event, not one per pass: {warnings}"
+            assert warnings[0]["type"] == "Warning"
+
+
+async def _passes(n: int) -> None:
+    """Let ``n`` status passes go by (the operator's status interval is 0.3 s here)."""
+    await asyncio.sleep(n * 0.3)
+
+
+async def test_a_missing_credentials_secret_waits_and_the_campaign_starts_once_it_appears(
+    cluster: Cluster, s3_server: S3Server, s3_bucket: str
+) -> None:
+    async with running_operator(operator_config(cluster)):
+        manifest = campaign_manifest(
+            "creds", NS, storage=s3_server.storage(s3_bucket, "creds"), credentials_secret="later"
+        )
+        await cluster.create(CAMPAIGNS, manifest)
+        cond = await wait_for(
+            lambda: (
+                condition(cluster.status(NS, "creds"), "InvalidSpec").get("status") == "True"
+                and condition(cluster.status(NS, "creds"), "InvalidSpec")
+            ),
+            timeout=REACT,
+            what="InvalidSpec for the missing Secret",
+        )
+        assert cond["reason"] == "CredentialsSecretMissing"
+        assert "'later'" in cond["message"]
+        assert cluster.status(NS, "creds")["phase"] == "Pending"
+        assert cluster.jobs(NS, "creds") == {}
+
+        bad = credentials_secret(NS, "later", "x", "y")
+        bad["data"] = {"username": base64.b64encode(b"x").decode()}
+        await cluster.create(SECRETS, bad)
+        await wait_for(
+            lambda: condition(cluster.status(NS, "creds"), "InvalidSpec").get("reason") == "CredentialsSecretInvalid",
+            timeout=REACT,
+            what="CredentialsSecretInvalid",
+        )
+        await cluster.delete(SECRETS, NS, "later")
+        await add_credentials(cluster, s3_server, "later")
+        await wait_for(
+            lambda: cluster.jobs(NS, "creds").get("cpu"), timeout=REACT, what="the Job once the Secret exists"
+        )
+        await wait_for(lambda: ready(cluster, "creds"), timeout=REACT, what="Ready=True")
+        assert condition(cluster.status(NS, "creds"), "InvalidSpec")["status"] == "False"
+
+
+async def test_a_job_name_taken_by_something_else_is_reported_not_overwritten(
+    cluster: Cluster, s3_server: S3Server, s3_bucket: str
+) -> None:
+    await add_credentials(cluster, s3_server)
+    foreign = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "clash-cpu", "namespace": NS}, "spec": {}}
+    await cluster.create(JOBS, foreign)
+    async with running_operator(operator_config(cluster)):
+        await cluster.create(CAMPAIGNS, campaign_manifest("clash", NS, storage=s3_server.storage(s3_bucket, "clash")))
+        ready = await wait_for(
+            lambda: (
+                condition(cluster.status(NS, "clash"), "Ready").get("reason") == "JobNameTaken"
+                and condition(cluster.status(NS, "clash"), "Ready")
+            ),
+            timeout=REACT,
+            what="Ready=False because the Job name is taken",
+        )
+        assert ready["status"] == "False"
+        assert "clash-cpu" in ready["message"]
+        (event,) = [e for e in cluster.events(NS, "clash") if e["reason"] == "JobNameTaken"]
+        assert event["type"] == "Warning"
+        assert cluster.get(JOBS, NS, "clash-cpu") == {
+            **foreign,
+            "metadata": cluster.get(JOBS, NS, "clash-cpu")["metadata"],
+        }

@@ -1,0 +1,334 @@
+"""The local-folder store: keys, atomic writes, listing, verification and signed upload URLs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.parse
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from mlds_contract.campaign import Storage
+from mlds_contract.errors import StorageUnavailable, UserError
+from mlds_operator.storage.store import LocalStore, Store, VerifyResult, check_rel, open_store
+
+EPOCH = 1_800_000_000.0  # a fixed "now" for signed URLs, in Unix seconds
+
+
+class Clock:
+    def __init__(self, now: float = EPOCH) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> LocalStore:
+    s = LocalStore(tmp_path / "store", upload_base_url="http://127.0.0.1:8080", clock=clock)
+    s.ensure_root()
+    return s
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------------- keys
+
+
+@pytest.mark.parametrize(
+    "rel",
+    [
+        pytest.param("meta.json", id="top-level"),
+        pytest.param("ParityMachine/00007/model.safetensors", id="result-file"),
+        pytest.param("_mlds/parts/part-000001.parquet", id="internal"),
+        pytest.param("ParityMachine-h12-g4-l4/00000/meta.json", id="ds5-target"),
+        pytest.param("a/.hidden", id="dot-file-is-a-name"),
+        pytest.param("a/..b", id="dots-inside-a-name"),
+    ],
+)
+def test_safe_keys_are_accepted(rel: str) -> None:
+    assert check_rel(rel) == rel
+
+
+@pytest.mark.parametrize(
+    "rel",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("/etc/passwd", id="absolute"),
+        pytest.param("../outside", id="parent-first"),
+        pytest.param("a/../../outside", id="parent-inside"),
+        pytest.param("a/./b", id="dot-part"),
+        pytest.param("a//b", id="empty-part"),
+        pytest.param("a/b/", id="trailing-slash"),
+        pytest.param("a\\..\\b", id="backslash"),
+        pytest.param("a/b\x00c", id="nul"),
+        pytest.param("a/b\nc", id="newline"),
+    ],
+)
+def test_unsafe_keys_are_refused_by_every_method(store: LocalStore, rel: str) -> None:
+    with pytest.raises(ValueError, match="key"):
+        check_rel(rel)
+    for call in (
+        lambda: store.put_bytes(rel, b"x"),
+        lambda: store.get_bytes(rel),
+        lambda: store.stat(rel),
+        lambda: store.delete(rel),
+        lambda: store.presign_put(rel, timedelta(minutes=1)),
+    ):
+        with pytest.raises(ValueError, match="key"):
+            call()
+    assert not (store.root.parent / "outside").exists()
+
+
+# --------------------------------------------------------------------------------------------- objects
+
+
+def test_put_get_stat_sha256_round_trip(store: LocalStore) -> None:
+    data = b"\x00weights\xff" * 1000
+    store.put_bytes("T/00000/model.safetensors", data)
+
+    assert store.get_bytes("T/00000/model.safetensors") == data
+    assert (store.root / "T" / "00000" / "model.safetensors").read_bytes() == data
+    info = store.stat("T/00000/model.safetensors")
+    assert info is not None
+    assert (info.key, info.size, info.etag) == ("T/00000/model.safetensors", len(data), None)
+    assert info.last_modified is not None
+    assert info.last_modified.tzinfo is not None
+    assert store.sha256("T/00000/model.safetensors") == sha(data)
+
+
+def test_missing_objects_are_none_not_errors(store: LocalStore) -> None:
+    store.put_bytes("T/00000/meta.json", b"{}")
+
+    assert store.get_bytes("T/00001/meta.json") is None
+    assert store.stat("T/00001/meta.json") is None
+    assert store.sha256("T/00001/meta.json") is None
+    # A "folder" is not an object, as in S3.
+    assert store.get_bytes("T/00000") is None
+    assert store.stat("T/00000") is None
+    # Below a file: not an object either.
+    assert store.get_bytes("T/00000/meta.json/x") is None
+    assert store.stat("T/00000/meta.json/x") is None
+
+
+def test_overwrite_replaces_and_delete_is_idempotent(store: LocalStore) -> None:
+    store.put_bytes("k", b"old, longer content")
+    store.put_bytes("k", b"new")
+    assert store.get_bytes("k") == b"new"
+
+    store.delete("k")
+    store.delete("k")
+    store.delete("never/was")
+    assert store.get_bytes("k") is None
+
+
+def test_a_failed_write_keeps_the_old_object_and_leaves_no_temporary_file(
+    store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.put_bytes("_mlds/checkpoint.bin", b"old")
+
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(StorageUnavailable, match="No space left"):
+        store.put_bytes("_mlds/checkpoint.bin", b"new")
+    monkeypatch.undo()
+
+    assert store.get_bytes("_mlds/checkpoint.bin") == b"old"
+    assert files_under(store.root) == ["_mlds/checkpoint.bin"]
+
+
+def test_a_crash_mid_write_leaves_a_temporary_file_that_is_never_listed(store: LocalStore) -> None:
+    store.put_bytes("T/00000/meta.json", b"{}")
+    # What a killed writer leaves behind (the name put_bytes uses for its temporary files).
+    (store.root / "T" / "00000" / ".model.safetensors.mlds-tmp-0123abcd").write_bytes(b"partial")
+
+    assert list(store.list("")) == ["T/00000/meta.json"]
+    assert store.get_bytes("T/00000/model.safetensors") is None
+
+
+def test_list_is_a_plain_string_prefix_as_in_s3(store: LocalStore) -> None:
+    for key in ("a/00001/meta.json", "a/00012/meta.json", "a/00100/meta.json", "ab/00001/meta.json", "b.txt"):
+        store.put_bytes(key, b"x")
+
+    assert sorted(store.list()) == [
+        "a/00001/meta.json",
+        "a/00012/meta.json",
+        "a/00100/meta.json",
+        "ab/00001/meta.json",
+        "b.txt",
+    ]
+    assert sorted(store.list("a")) == sorted(
+        ["a/00001/meta.json", "a/00012/meta.json", "a/00100/meta.json", "ab/00001/meta.json"]
+    )
+    assert sorted(store.list("a/")) == ["a/00001/meta.json", "a/00012/meta.json", "a/00100/meta.json"]
+    assert sorted(store.list("a/000")) == ["a/00001/meta.json", "a/00012/meta.json"]
+    assert list(store.list("missing/")) == []
+    assert [i.size for i in store.scan("b.txt")] == [1]
+
+
+def test_a_store_on_an_empty_root_lists_nothing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "not-created-yet")
+
+    assert list(store.list("")) == []
+
+
+@pytest.mark.parametrize(
+    ("stored", "size", "digest", "expected"),
+    [
+        pytest.param(b"abc", 3, sha(b"abc"), VerifyResult.ok, id="as-declared"),
+        pytest.param(None, 3, sha(b"abc"), VerifyResult.missing, id="never-uploaded"),
+        pytest.param(b"", 3, sha(b"abc"), VerifyResult.size_mismatch, id="empty"),
+        pytest.param(b"abcd", 3, sha(b"abc"), VerifyResult.size_mismatch, id="longer"),
+        pytest.param(b"abd", 3, sha(b"abc"), VerifyResult.sha_mismatch, id="same-size-other-bytes"),
+        pytest.param(b"abc", 3, sha(b"abc").upper(), VerifyResult.ok, id="upper-case-hex"),
+    ],
+)
+def test_verify(store: LocalStore, stored: bytes | None, size: int, digest: str, expected: VerifyResult) -> None:
+    if stored is not None:
+        store.put_bytes("T/00000/model.safetensors", stored)
+
+    assert store.verify("T/00000/model.safetensors", size, digest) is expected
+
+
+def test_local_store_is_a_store(store: LocalStore) -> None:
+    assert isinstance(store, Store)
+    assert store.url == store.root.as_uri()
+    assert store.url.startswith("file:///")
+
+
+# ------------------------------------------------------------------------------------------ signed URLs
+
+
+def split(url: str) -> tuple[str, str, str]:
+    """(decoded key, expires, sig) of a local upload URL, as the lease API's route sees them."""
+    parsed = urllib.parse.urlsplit(url)
+    assert parsed.path.startswith("/v1/objects/")
+    key = urllib.parse.unquote(parsed.path.removeprefix("/v1/objects/"))
+    query = dict(urllib.parse.parse_qsl(parsed.query))
+    return key, query["expires"], query["sig"]
+
+
+def test_upload_url_points_at_the_lease_api_route(store: LocalStore) -> None:
+    url = store.presign_put("Parity Machine/00003/model.safetensors", timedelta(minutes=10))
+
+    parsed = urllib.parse.urlsplit(url)
+    assert (parsed.scheme, parsed.netloc) == ("http", "127.0.0.1:8080")
+    assert parsed.path == "/v1/objects/Parity%20Machine/00003/model.safetensors"
+    key, expires, _ = split(url)
+    assert key == "Parity Machine/00003/model.safetensors"
+    assert int(expires) == EPOCH + 600
+
+
+def test_a_signed_url_authorises_its_key_until_it_expires(store: LocalStore, clock: Clock) -> None:
+    key, expires, sig = split(store.presign_put("T/00003/meta.json", timedelta(minutes=10)))
+
+    assert store.check_upload(key, expires, sig)
+    assert store.check_upload(key, expires, sig, now=EPOCH + 600)  # the last second counts
+    assert not store.check_upload(key, expires, sig, now=EPOCH + 601)
+    clock.now = EPOCH + 601
+    assert not store.check_upload(key, expires, sig)
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        pytest.param(lambda k, e, s: ("T/00004/meta.json", e, s), "another unit's key", id="other-key"),
+        pytest.param(lambda k, e, s: ("T/00003/model.safetensors", e, s), "another file", id="other-file"),
+        pytest.param(lambda k, e, s: (k, str(int(e) + 3600), s), "a later expiry", id="extended-expiry"),
+        pytest.param(lambda k, e, s: (k, e, s[:-1] + ("0" if s[-1] != "0" else "1")), "a flipped digit", id="tampered"),
+        pytest.param(lambda k, e, s: (k, e, s.upper()), "upper-cased hex", id="case-changed"),
+        pytest.param(lambda k, e, s: (k, e, ""), "no signature", id="missing-sig"),
+        pytest.param(lambda k, e, s: (k, "", s), "no expiry", id="missing-expiry"),
+        pytest.param(lambda k, e, s: (k, "soon", s), "garbage expiry", id="garbage-expiry"),
+        pytest.param(lambda k, e, s: ("T/00003/../00004/meta.json", e, s), "a traversal", id="traversal"),
+    ],
+)
+def test_a_changed_url_authorises_nothing(
+    store: LocalStore, change: Callable[[str, str, str], tuple[str, str, str]], why: str
+) -> None:
+    key, expires, sig = split(store.presign_put("T/00003/meta.json", timedelta(minutes=10)))
+
+    k, e, s = change(key, expires, sig)
+
+    assert not store.check_upload(k, e, s), why
+
+
+def test_urls_of_one_store_do_not_open_another(tmp_path: Path, store: LocalStore) -> None:
+    other = LocalStore(tmp_path / "other", upload_base_url="http://127.0.0.1:8080", clock=Clock())
+    key, expires, sig = split(store.presign_put("T/00003/meta.json", timedelta(minutes=10)))
+
+    assert not other.check_upload(key, expires, sig)
+
+
+def test_a_shared_secret_survives_a_restart(tmp_path: Path) -> None:
+    # `mlds run` derives the secret from the campaign token, so URLs survive a server restart.
+    before = LocalStore(tmp_path / "s", upload_base_url="http://h", secret=b"k" * 32, clock=Clock())
+    after = LocalStore(tmp_path / "s", upload_base_url="http://h", secret=b"k" * 32, clock=Clock())
+
+    key, expires, sig = split(before.presign_put("T/00003/meta.json", timedelta(minutes=10)))
+
+    assert after.check_upload(key, expires, sig)
+
+
+def test_presign_needs_an_upload_base_url_and_a_positive_lifetime(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    with pytest.raises(RuntimeError, match="upload_base_url"):
+        store.presign_put("k", timedelta(minutes=1))
+    store.upload_base_url = "http://127.0.0.1:1234/"
+    with pytest.raises(ValueError, match="positive"):
+        store.presign_put("k", timedelta(0))
+    assert store.presign_put("k", timedelta(minutes=1)).startswith("http://127.0.0.1:1234/v1/objects/k?")
+
+
+# ------------------------------------------------------------------------------------------------ open
+
+
+def test_open_store_without_storage_opens_the_local_folder(tmp_path: Path) -> None:
+    store = open_store(None, local_root=tmp_path / "runs" / "quick", upload_base_url="http://127.0.0.1:9")
+
+    assert isinstance(store, LocalStore)
+    assert (tmp_path / "runs" / "quick").is_dir()
+    assert store.presign_put("k", timedelta(seconds=5)).startswith("http://127.0.0.1:9/v1/objects/k?")
+
+
+def test_open_store_needs_a_folder_when_there_is_no_storage() -> None:
+    with pytest.raises(UserError, match=r"no spec\.storage"):
+        open_store(None)
+
+
+def test_a_file_where_the_folder_should_be_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("not a folder")
+
+    with pytest.raises(UserError, match="taken"):
+        open_store(None, local_root=tmp_path / "taken")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_folder_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "ro").mkdir(mode=0o500)
+
+    with pytest.raises(UserError, match="not writable"):
+        open_store(None, local_root=tmp_path / "ro")
+
+
+def test_s3_storage_without_credentials_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+
+    with pytest.raises(UserError, match="AWS_ACCESS_KEY_ID"):
+        open_store(Storage(endpoint="minio:9000", bucket="mlds"))
