@@ -46,6 +46,7 @@ import torch
 from mlds_contract.campaign import Dataset
 from mlds_contract.errors import UnitError
 from mlds_contract.plan import DEFAULT_SHAPE, UnitSpec
+from mlds_workloads import target_data
 from torch import Tensor, nn
 
 from .batched_nets import StackedCNN, StackedGRUNet, StackedNet
@@ -65,7 +66,7 @@ from .train import (
 __all__ = ["BatchData", "batch_groups", "train_batch"]
 
 #: What ``data`` may be: one data set for every unit, one per unit (``None`` = the unit's target data),
-#: or ``None`` for every unit's target data (:func:`mlds_worker.workloads.target_data`).
+#: or ``None`` for every unit's target data (:func:`mlds_workloads.target_data`).
 BatchData = SequenceArrays | ImageArrays | Sequence[SequenceArrays | ImageArrays | None] | None
 
 #: Evaluation runs in chunks of this many samples, as in :mod:`mlds_worker.train` (same sums, same order).
@@ -179,8 +180,6 @@ def _resolve_data(units: list[UnitSpec], data: BatchData) -> list[SequenceArrays
         if arrays is not None:
             out.append(arrays)
         else:
-            from .workloads import target_data  # noqa: PLC0415 - heavy (sklearn); only when the caller has no data
-
             out.append(target_data(unit))
     return out
 

@@ -1,7 +1,7 @@
 """The deterministic trainer: one unit in, one trained network and its history out (MLDS-SPEC §4, §6, §7).
 
 Called by `mlds train` (:mod:`mlds_worker.cli`), by the worker's lease loop, and by benchmarks. It is
-pure computation: it reads no files (the data comes from :mod:`mlds_worker.workloads` or the caller)
+pure computation: it reads no files (the data comes from :mod:`mlds_workloads` or the caller)
 and writes none (:mod:`mlds_worker.results` turns a :class:`TrainResult` into files).
 
 GRU datasets (ds1, ds2, ds3, ds5): MSE over sequences x steps x outputs; Adam (default betas, no
@@ -35,6 +35,7 @@ import torch
 from mlds_contract.campaign import Dataset
 from mlds_contract.errors import UnitError
 from mlds_contract.plan import UnitSpec
+from mlds_workloads import target_data
 from torch import nn
 
 from .device import describe_device
@@ -64,7 +65,7 @@ _EVAL_CHUNK = 4096
 
 
 class SequenceArrays(Protocol):
-    """What the trainer needs of a GRU dataset's data (``mlds_worker.workloads.SequenceData`` is one)."""
+    """What the trainer needs of a GRU dataset's data (``mlds_workloads.SequenceData`` is one)."""
 
     @property
     def train_x(self) -> npt.NDArray[Any]: ...  # float32 (N, T, 9)
@@ -81,7 +82,7 @@ class SequenceArrays(Protocol):
 
 
 class ImageArrays(Protocol):
-    """What the trainer needs of ds4 data (``mlds_worker.workloads.ImageData`` is one)."""
+    """What the trainer needs of ds4 data (``mlds_workloads.ImageData`` is one)."""
 
     @property
     def train_x(self) -> npt.NDArray[Any]: ...  # float32 (N, 1, H, W)
@@ -158,15 +159,13 @@ def train_unit(
 ) -> TrainResult:
     """Train one network for ``unit`` until it converges or hits its epoch cap.
 
-    ``data`` defaults to the unit's target data (:func:`mlds_worker.workloads.target_data`); pass it to
+    ``data`` defaults to the unit's target data (:func:`mlds_workloads.target_data`); pass it to
     share one target's data between units or to train on synthetic arrays. ``on_epoch`` is called after
     every epoch (progress bars, lease heartbeats); an exception it raises aborts training and
     propagates. ``snapshots`` keeps the weights after every epoch (default: ds3 only). Data of the
     wrong shape raises :class:`mlds_contract.errors.UnitError` (the attempt fails; retrying cannot help).
     """
     if data is None:
-        from .workloads import target_data  # noqa: PLC0415 - heavy (sklearn); only when the caller has no data
-
         data = target_data(unit)
     torch_device = torch.device(device)
     if torch_device.type == "cpu":
