@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -244,14 +245,6 @@ def _tensor(array: npt.NDArray[Any], dtype: torch.dtype, device: torch.device) -
     return torch.tensor(np.asarray(array), dtype=dtype, device=device)
 
 
-class _Loop(Protocol):
-    model: nn.Module
-
-    def train_epoch(self) -> float: ...
-    def evaluate(self, epoch: int, train_loss: float) -> EpochRecord: ...
-    def done(self, record: EpochRecord) -> bool: ...
-
-
 class _Batches:
     """Mini-batch index order: a fresh permutation every epoch from the unit's SGD seed.
 
@@ -267,7 +260,45 @@ class _Batches:
         return list(torch.split(order, self.batch_size))
 
 
-class _SequenceLoop:
+class _Loop(ABC):
+    """One unit's training: the epoch loop, written once; a dataset family says its loss and its evaluation.
+
+    A subclass sets ``model``, ``optimizer``, ``train_x``, ``train_y`` and ``batches`` in its constructor.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    batches: _Batches
+
+    @abstractmethod
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean training loss of one mini-batch's outputs against its targets."""
+
+    @abstractmethod
+    def evaluate(self, epoch: int, train_loss: float) -> EpochRecord:
+        """The epoch's record, from the evaluation (ds4: test) set after training it."""
+
+    @abstractmethod
+    def done(self, record: EpochRecord) -> bool:
+        """Whether the stopping rule is met (converged)."""
+
+    def train_epoch(self) -> float:
+        """One pass over the training set in this epoch's batch order; the batch-size-weighted mean loss."""
+        self.model.train()
+        total = torch.zeros((), device=self.train_x.device)
+        for idx in self.batches.epoch():
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(self.model(self.train_x[idx]), self.train_y[idx])
+            loss.backward()  # type: ignore[no-untyped-call]
+            self.optimizer.step()
+            # Accumulated on the device: a .item() per batch would stall a GPU every step.
+            total += loss.detach() * len(idx)
+        return float(total) / len(self.train_x)
+
+
+class _SequenceLoop(_Loop):
     """GRU datasets: Adam on MSE; converged when evaluation MSE < target loss."""
 
     def __init__(self, unit: UnitSpec, data: SequenceArrays, device: torch.device) -> None:
@@ -285,17 +316,8 @@ class _SequenceLoop:
         self.eval_y = _tensor(data.eval_y, torch.float32, device)
         self.batches = _Batches(len(self.train_x), unit.training.batch_size, unit.sgd_seed, device)
 
-    def train_epoch(self) -> float:
-        self.model.train()
-        total = torch.zeros((), device=self.train_x.device)
-        for idx in self.batches.epoch():
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.mse_loss(self.model(self.train_x[idx]), self.train_y[idx])
-            loss.backward()  # type: ignore[no-untyped-call]
-            self.optimizer.step()
-            # Accumulated on the device: a .item() per batch would stall a GPU every step.
-            total += loss.detach() * len(idx)
-        return float(total) / len(self.train_x)
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(out, y)
 
     @torch.no_grad()
     def evaluate(self, epoch: int, train_loss: float) -> EpochRecord:
@@ -309,7 +331,7 @@ class _SequenceLoop:
         return record.eval_loss < self.target_loss
 
 
-class _ImageLoop:
+class _ImageLoop(_Loop):
     """ds4: SGD with momentum on cross-entropy; done on clean accuracy (and attack success rate)."""
 
     def __init__(self, unit: UnitSpec, data: ImageArrays, device: torch.device) -> None:
@@ -327,16 +349,8 @@ class _ImageLoop:
         self.asr_y = _tensor(data.asr_y, torch.int64, device) if poisoned and data.asr_y is not None else None
         self.batches = _Batches(len(self.train_x), unit.training.batch_size, unit.sgd_seed, device)
 
-    def train_epoch(self) -> float:
-        self.model.train()
-        total = torch.zeros((), device=self.train_x.device)
-        for idx in self.batches.epoch():
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(self.model(self.train_x[idx]), self.train_y[idx])
-            loss.backward()  # type: ignore[no-untyped-call]
-            self.optimizer.step()
-            total += loss.detach() * len(idx)
-        return float(total) / len(self.train_x)
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, y)
 
     def _score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """(mean cross-entropy, share classified as ``y``)."""
