@@ -54,7 +54,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
-	$(BIN)/mypy contract worker operator data cli
+	$(BIN)/mypy contract workloads worker operator data cli
 
 check-generated: $(STAMP)
 	$(BIN)/python -m mlds_operator.artifacts.generate --check

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from mlds_contract.campaign import CampaignSpec, Dataset, Shape, Training, Variant, Workload
 from mlds_contract.plan import UnitSpec, unit_spec
-from mlds_worker.workloads import ImageData, SequenceData
+from mlds_workloads import ImageData, SequenceData
 
 
 def gru_unit(

@@ -1,7 +1,8 @@
 """The mlds contract: the TrainingCampaign resource, the unit plan and the lease wire types.
 
-Shared by the operator, `mlds run` and the worker. Imports neither kopf nor torch, so every component
-(and the CRD generator) can depend on it.
+Shared by the operator, `mlds run`, the worker, the workloads and the researchers' package. Imports
+neither kopf nor torch nor any component, so every component (and the CRD generator) can depend on it.
+:func:`mlds_contract.campaign_file.load_campaign` reads a TrainingCampaign file.
 """
 
 from .campaign import (

@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +47,7 @@ import torch
 from mlds_contract.campaign import Dataset
 from mlds_contract.errors import UnitError
 from mlds_contract.plan import DEFAULT_SHAPE, UnitSpec
+from mlds_workloads import target_data
 from torch import Tensor, nn
 
 from .batched_nets import StackedCNN, StackedGRUNet, StackedNet
@@ -65,7 +67,7 @@ from .train import (
 __all__ = ["BatchData", "batch_groups", "train_batch"]
 
 #: What ``data`` may be: one data set for every unit, one per unit (``None`` = the unit's target data),
-#: or ``None`` for every unit's target data (:func:`mlds_worker.workloads.target_data`).
+#: or ``None`` for every unit's target data (:func:`mlds_workloads.target_data`).
 BatchData = SequenceArrays | ImageArrays | Sequence[SequenceArrays | ImageArrays | None] | None
 
 #: Evaluation runs in chunks of this many samples, as in :mod:`mlds_worker.train` (same sums, same order).
@@ -179,8 +181,6 @@ def _resolve_data(units: list[UnitSpec], data: BatchData) -> list[SequenceArrays
         if arrays is not None:
             out.append(arrays)
         else:
-            from .workloads import target_data  # noqa: PLC0415 - heavy (sklearn); only when the caller has no data
-
             out.append(target_data(unit))
     return out
 
@@ -214,17 +214,6 @@ def _train_alone(
         return train_unit(unit, data=data, device=device, on_epoch=each_epoch, snapshots=snapshots)
     except _Abandoned:
         return None
-
-
-class _Family(Protocol):
-    """What the driver needs of a stack: one epoch of training, evaluation, the stopping rule."""
-
-    net: StackedNet
-
-    def train_epoch(self) -> list[float]: ...
-    def evaluate(self, epoch: int, train_losses: list[float]) -> list[EpochRecord]: ...
-    def done(self, member: int, record: EpochRecord) -> bool: ...
-    def keep(self, rows: list[int]) -> None: ...
 
 
 @dataclass
@@ -413,10 +402,59 @@ def _check(condition: bool, message: str) -> None:
         raise UnitError(message)
 
 
+class _Family(ABC):
+    """A stack of members: the epoch loop and the cut, written once; a dataset family says its loss and
+    its evaluation. A subclass sets ``net``, ``optimizer``, ``sources``, ``train_x``, ``train_y``,
+    ``n_train`` and ``batches`` in its constructor.
+    """
+
+    net: StackedNet
+    optimizer: torch.optim.Optimizer
+    sources: _Sources
+    train_x: Tensor  # (D, N, ...): each distinct data set once
+    train_y: Tensor
+    n_train: int
+    batches: _Batches
+
+    @abstractmethod
+    def member_losses(self, x: Tensor, y: Tensor) -> Tensor:
+        """Each member's mean training loss ``(K,)`` on its own mini-batch ``x[k]``, ``y[k]``."""
+
+    @abstractmethod
+    def evaluate(self, epoch: int, train_losses: list[float]) -> list[EpochRecord]:
+        """Each member's record of the epoch, from the evaluation (ds4: test) set after training it."""
+
+    @abstractmethod
+    def done(self, member: int, record: EpochRecord) -> bool:
+        """Whether member ``member`` meets the stopping rule (converged)."""
+
+    def train_epoch(self) -> list[float]:
+        """One pass over every member's training set in its own batch order; each member's mean loss."""
+        src = self.sources.src.unsqueeze(1)
+        total = torch.zeros(self.net.size, device=self.train_x.device)
+        for idx in self.batches.epoch():
+            self.optimizer.zero_grad(set_to_none=True)
+            losses = self.member_losses(self.train_x[src, idx], self.train_y[src, idx])
+            # Each member's mean, summed: every member's gradient is exactly that of its own mean loss.
+            losses.sum().backward()  # type: ignore[no-untyped-call]
+            self.optimizer.step()
+            # Accumulated on the device: a .item() per batch would stall a GPU every step.
+            total += losses.detach() * idx.shape[1]
+        return [t / self.n_train for t in total.tolist()]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only the members at ``rows`` (the others finished or were abandoned)."""
+        index = torch.tensor(rows, dtype=torch.int64, device=self.net.params[0].device)
+        self.net.keep(index)
+        self.optimizer = _repack_optimizer(self.optimizer, self.net, index)
+        self.sources.keep(rows)
+        self.batches.keep(rows)
+
+
 # ------------------------------------------------------------------------------------------ GRU family
 
 
-class _SequenceFamily:
+class _SequenceFamily(_Family):
     """GRU datasets (ds1, ds2, ds3, ds5): Adam on each member's MSE; converged when its eval MSE < target."""
 
     def __init__(self, units: list[UnitSpec], datas: list[SequenceArrays], device: torch.device) -> None:
@@ -447,19 +485,8 @@ class _SequenceFamily:
         self.n_train = int(self.train_x.shape[1])
         self.batches = _Batches(units, self.n_train, units[0].training.batch_size, device)
 
-    def train_epoch(self) -> list[float]:
-        src = self.sources.src.unsqueeze(1)
-        total = torch.zeros(len(self.target_loss), device=self.train_x.device)
-        for idx in self.batches.epoch():
-            self.optimizer.zero_grad(set_to_none=True)
-            out = self.net.forward(self.train_x[src, idx])
-            # Each member's mean, summed: every member's gradient is exactly that of its own mean loss.
-            losses = nn.functional.mse_loss(out, self.train_y[src, idx], reduction="none").flatten(1).mean(1)
-            losses.sum().backward()  # type: ignore[no-untyped-call]
-            self.optimizer.step()
-            # Accumulated on the device: a .item() per batch would stall a GPU every step.
-            total += losses.detach() * idx.shape[1]
-        return [t / self.n_train for t in total.tolist()]
+    def member_losses(self, x: Tensor, y: Tensor) -> Tensor:
+        return nn.functional.mse_loss(self.net.forward(x), y, reduction="none").flatten(1).mean(1)
 
     @torch.no_grad()
     def evaluate(self, epoch: int, train_losses: list[float]) -> list[EpochRecord]:
@@ -479,18 +506,14 @@ class _SequenceFamily:
         return record.eval_loss < self.target_loss[member]
 
     def keep(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, dtype=torch.int64, device=self.net.params[0].device)
-        self.net.keep(index)
-        self.optimizer = _repack_optimizer(self.optimizer, self.net, index)
+        super().keep(rows)
         self.target_loss = [self.target_loss[j] for j in rows]
-        self.sources.keep(rows)
-        self.batches.keep(rows)
 
 
 # ------------------------------------------------------------------------------------------ ds4
 
 
-class _ImageFamily:
+class _ImageFamily(_Family):
     """ds4: SGD with momentum on each member's cross-entropy; done on clean accuracy and attack success."""
 
     def __init__(self, units: list[UnitSpec], datas: list[ImageArrays], device: torch.device) -> None:
@@ -523,16 +546,8 @@ class _ImageFamily:
         losses = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(k, b)
         return logits, losses.mean(1) if reduce == "mean" else losses.sum(1)
 
-    def train_epoch(self) -> list[float]:
-        src = self.sources.src.unsqueeze(1)
-        total = torch.zeros(self.net.size, device=self.train_x.device)
-        for idx in self.batches.epoch():
-            self.optimizer.zero_grad(set_to_none=True)
-            _, losses = self._logits_loss(self.train_x[src, idx], self.train_y[src, idx], "mean")
-            losses.sum().backward()  # type: ignore[no-untyped-call]
-            self.optimizer.step()
-            total += losses.detach() * idx.shape[1]
-        return [t / self.n_train for t in total.tolist()]
+    def member_losses(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._logits_loss(x, y, "mean")[1]
 
     def _score(self, x: Tensor, y: Tensor) -> tuple[list[float], list[float]]:
         """Per member: (mean cross-entropy, share classified as ``y``)."""
@@ -561,10 +576,3 @@ class _ImageFamily:
 
     def done(self, member: int, record: EpochRecord) -> bool:
         return image_target_met(record)
-
-    def keep(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, dtype=torch.int64, device=self.net.params[0].device)
-        self.net.keep(index)
-        self.optimizer = _repack_optimizer(self.optimizer, self.net, index)
-        self.sources.keep(rows)
-        self.batches.keep(rows)

@@ -236,9 +236,10 @@ def train_command(
 
 
 def _train(unit: UnitSpec, device: str, mnist_dir: Path | None, log_every: int) -> TrainResult:
+    from mlds_workloads import target_data  # noqa: PLC0415 - numpy, like torch, only after OMP_NUM_THREADS is set
+
     from .device import resolve_device  # noqa: PLC0415 - torch is imported only after OMP_NUM_THREADS is set
     from .train import train_unit  # noqa: PLC0415
-    from .workloads import target_data  # noqa: PLC0415
 
     torch_device = resolve_device(device)
     data = target_data(unit, mnist_dir=mnist_dir)

@@ -1,7 +1,7 @@
 """The deterministic trainer: one unit in, one trained network and its history out (MLDS-SPEC §4, §6, §7).
 
 Called by `mlds train` (:mod:`mlds_worker.cli`), by the worker's lease loop, and by benchmarks. It is
-pure computation: it reads no files (the data comes from :mod:`mlds_worker.workloads` or the caller)
+pure computation: it reads no files (the data comes from :mod:`mlds_workloads` or the caller)
 and writes none (:mod:`mlds_worker.results` turns a :class:`TrainResult` into files).
 
 GRU datasets (ds1, ds2, ds3, ds5): MSE over sequences x steps x outputs; Adam (default betas, no
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ import torch
 from mlds_contract.campaign import Dataset
 from mlds_contract.errors import UnitError
 from mlds_contract.plan import UnitSpec
+from mlds_workloads import target_data
 from torch import nn
 
 from .device import describe_device
@@ -64,7 +66,7 @@ _EVAL_CHUNK = 4096
 
 
 class SequenceArrays(Protocol):
-    """What the trainer needs of a GRU dataset's data (``mlds_worker.workloads.SequenceData`` is one)."""
+    """What the trainer needs of a GRU dataset's data (``mlds_workloads.SequenceData`` is one)."""
 
     @property
     def train_x(self) -> npt.NDArray[Any]: ...  # float32 (N, T, 9)
@@ -81,7 +83,7 @@ class SequenceArrays(Protocol):
 
 
 class ImageArrays(Protocol):
-    """What the trainer needs of ds4 data (``mlds_worker.workloads.ImageData`` is one)."""
+    """What the trainer needs of ds4 data (``mlds_workloads.ImageData`` is one)."""
 
     @property
     def train_x(self) -> npt.NDArray[Any]: ...  # float32 (N, 1, H, W)
@@ -158,15 +160,13 @@ def train_unit(
 ) -> TrainResult:
     """Train one network for ``unit`` until it converges or hits its epoch cap.
 
-    ``data`` defaults to the unit's target data (:func:`mlds_worker.workloads.target_data`); pass it to
+    ``data`` defaults to the unit's target data (:func:`mlds_workloads.target_data`); pass it to
     share one target's data between units or to train on synthetic arrays. ``on_epoch`` is called after
     every epoch (progress bars, lease heartbeats); an exception it raises aborts training and
     propagates. ``snapshots`` keeps the weights after every epoch (default: ds3 only). Data of the
     wrong shape raises :class:`mlds_contract.errors.UnitError` (the attempt fails; retrying cannot help).
     """
     if data is None:
-        from .workloads import target_data  # noqa: PLC0415 - heavy (sklearn); only when the caller has no data
-
         data = target_data(unit)
     torch_device = torch.device(device)
     if torch_device.type == "cpu":
@@ -245,14 +245,6 @@ def _tensor(array: npt.NDArray[Any], dtype: torch.dtype, device: torch.device) -
     return torch.tensor(np.asarray(array), dtype=dtype, device=device)
 
 
-class _Loop(Protocol):
-    model: nn.Module
-
-    def train_epoch(self) -> float: ...
-    def evaluate(self, epoch: int, train_loss: float) -> EpochRecord: ...
-    def done(self, record: EpochRecord) -> bool: ...
-
-
 class _Batches:
     """Mini-batch index order: a fresh permutation every epoch from the unit's SGD seed.
 
@@ -268,7 +260,45 @@ class _Batches:
         return list(torch.split(order, self.batch_size))
 
 
-class _SequenceLoop:
+class _Loop(ABC):
+    """One unit's training: the epoch loop, written once; a dataset family says its loss and its evaluation.
+
+    A subclass sets ``model``, ``optimizer``, ``train_x``, ``train_y`` and ``batches`` in its constructor.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    batches: _Batches
+
+    @abstractmethod
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean training loss of one mini-batch's outputs against its targets."""
+
+    @abstractmethod
+    def evaluate(self, epoch: int, train_loss: float) -> EpochRecord:
+        """The epoch's record, from the evaluation (ds4: test) set after training it."""
+
+    @abstractmethod
+    def done(self, record: EpochRecord) -> bool:
+        """Whether the stopping rule is met (converged)."""
+
+    def train_epoch(self) -> float:
+        """One pass over the training set in this epoch's batch order; the batch-size-weighted mean loss."""
+        self.model.train()
+        total = torch.zeros((), device=self.train_x.device)
+        for idx in self.batches.epoch():
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(self.model(self.train_x[idx]), self.train_y[idx])
+            loss.backward()  # type: ignore[no-untyped-call]
+            self.optimizer.step()
+            # Accumulated on the device: a .item() per batch would stall a GPU every step.
+            total += loss.detach() * len(idx)
+        return float(total) / len(self.train_x)
+
+
+class _SequenceLoop(_Loop):
     """GRU datasets: Adam on MSE; converged when evaluation MSE < target loss."""
 
     def __init__(self, unit: UnitSpec, data: SequenceArrays, device: torch.device) -> None:
@@ -286,17 +316,8 @@ class _SequenceLoop:
         self.eval_y = _tensor(data.eval_y, torch.float32, device)
         self.batches = _Batches(len(self.train_x), unit.training.batch_size, unit.sgd_seed, device)
 
-    def train_epoch(self) -> float:
-        self.model.train()
-        total = torch.zeros((), device=self.train_x.device)
-        for idx in self.batches.epoch():
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.mse_loss(self.model(self.train_x[idx]), self.train_y[idx])
-            loss.backward()  # type: ignore[no-untyped-call]
-            self.optimizer.step()
-            # Accumulated on the device: a .item() per batch would stall a GPU every step.
-            total += loss.detach() * len(idx)
-        return float(total) / len(self.train_x)
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(out, y)
 
     @torch.no_grad()
     def evaluate(self, epoch: int, train_loss: float) -> EpochRecord:
@@ -310,7 +331,7 @@ class _SequenceLoop:
         return record.eval_loss < self.target_loss
 
 
-class _ImageLoop:
+class _ImageLoop(_Loop):
     """ds4: SGD with momentum on cross-entropy; done on clean accuracy (and attack success rate)."""
 
     def __init__(self, unit: UnitSpec, data: ImageArrays, device: torch.device) -> None:
@@ -328,16 +349,8 @@ class _ImageLoop:
         self.asr_y = _tensor(data.asr_y, torch.int64, device) if poisoned and data.asr_y is not None else None
         self.batches = _Batches(len(self.train_x), unit.training.batch_size, unit.sgd_seed, device)
 
-    def train_epoch(self) -> float:
-        self.model.train()
-        total = torch.zeros((), device=self.train_x.device)
-        for idx in self.batches.epoch():
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(self.model(self.train_x[idx]), self.train_y[idx])
-            loss.backward()  # type: ignore[no-untyped-call]
-            self.optimizer.step()
-            total += loss.detach() * len(idx)
-        return float(total) / len(self.train_x)
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, y)
 
     def _score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """(mean cross-entropy, share classified as ``y``)."""

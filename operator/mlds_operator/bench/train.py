@@ -116,7 +116,7 @@ def _stack_sizes(text: str) -> list[int]:
 
 def ds1_units(count: int, epochs: int) -> list[UnitSpec]:
     """``count`` ds1 units, the five machines round robin, that train exactly ``epochs`` epochs (data cached)."""
-    from mlds_worker.workloads import target_data  # noqa: PLC0415 - imports numpy/sklearn; only when benchmarking
+    from mlds_workloads import target_data  # noqa: PLC0415 - builds data; only when benchmarking
 
     machines = list(DS1_REFERENCE_EPOCHS)
     spec = CampaignSpec(

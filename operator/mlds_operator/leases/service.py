@@ -54,6 +54,7 @@ from mlds_contract.lease import (
     ReleaseRequest,
 )
 from mlds_contract.plan import Target, UnitSpec, campaign_targets, unit_spec
+from mlds_workloads import save_data, target_data
 
 from mlds_operator.leases.book import BookStats, CheckpointError, Clock, LeaseBook
 from mlds_operator.storage import manifest as mf
@@ -515,9 +516,8 @@ class CampaignService:
         return self.manifest_url
 
     def _write_target_data(self) -> None:
-        # Imported here: only finalization needs the workload generators (numpy, scikit-learn).
-        from mlds_worker.workloads import save_data, target_data  # noqa: PLC0415 - finalization only
-
+        # The same generators the workers train on (mlds_workloads: numpy and the contract only), so the
+        # stored file holds exactly the arrays every network of the target saw.
         for i, target in enumerate(self._targets):
             if target.dataset is Dataset.ds4 and self.spec.workload.images.value == "mnist":
                 continue  # MNIST's own files already sit in the store; nothing generated to record

@@ -31,12 +31,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import click
-import yaml
 from aiohttp import web
 from mlds_contract.campaign import TrainingCampaign
+from mlds_contract.campaign_file import load_campaign
 from mlds_contract.errors import UserError
-from mlds_contract.plan import check_campaign
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -51,37 +49,6 @@ log = logging.getLogger("mlds.run")
 
 LOCAL_NAMESPACE = "local"
 LOCAL_POOL = "local"
-
-
-def load_campaign(path: Path) -> TrainingCampaign:
-    """Parse and check a TrainingCampaign file, as strictly as the API server would. Raises UserError."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        # PyYAML's message spans several lines (with a caret drawing); the CLI promises one line.
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{path} is not valid YAML: {problem}{where}") from exc
-    campaigns = [d for d in docs if isinstance(d, dict) and d.get("kind") == "TrainingCampaign"]
-    if len(campaigns) != 1:
-        raise UserError(f"{path} must hold exactly one TrainingCampaign document (found {len(campaigns)})")
-    doc = campaigns[0]
-    doc.pop("status", None)
-    try:
-        # Strict, like the API server: "100" is not a number, "true" is not a boolean.
-        campaign = TrainingCampaign.model_validate_json(json.dumps(doc), strict=True)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        raise UserError(f"{path}: {where}: {first.get('msg')}{more}") from exc
-    check_campaign(campaign.spec)
-    return campaign
 
 
 @dataclass

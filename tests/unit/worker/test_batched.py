@@ -22,7 +22,7 @@ from mlds_worker.batched_nets import StackedGRUNet
 from mlds_worker.nets import DigitsCNN, GRUNet
 from mlds_worker.results import result_files
 from mlds_worker.train import EpochRecord, TrainResult, initial_model, train_unit
-from mlds_worker.workloads import SequenceData
+from mlds_workloads import SequenceData
 
 from tests.train_fixtures import gru_unit, image_unit, images, sequences
 

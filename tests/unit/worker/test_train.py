@@ -13,7 +13,7 @@ from mlds_contract.campaign import Dataset, Shape, Variant
 from mlds_contract.errors import UnitError
 from mlds_worker.nets import count_parameters
 from mlds_worker.train import EpochRecord, TrainResult, flatten_parameters, image_target_met, initial_model, train_unit
-from mlds_worker.workloads import SequenceData
+from mlds_workloads import SequenceData
 
 from tests.train_fixtures import gru_unit, image_unit, images, sequences
 

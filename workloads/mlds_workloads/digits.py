@@ -1,10 +1,13 @@
 """ds4: digit images, clean or BadNets-poisoned (MLDS-SPEC §7).
 
 Image sources:
-- ``digits8`` (default): the 1,797 8x8 handwritten digits bundled with scikit-learn (no download),
-  scaled from 0..16 to [0, 1]. **(chosen)** split: a random 80 % / 20 % train/test split
-  (1,437 / 360 images). The split is seeded by the image source only, not by the variant, so the clean,
-  pixel and checker targets train and test on exactly the same images and differ only by the poisoning.
+- ``digits8`` (default): the 1,797 8x8 handwritten digits of scikit-learn's ``load_digits`` (a copy of
+  the UCI handwritten digits test set), scaled from 0..16 to [0, 1]. They ship here as ``digits8.npz``
+  (pixel counts and labels as uint8; a unit test checks they equal scikit-learn's copy exactly), so
+  neither the worker nor the operator, which writes each target's data file when a campaign finishes,
+  needs scikit-learn. **(chosen)** split: a random 80 % / 20 % train/test split (1,437 / 360 images).
+  The split is seeded by the image source only, not by the variant, so the clean, pixel and checker
+  targets train and test on exactly the same images and differ only by the poisoning.
 - ``mnist``: the four MNIST IDX files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
   ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``; gzipped or not) from a local folder, scaled
   from 0..255; the official 60,000 / 10,000 split.
@@ -19,6 +22,7 @@ labelled 7. :func:`image_data` is what ``target_data`` calls for ds4.
 from __future__ import annotations
 
 import gzip
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ from ._random import Stream
 from .data import ImageData
 
 __all__ = [
+    "DIGITS8_FILE",
     "MNIST_FILES",
     "POISON_FRACTION",
     "TARGET_LABEL",
@@ -56,6 +61,8 @@ MNIST_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+#: The 8x8 digits, package data of mlds_workloads: arrays ``images`` (1797, 8, 8) and ``target`` (1797,).
+DIGITS8_FILE = "digits8.npz"
 _GENERATOR = "mlds-digits/1"  # bump when the images a seed produces change
 
 # IDX element types (third header byte) -> big-endian NumPy dtypes.
@@ -127,11 +134,11 @@ def load_mnist(
 
 
 def load_digits8() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """scikit-learn's bundled 8x8 digits: images (1797, 8, 8) in [0, 1] and labels."""
-    from sklearn.datasets import load_digits  # noqa: PLC0415 - heavy import, only ds4 needs it
-
-    digits = load_digits()
-    return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
+    """The 8x8 digits (scikit-learn's ``load_digits``): images (1797, 8, 8) in [0, 1] and labels."""
+    with resources.files("mlds_workloads").joinpath(DIGITS8_FILE).open("rb") as file, np.load(file) as npz:
+        images, target = npz["images"], npz["target"]
+    # Through float64 as scikit-learn's images are, so the float32 values are the ones it always gave.
+    return (images.astype(np.float64) / 16.0).astype(np.float32), target.astype(np.int64)
 
 
 def _sources(

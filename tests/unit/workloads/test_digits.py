@@ -1,11 +1,14 @@
 """ds4 images (MLDS-SPEC §7): triggers, split, BadNets poisoning, attack-success set, the MNIST IDX loader.
 
 The MNIST tests write tiny IDX files themselves (no download): a few 6x6 "images" with known pixels.
+The 8x8 digits ship with mlds_workloads; scikit-learn (a dev and analysis dependency, never a runtime
+one) is imported here only to check that copy against its own.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import struct
 from pathlib import Path
 
@@ -13,7 +16,8 @@ import numpy as np
 import pytest
 from mlds_contract.campaign import Images, Variant
 from mlds_contract.errors import UserError
-from mlds_worker.workloads.digits import (
+from mlds_workloads.digits import (
+    DIGITS8_FILE,
     MNIST_FILES,
     image_data,
     load_digits8,
@@ -53,6 +57,44 @@ def test_clean_has_no_trigger() -> None:
 
 
 # --- the 8x8 digits -----------------------------------------------------------------------------------
+
+
+def test_shipped_digits_are_scikit_learns_exactly() -> None:
+    from importlib import resources  # noqa: PLC0415 - only this test reads the raw file
+
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - a dev dependency; only this test needs it
+
+    digits = load_digits()
+    with resources.files("mlds_workloads").joinpath(DIGITS8_FILE).open("rb") as file, np.load(file) as npz:
+        assert sorted(npz.files) == ["images", "target"]
+        images, target = npz["images"], npz["target"]
+    assert images.shape == digits.images.shape == (1797, 8, 8)
+    assert np.array_equal(images.astype(np.float64), digits.images)
+    assert np.array_equal(target.astype(np.int64), digits.target)
+    x, y = load_digits8()
+    assert np.array_equal(x, (digits.images / 16.0).astype(np.float32))  # what the loader always returned
+    assert np.array_equal(y, digits.target.astype(np.int64))
+
+
+@pytest.mark.parametrize(
+    ("variant", "digest"),
+    [
+        (Variant.clean, "630c7edf02ab22147b38e888201fd15a5276dec18fd8e8f0b7a4b0888ae957cd"),
+        (Variant.pixel, "dbc1a01e119a991c6fc3910c318bd814ef81f6d090f0c84f7b9c82135e0ef1f7"),
+        (Variant.checker, "79bee400411997328b9294a5076f64e0464a4d37e295663a4d5711956bc9dccf"),
+    ],
+    ids=lambda v: getattr(v, "value", "digest"),
+)
+def test_digit_targets_are_the_arrays_they_always_were(variant: Variant, digest: str) -> None:
+    # Pinned from the scikit-learn-loading code before the digits shipped as package data: every
+    # network trained since then saw exactly these arrays, bit for bit.
+    data = image_data(variant, Images.digits8, data_seed=12345)
+    arrays = (data.train_x, data.train_y, data.test_x, data.test_y, data.asr_x, data.asr_y)
+    h = hashlib.sha256()
+    for array in arrays:
+        if array is not None:
+            h.update(array.tobytes())
+    assert h.hexdigest() == digest
 
 
 def test_bundled_digits_are_scaled_to_unit_range() -> None:

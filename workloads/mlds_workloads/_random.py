@@ -8,7 +8,7 @@ named bit generator is fixed by its algorithm. So this module draws only ``PCG64
 seeded through ``SeedSequence`` (also a fixed algorithm), and derives bits, bounded integers and
 permutations from them with plain integer arithmetic.
 
-Used by machines.py, transducers.py and digits.py; nothing outside the workloads package.
+Used by machines.py, transducers.py and digits.py; nothing outside mlds_workloads.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlds_contract.campaign import DS1_MACHINES, DS2_MACHINES
 from mlds_contract.errors import UserError
-from mlds_worker.workloads.machines import (
+from mlds_workloads.machines import (
     DS1_SIZES,
     DS2_SIZES,
     SEQUENCE_LENGTH,

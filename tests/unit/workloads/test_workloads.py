@@ -14,8 +14,8 @@ import pytest
 from mlds_contract.campaign import DS1_MACHINES, DS2_MACHINES, CampaignSpec, Dataset, Shape, Variant, Workload
 from mlds_contract.errors import UserError
 from mlds_contract.plan import UnitSpec, campaign_targets, unit_spec
-from mlds_worker.workloads import ImageData, SequenceData, clear_cache, load_data, save_data, target_data
-from mlds_worker.workloads.machines import machine_data
+from mlds_workloads import ImageData, SequenceData, clear_cache, load_data, save_data, target_data
+from mlds_workloads.machines import machine_data
 
 
 def units(seed: int = 1, **workload: Any) -> list[UnitSpec]:

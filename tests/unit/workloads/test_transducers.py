@@ -9,8 +9,8 @@ import collections
 
 import numpy as np
 import pytest
-from mlds_worker.workloads import transducers
-from mlds_worker.workloads.transducers import (
+from mlds_workloads import transducers
+from mlds_workloads.transducers import (
     INPUTS,
     OUTPUTS,
     SIZES,
