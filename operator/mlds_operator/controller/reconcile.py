@@ -398,7 +398,7 @@ def reconcile(campaign: Campaign, observed: Observed, settings: pods.WorkerSetti
                 "else's Job); rename the pool or delete that Job"
             )
             job_failure_reason = Reason.JobNameTaken
-    kueue = _kueue(spec, observed.jobs)
+    kueue = _kueue(campaign.name, spec, observed.jobs)
     phase = _phase(spec, progress, kueue)
     conditions = _progress_conditions(spec, progress, phase, problem, job_failure, job_failure_reason, kueue)
     return _finish(campaign, observed, phase, conditions, progress.counts, actions, progress)
@@ -483,18 +483,26 @@ def terminal(status: CampaignStatus) -> bool:
 class _Kueue:
     """The campaign's worker Jobs as Kueue sees them."""
 
-    waiting: tuple[ObservedJob, ...] = ()  # queued Jobs Kueue keeps suspended
+    waiting: tuple[tuple[str, str], ...] = ()  # (Job, LocalQueue) of the pools Kueue has not admitted
     queued: bool = False  # every pool is queued and none is admitted: the campaign waits for Kueue
     admitted: bool = False  # Kueue admitted (unsuspended) at least one pool's Job
 
 
-def _kueue(spec: CampaignSpec, jobs: Sequence[ObservedJob]) -> _Kueue:
-    wanted = {pool.name for pool in spec.pools}
-    ours = [j for j in jobs if j.pool in wanted and not j.deleting and j.queue is not None]
-    waiting = tuple(j for j in ours if j.suspend)
-    admitted = any(not j.suspend for j in ours)
+def _kueue(name: str, spec: CampaignSpec, jobs: Sequence[ObservedJob]) -> _Kueue:
+    by_pool = {j.pool: j for j in jobs if not j.deleting and j.queue is not None}
+    waiting: list[tuple[str, str]] = []
+    admitted = False
+    for pool in spec.pools:
+        queue = pods.queue_name(spec, pool)
+        current = by_pool.get(pool.name)
+        if queue is None:
+            continue
+        if current is not None and not current.suspend:
+            admitted = True
+        else:  # suspended by Kueue, or about to be created (suspended)
+            waiting.append((current.name if current else pods.job_name(name, pool.name), queue))
     every_pool_queued = all(pods.queue_name(spec, pool) for pool in spec.pools)
-    return _Kueue(waiting=waiting, queued=every_pool_queued and not admitted, admitted=admitted)
+    return _Kueue(waiting=tuple(waiting), queued=every_pool_queued and not admitted, admitted=admitted)
 
 
 def _phase(spec: CampaignSpec, progress: Progress, kueue: _Kueue) -> Phase:
@@ -586,7 +594,7 @@ def _progress_conditions(
         elif phase is Phase.Suspended:
             progressing = Desired(CondType.Progressing, False, Reason.SuspendedBySpec, counts)
         elif phase is Phase.Queued:
-            jobs = ", ".join(f"{j.name} (LocalQueue {j.queue})" for j in (kueue.waiting if kueue else ()))
+            jobs = ", ".join(f"{job} (LocalQueue {queue})" for job, queue in (kueue.waiting if kueue else ()))
             progressing = Desired(
                 CondType.Progressing,
                 False,
