@@ -846,9 +846,9 @@ def test_checkov_finds_nothing_unexplained(checkov_report: list[dict[str, Any]])
     assert all(r["summary"]["passed"] > 0 for r in checkov_report)
     # Where a scenario does what a skip waives (a digest, pullPolicy Always, the NetworkPolicy), the skip
     # goes and the check passes: only the service account token is left waived.
-    # (The hook and test pods skip their probes: one-shot pods have nothing to probe.)
+    # The hook and test pods also skip probes and a NetworkPolicy: one-shot pods have nothing to probe or guard.
     custom = {c["check_id"] for c in skipped if c["file_path"].endswith("/custom.yaml")}
-    assert custom == {"CKV_K8S_38", "CKV_K8S_8", "CKV_K8S_9"}
+    assert custom == {"CKV_K8S_38", "CKV_K8S_8", "CKV_K8S_9", "CKV2_K8S_6"}
 
 
 # --- worker pods the chart shapes (issue 16 item 7) -------------------------------------------------------
