@@ -8,7 +8,8 @@ started with: run without the variable, this module starts itself again with it.
 Usage: ``python -m tests.chart_render [--chart DIR] SCENARIO...``. For each scenario (``default``, the
 name of a ``charts/mlds/ci/<name>-values.yaml``, or the path of a values file) it prints one
 JSON line: the scenario, Helm's rendered release manifest (after values.schema.json accepted the
-values), its notes, and the CRDs Helm created from ``crds/``. helm-sdkpy has no ``helm template``; an
+values), its hooks (the ``helm test`` pod, the pre-delete hook), its notes, and the CRDs Helm created
+from ``crds/``. helm-sdkpy has no ``helm template``; an
 install is what users run anyway. The emulator gets what Helm's client needs and kmock 0.8 lacks: a
 server version the chart's kubeVersion admits, a core-group discovery document client-go can map, and
 CRDs that report Established (Helm waits for that after installing ``crds/``).
@@ -38,6 +39,8 @@ _KINDS = {
     "v1/secrets": ("Secret", True),
     "apps/v1/deployments": ("Deployment", True),
     "rbac.authorization.k8s.io/v1/clusterroles": ("ClusterRole", False),
+    "batch/v1/jobs": ("Job", True),
+    "v1/pods": ("Pod", True),
     "rbac.authorization.k8s.io/v1/clusterrolebindings": ("ClusterRoleBinding", False),
     "rbac.authorization.k8s.io/v1/roles": ("Role", True),
     "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", True),
@@ -119,6 +122,11 @@ async def install(scenario: str, folder: Path, chart: Path = CHART) -> dict[str,
         "scenario": scenario,
         "manifest": release["manifest"],
         "notes": str((release.get("info") or {}).get("notes") or ""),
+        # Hooks (helm test, pre-delete) are not part of the manifest; Helm keeps them beside it.
+        "hooks": [
+            {"events": list(h.get("events") or ()), "manifest": str(h.get("manifest") or "")}
+            for h in release.get("hooks") or ()
+        ],
         "crds": crds,
     }
 

@@ -113,6 +113,8 @@ class Phase(enum.StrEnum):
     """Where a campaign is in its life."""
 
     Pending = "Pending"
+    #: Every worker Job waits for Kueue to admit it (spec.queueName / pools[].queueName).
+    Queued = "Queued"
     Running = "Running"
     Suspended = "Suspended"
     Succeeded = "Succeeded"
@@ -211,6 +213,10 @@ class Toleration(Model):
     toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
 
 
+#: A Kueue LocalQueue name as a label value (DNS-1123 label).
+_QUEUE_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
 class Pool(Model):
     """A group of identical worker pods, run as one Job."""
 
@@ -231,6 +237,13 @@ class Pool(Model):
     )
     node_selector: dict[str, str] | None = Field(None, description="Node labels the worker pods require.")
     tolerations: list[Toleration] | None = Field(None, description="Tolerations of the worker pods.")
+    queue_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=_QUEUE_NAME,
+        description="Kueue LocalQueue of this pool's Job; wins over the campaign's queueName (see there).",
+    )
 
 
 class LeaseSettings(Model):
@@ -262,6 +275,19 @@ class CampaignSpec(Model):
     )
     leases: LeaseSettings = Field(default_factory=LeaseSettings, description="Lease settings.")
     suspend: bool = Field(False, description="Stop granting leases and scale workers to zero.")
+    queue_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=_QUEUE_NAME,
+        description=(
+            "Kueue LocalQueue (in the campaign's namespace) of every pool's worker Job, unless a pool names its "
+            "own. The Job gets the kueue.x-k8s.io/queue-name label and is created suspended; Kueue admits it "
+            "(unsuspends it) when the queue has quota, and the operator never touches its suspend. The campaign "
+            "is Queued until a Job is admitted, then Running. With suspend: true a queued pool's Job is deleted "
+            "(freeing its quota) and made again, queued, on resume. Ignored by `mlds run`."
+        ),
+    )
 
 
 class Condition(Model):
@@ -298,7 +324,9 @@ class PoolStatus(Model):
 class CampaignStatus(Model):
     """What the operator observed. Aggregates and conditions only: never per-unit lists."""
 
-    phase: Phase = Field(Phase.Pending, description="Pending, Running, Suspended, Succeeded or Failed.")
+    phase: Phase = Field(
+        Phase.Pending, description="Pending, Queued (waiting for Kueue), Running, Suspended, Succeeded or Failed."
+    )
     observed_generation: int | None = Field(None, description="Generation of the spec last reconciled.")
     units: UnitCounts = Field(default_factory=UnitCounts, description="Units by state.")
     progress: str | None = Field(None, description="succeeded/total, e.g. 30/100.")

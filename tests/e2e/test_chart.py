@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import inspect
 import json
@@ -42,13 +43,13 @@ import kubernetes
 import kubernetes_validate
 import pytest
 import yaml
-from mlds_contract.campaign import API_GROUP
+from mlds_contract.campaign import API_GROUP, Accelerator, CampaignSpec, Pool, Workload
 from mlds_operator.artifacts.chart_readme import value_docs
 from mlds_operator.artifacts.crd import PLURAL, crd_manifest
 from mlds_operator.controller import pods
 from mlds_operator.controller.command import operator_command
 from mlds_operator.controller.handlers import build_registry
-from mlds_operator.controller.kube import Kube
+from mlds_operator.controller.kube import HookKube, Kube
 from mlds_operator.leases.http import Campaigns, create_app
 from mlds_operator.leases.metrics import ServerMetrics
 
@@ -107,9 +108,13 @@ class Rendered:
     objects: list[dict[str, Any]]  # its documents
     installed_crds: list[str]  # CRD names Helm created from crds/
     notes: str
+    hooks: list[dict[str, Any]]  # the objects of Helm's hooks, each with "events" added (["test"], ["pre-delete"])
 
     def kind(self, kind: str) -> list[dict[str, Any]]:
         return [o for o in self.objects if o["kind"] == kind]
+
+    def hook(self, kind: str, event: str) -> list[dict[str, Any]]:
+        return [h for h in self.hooks if h["kind"] == kind and event in h["events"]]
 
     def one(self, kind: str, name: str | None = None) -> dict[str, Any]:
         found = [o for o in self.kind(kind) if name is None or o["metadata"]["name"] == name]
@@ -146,13 +151,19 @@ def rendered() -> dict[str, Rendered]:
             objects=[d for d in yaml.safe_load_all(release["manifest"]) if d],
             installed_crds=release["crds"],
             notes=release["notes"],
+            hooks=[
+                {**d, "events": hook["events"]}
+                for hook in release["hooks"]
+                for d in yaml.safe_load_all(hook["manifest"])
+                if d
+            ],
         )
     assert sorted(out) == sorted(SCENARIOS)
     return out
 
 
 def test_scenarios_are_found() -> None:
-    assert {"default", "namespaced", "monitoring", "custom"} <= set(SCENARIOS)
+    assert {"default", "namespaced", "monitoring", "custom", "workers"} <= set(SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -242,7 +253,10 @@ def test_values_schema_covers_exactly_the_values() -> None:
         props = schema_node.get("properties")
         if not isinstance(value, dict) or props is None or schema_node.get("additionalProperties") is not False:
             return
-        for key in set(value) ^ (set(props) - {"global"}):
+        if not value:
+            return  # an empty mapping whose keys are all optional (workers.acceleratorPod.cpu: {})
+        # `global` is always allowed (parent charts set it) but needs no value here.
+        for key in set(value) ^ (set(props) - ({"global"} - set(value))):
             yield f"{path}{key}"
         for key in set(value) & set(props):
             yield from walk(props[key], value[key], f"{path}{key}.")
@@ -276,6 +290,8 @@ def test_rendered_objects_validate_against_the_kubernetes_schemas(
         _validate(obj, version)
         checked += 1
     assert checked >= 6
+    for hook in rendered[scenario].hooks:
+        _validate({k: v for k, v in hook.items() if k != "events"}, version)
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -525,15 +541,22 @@ _SAMPLES: dict[str, Any] = {
     "campaign": "sample",
     "manifest": {"metadata": {"name": "sample"}},
     "patch": {"spec": {"parallelism": 1}},
+    "deployment": "mlds-operator",
+    "replicas": 0,
+    "finalizers": [],
+    "resource_version": "1",
 }
 
 
-def kube_rules() -> tuple[set[Rule], set[str]]:
-    """Every (group, resource, verb) a method of Kube calls, and the client methods it reached."""
+def kube_rules(cls: type[Kube] = Kube) -> tuple[set[Rule], set[str]]:
+    """Every (group, resource, verb) a method of Kube calls, and the client methods it reached.
+
+    For :class:`HookKube` (the pre-delete hook): the methods it adds, and the listing of campaigns it uses.
+    """
     client = RecordingApiClient()
-    kube = Kube(client)
+    kube = cls(client)
     reached: set[str] = set()
-    for attr in ("_core", "_batch", "_custom"):
+    for attr in ("_core", "_batch", "_custom", "_apps"):
         api = getattr(kube, attr)
 
         class Spy:
@@ -547,10 +570,12 @@ def kube_rules() -> tuple[set[Rule], set[str]]:
         setattr(kube, attr, Spy(api, attr))
     methods = [
         (name, fn)
-        for name, fn in inspect.getmembers(Kube, inspect.isfunction)
-        if not name.startswith("_") and name not in {"close"}
+        for name, fn in inspect.getmembers(cls, inspect.isfunction)
+        if not name.startswith("_")
+        and name not in {"close"}
+        and (cls is Kube or name in vars(cls) or name == "list_campaigns")
     ]
-    assert len(methods) >= 8
+    assert len(methods) >= (8 if cls is Kube else 4)
     for name, fn in methods:
         params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
         if name == "list_campaigns":
@@ -565,10 +590,11 @@ def kube_rules() -> tuple[set[Rule], set[str]]:
 
 def test_every_client_method_kube_names_was_exercised() -> None:
     """The recording reached every API method kube.py mentions (no call hides behind a branch)."""
-    source = (ROOT / "operator" / "mlds_operator" / "kube.py").read_text()
-    named = set(re.findall(r"self\.(_core|_batch|_custom)\.(\w+)", source))
+    source = (ROOT / "operator" / "mlds_operator" / "controller" / "kube.py").read_text()
+    named = set(re.findall(r"self\.(_core|_batch|_custom|_apps)\.(\w+)", source))
     _, reached = kube_rules()
-    assert {f"{api}.{method}" for api, method in named} == reached
+    _, hook_reached = kube_rules(HookKube)
+    assert {f"{api}.{method}" for api, method in named} == reached | hook_reached
 
 
 def kopf_rules(*, clusterwide: bool) -> set[Rule]:
@@ -640,7 +666,11 @@ def test_rbac_is_exactly_what_the_code_calls(rendered: dict[str, Rendered], scen
     release = rendered[scenario]
     assert chart_rules(release, "mlds-campaigns") == namespaced
     assert chart_rules(release, "mlds-discovery") == cluster
-    assert {r["metadata"]["name"] for r in release.kind("ClusterRole")} == {"mlds-campaigns", "mlds-discovery"}
+    user_roles = {"mlds-campaigns-editor", "mlds-campaigns-viewer"}
+    assert {r["metadata"]["name"] for r in release.kind("ClusterRole")} == {
+        "mlds-campaigns",
+        "mlds-discovery",
+    } | user_roles
     assert release.kind("Role") == []
     service_account = release.one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
     for binding in release.kind("ClusterRoleBinding") + release.kind("RoleBinding"):
@@ -783,7 +813,8 @@ def checkov_report(rendered: dict[str, Rendered], tmp_path_factory: pytest.TempP
     files = []
     for scenario, release in rendered.items():
         path = folder / f"{scenario}.yaml"
-        path.write_text(release.manifest)
+        hooks = [{k: v for k, v in h.items() if k != "events"} for h in release.hooks]
+        path.write_text(release.manifest + "".join(f"\n---\n{yaml.safe_dump(h)}" for h in hooks))
         files.append(path)
     crd = folder / "crd.yaml"
     shutil.copy(CHART / "crds" / "trainingcampaigns.mlds.dev.yaml", crd)
@@ -815,5 +846,323 @@ def test_checkov_finds_nothing_unexplained(checkov_report: list[dict[str, Any]])
     assert all(r["summary"]["passed"] > 0 for r in checkov_report)
     # Where a scenario does what a skip waives (a digest, pullPolicy Always, the NetworkPolicy), the skip
     # goes and the check passes: only the service account token is left waived.
+    # The hook and test pods also skip probes and a NetworkPolicy: one-shot pods have nothing to probe or guard.
     custom = {c["check_id"] for c in skipped if c["file_path"].endswith("/custom.yaml")}
-    assert custom == {"CKV_K8S_38"}
+    assert custom == {"CKV_K8S_38", "CKV_K8S_8", "CKV_K8S_9", "CKV2_K8S_6"}
+
+
+# --- worker pods the chart shapes (issue 16 item 7) -------------------------------------------------------
+
+
+def worker_settings(release: Rendered, monkeypatch: pytest.MonkeyPatch) -> pods.WorkerSettings:
+    """The worker settings `mlds operator` builds from the Deployment's environment (as in the cluster)."""
+    env = _env(release.one("Deployment"))
+    for name in [p.envvar for p in operator_command.params if isinstance(p.envvar, str)]:
+        monkeypatch.delenv(name, raising=False)
+    params = operator_command.make_context("operator", [], default_map=None).params
+    raw = env["MLDS_WORKER_POD_DEFAULTS"]
+    assert params["worker_pod_defaults"] is None  # nothing leaked from the test's own environment
+    common, per = pods.parse_pod_defaults(raw)
+    images = {acc: env[f"MLDS_WORKER_IMAGE_{acc.value.upper()}"] for acc in Accelerator}
+    return pods.WorkerSettings(
+        lease_base_url=env["MLDS_ADVERTISED_URL"], images=images, pod_defaults=common, accelerator_pod_defaults=per
+    )
+
+
+def jobs_per_accelerator(settings: pods.WorkerSettings) -> dict[Accelerator, dict[str, Any]]:
+    ref = pods.CampaignRef(name="ds1", namespace="research", uid="uid-1")
+    out = {}
+    for acc in Accelerator:
+        pool = Pool(name=acc.value, accelerator=acc)
+        spec = CampaignSpec(workload=Workload(dataset="ds1"), networks_per_target=1, pools=[pool])
+        out[acc] = pods.worker_job(ref, spec, pool, settings)
+    return out
+
+
+def test_the_charts_worker_defaults_reach_every_worker_job(
+    rendered: dict[str, Rendered], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = rendered["workers"]
+    jobs = jobs_per_accelerator(worker_settings(release, monkeypatch))
+    for acc, job in jobs.items():
+        pod = job["spec"]["template"]["spec"]
+        # global.imagePullSecrets first, then workers.pod's; every image from the mirror.
+        assert pod["imagePullSecrets"] == [{"name": "mirror-pull"}, {"name": "workers-pull"}], acc
+        assert pod["containers"][0]["image"].startswith("registry.example.com/mirror/mlds/worker:0.1.0-")
+        assert job["spec"]["template"]["metadata"]["labels"]["team"] == "ml-platform"
+        assert job["spec"]["template"]["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+        assert {"key": "batch", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert pod["nodeSelector"]["kubernetes.io/arch"] == "amd64"
+        kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
+    cpu, nvidia, rocm = (jobs[a]["spec"]["template"]["spec"] for a in Accelerator)
+    assert (cpu["priorityClassName"], nvidia["priorityClassName"], rocm["priorityClassName"]) == (
+        "batch-low",
+        "gpu-batch",
+        "batch-low",
+    )
+    assert nvidia["runtimeClassName"] == "nvidia"
+    assert "runtimeClassName" not in cpu
+    assert nvidia["nodeSelector"] == {"kubernetes.io/arch": "amd64", "nvidia.com/gpu.present": "true"}
+    assert rocm["securityContext"]["supplementalGroups"] == [44, 110]
+    assert "supplementalGroups" not in cpu["securityContext"]
+    # The operator pod: the same mirror, the global pull secret and its own.
+    deployment = release.one("Deployment")["spec"]["template"]["spec"]
+    assert deployment["containers"][0]["image"] == "registry.example.com/mirror/mlds/operator:0.1.0"
+    assert deployment["imagePullSecrets"] == [{"name": "mirror-pull"}, {"name": "operator-pull"}]
+
+
+def test_with_default_values_worker_jobs_are_what_the_operator_makes_without_a_chart(
+    rendered: dict[str, Rendered], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chart's empty defaults change nothing (no Job is replaced by upgrading to this chart)."""
+    settings = worker_settings(rendered["default"], monkeypatch)
+    bare = pods.WorkerSettings(lease_base_url=settings.lease_base_url, images=settings.images)
+    assert jobs_per_accelerator(settings) == jobs_per_accelerator(bare)
+
+
+# --- like the charts platform engineers run (issue 16 item 11) ----------------------------------------------
+
+
+def test_namespace_users_get_campaign_rights_through_the_built_in_roles(rendered: dict[str, Rendered]) -> None:
+    release = rendered["default"]
+    editor = release.one("ClusterRole", "mlds-campaigns-editor")
+    viewer = release.one("ClusterRole", "mlds-campaigns-viewer")
+    assert editor["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert editor["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert viewer["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert "rbac.authorization.k8s.io/aggregate-to-edit" not in viewer["metadata"]["labels"]
+    assert chart_rules(release, "mlds-campaigns-editor") >= {
+        (API_GROUP, PLURAL, v) for v in ("get", "list", "watch", "create", "update", "patch", "delete")
+    }
+    # Users never write a campaign's status: that is the operator's.
+    assert not {
+        r
+        for r in chart_rules(release, "mlds-campaigns-editor")
+        if r[1].endswith("/status") and r[2] not in ("get", "list", "watch")
+    }
+    assert {r[2] for r in chart_rules(release, "mlds-campaigns-viewer")} == {"get", "list", "watch"}
+    # Aggregated roles are never bound by the chart: the built-in roles carry them.
+    bound = {b["roleRef"]["name"] for b in release.kind("ClusterRoleBinding") + release.kind("RoleBinding")}
+    assert not bound & {"mlds-campaigns-editor", "mlds-campaigns-viewer"}
+
+
+@contextlib.contextmanager
+def _serve(app: Any) -> Iterator[str]:
+    """An aiohttp app on a loopback port in a thread, for a subprocess to reach; yields its base URL."""
+    import threading  # noqa: PLC0415
+
+    from aiohttp import web  # noqa: PLC0415
+
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # aiohttp exposes no port
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+
+def run_test_pod(pod: Mapping[str, Any], base_url: str) -> subprocess.CompletedProcess[str]:
+    """The helm test pod's own command, with its Service URL pointed at ``base_url``."""
+    (container,) = pod["spec"]["containers"]
+    command = [*container["command"], *container.get("args", [])]
+    assert command[:2] == ["python", "-c"]
+    return subprocess.run(
+        [sys.executable, "-c", command[2], base_url], capture_output=True, text=True, check=False, timeout=60
+    )
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_helm_test_checks_the_operators_health_through_its_service(
+    rendered: dict[str, Rendered], scenario: str
+) -> None:
+    release = rendered[scenario]
+    (pod,) = release.hook("Pod", "test")
+    (container,) = pod["spec"]["containers"]
+    service = release.one("Service")
+    name, port = service["metadata"]["name"], service["spec"]["ports"][0]["port"]
+    assert container["command"][-1] == f"http://{name}.{NAMESPACE}.svc:{port}"
+    assert container["image"] == release.one("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    # The test pod must not become an endpoint of the operator's Service.
+    assert not service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert pod["spec"]["restartPolicy"] == "Never"
+
+
+def test_the_helm_test_pods_command_passes_against_a_real_operator_app_and_fails_without_metrics(
+    rendered: dict[str, Rendered],
+) -> None:
+    (pod,) = rendered["default"].hook("Pod", "test")
+    campaigns = Campaigns()
+    metrics = ServerMetrics(campaigns, component="operator")
+    app = create_app(campaigns, observer=metrics.observe_request)
+    metrics.add_route(app)  # as `mlds operator` builds it
+    with _serve(app) as url:
+        done = run_test_pod(pod, url)
+    assert done.returncode == 0, done.stderr
+    assert "/healthz: HTTP 200" in done.stdout
+    with _serve(create_app(Campaigns())) as url:  # no /metrics route: the test must fail
+        failed = run_test_pod(pod, url)
+    assert failed.returncode != 0
+
+
+# --- the uninstall hook (issue 16 item 9) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("scenario", "clusterwide"), [("default", True), ("namespaced", False)])
+def test_the_pre_delete_hook_releases_campaigns_with_exactly_the_rights_it_uses(
+    rendered: dict[str, Rendered], scenario: str, clusterwide: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlds_operator.controller.uninstall import main as uninstall_main  # noqa: PLC0415
+
+    release = rendered[scenario]
+    (job,) = release.hook("Job", "pre-delete")
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "mlds_operator.controller.uninstall"]
+    deployment = release.one("Deployment")
+    # Its arguments and environment are what the module's command line reads.
+    for name in ("POD_NAMESPACE", "MLDS_NAMESPACES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("POD_NAMESPACE", NAMESPACE)
+    env = {e["name"]: e.get("value") for e in container["env"] if "value" in e}
+    monkeypatch.setenv("MLDS_NAMESPACES", env["MLDS_NAMESPACES"])
+    params = uninstall_main.make_context("uninstall", list(container["args"])).params
+    assert params["deployment"] == deployment["metadata"]["name"]
+    assert tuple(n for v in params["namespaces"] for n in v.split()) == tuple(
+        release.values["operator"]["watchNamespaces"]
+    )
+    # RBAC: the hook's Role and ClusterRole are exactly what HookKube calls.
+    hook_rules = kube_rules(HookKube)[0]
+    roles = {r["kind"]: r for r in release.hooks if r["kind"] in ("Role", "ClusterRole")}
+    granted = {
+        (group, resource, verb)
+        for role in roles.values()
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert granted == hook_rules
+    assert roles["Role"]["rules"][0]["resourceNames"] == [deployment["metadata"]["name"]]
+    bindings = [b for b in release.hooks if b["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    campaign_bindings = [b for b in bindings if b["roleRef"]["kind"] == "ClusterRole"]
+    if clusterwide:
+        assert [b["kind"] for b in campaign_bindings] == ["ClusterRoleBinding"]
+    else:
+        assert sorted(b["metadata"]["namespace"] for b in campaign_bindings) == ["research", "team-b"]
+    account = pod["serviceAccountName"]
+    assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}] for b in bindings)
+    # Its account and rules exist before the Job runs, and everything goes once it succeeded.
+    for hook in release.hooks:
+        if "pre-delete" not in hook["events"]:
+            continue
+        annotations = hook["metadata"]["annotations"]
+        assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
+        weight = int(annotations.get("helm.sh/hook-weight", "0"))
+        assert weight < 0 if hook["kind"] != "Job" else weight == 0
+
+
+# --- the release workflow (issue 16 item 10) ---------------------------------------------------------------
+# actionlint cannot be installed here (its PyPI package downloads the binary at build time), so this checks
+# the workflow's structure and runs its shell steps: what actionlint's main checks would catch, and what the
+# chart needs from it (every image the chart defaults to is one the workflow pushes).
+
+WORKFLOW = ROOT / ".github" / "workflows" / "release.yaml"
+_EXPRESSION = re.compile(r"\$\{\{\s*([^}]+?)\s*\}\}")
+
+
+def workflow() -> dict[str, Any]:
+    loaded: dict[Any, Any] = yaml.safe_load(WORKFLOW.read_text())
+    if True in loaded:  # YAML 1.1 reads the key `on` as a boolean
+        loaded["on"] = loaded.pop(True)
+    return loaded
+
+
+def expand(text: str, context: Mapping[str, str]) -> str:
+    """Replace the ``${{ ... }}`` expressions of a value with the given context's values (unknown ones fail)."""
+
+    def one(match: re.Match[str]) -> str:
+        assert match[1] in context, f"unexpected expression {match[0]!r} in {WORKFLOW.name}"
+        return context[match[1]]
+
+    return _EXPRESSION.sub(one, text)
+
+
+def test_the_release_workflow_is_a_well_formed_tag_triggered_workflow() -> None:
+    flow = workflow()
+    assert set(flow) >= {"name", "on", "permissions", "jobs"}
+    assert flow["on"] == {"push": {"tags": ["v[0-9]+.[0-9]+.[0-9]+"]}}, "releases run on version tags only"
+    assert flow["permissions"] == {"contents": "read"}
+    for name, job in flow["jobs"].items():
+        assert set(job) <= {"name", "needs", "runs-on", "timeout-minutes", "permissions", "strategy", "steps"}, name
+        assert job["permissions"].get("packages") == "write", f"{name} pushes to the registry"
+        assert job["runs-on"].startswith("ubuntu-")
+        for step in job["steps"]:
+            assert ("uses" in step) != ("run" in step), f"{name}: a step has exactly one of uses/run: {step}"
+            assert "name" in step
+            if "uses" in step:
+                assert re.fullmatch(r"[\w.-]+/[\w.-]+@(v\d+|[0-9a-f]{40})", step["uses"]), step["uses"]
+            if "run" in step:
+                script = _EXPRESSION.sub("x", step["run"])
+                done = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, check=False)
+                assert done.returncode == 0, f"{name}/{step['name']}: {done.stderr}"
+    assert flow["jobs"]["chart"]["needs"] == "images"
+
+
+def test_the_release_workflow_pushes_every_image_the_chart_defaults_to(tmp_path: Path) -> None:
+    """Each matrix entry builds a Dockerfile.worker target; with the owner `mlds` its tags are the chart's defaults."""
+    images = workflow()["jobs"]["images"]
+    matrix = images["strategy"]["matrix"]["include"]
+    assert {m["target"] for m in matrix} == {"operator", "worker-cpu", "worker-cuda", "worker-rocm"}
+    assert {m["target"] for m in matrix} <= set(dockerfile_stages())
+    (build,) = [s for s in images["steps"] if s.get("uses", "").startswith("docker/build-push-action@")]
+    assert (build["with"]["file"], build["with"]["context"], build["with"]["push"]) == ("Dockerfile.worker", ".", True)
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    version = chart["appVersion"]
+    pushed = {
+        expand(
+            build["with"]["tags"],
+            {
+                "steps.release.outputs.registry": "ghcr.io/mlds",
+                "steps.release.outputs.version": version,
+                "matrix.image": m["image"],
+                "matrix.suffix": m["suffix"],
+            },
+        )
+        for m in matrix
+    }
+    defaults = {f"{values['operator']['image']['repository']}:{version}", *pods.default_images(version).values()}
+    assert pushed == defaults
+
+
+@pytest.mark.parametrize(("tag", "ok"), [("v0.1.0", True), ("v9.9.9", False)])
+def test_the_release_refuses_a_tag_that_is_not_the_charts_app_version(tag: str, ok: bool, tmp_path: Path) -> None:
+    """The workflow's own version step, run as GitHub runs it (bash, its environment, $GITHUB_OUTPUT)."""
+    (step,) = [s for s in workflow()["jobs"]["images"]["steps"] if s.get("id") == "release"]
+    output = tmp_path / "output"
+    output.touch()
+    env = {
+        "PATH": os.environ["PATH"],
+        "GITHUB_REF_NAME": tag,
+        "GITHUB_REPOSITORY_OWNER": "MLDS",
+        "GITHUB_OUTPUT": str(output),
+    }
+    done = subprocess.run(
+        ["bash", "-e", "-c", step["run"]], env=env, cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    if ok:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert output.read_text().splitlines() == [f"version={version}", "registry=ghcr.io/mlds"]
+    else:
+        assert done.returncode != 0
+        assert f"does not match appVersion {version}" in done.stdout

@@ -57,13 +57,51 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
+{{/*
+A repository with global.imageRegistry in place of its registry (the first path part when it looks like a
+host: it has a dot or a port, or is localhost). Call with (list $ "ghcr.io/mlds/worker").
+*/}}
+{{- define "mlds.repository" -}}
+{{- $root := index . 0 }}
+{{- $repository := index . 1 }}
+{{- $registry := (($root.Values.global | default dict).imageRegistry | default "") | trimSuffix "/" }}
+{{- if $registry }}
+{{- $parts := splitList "/" $repository }}
+{{- $first := first $parts }}
+{{- if and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) }}
+{{- $repository = join "/" (rest $parts) }}
+{{- end }}
+{{- printf "%s/%s" $registry $repository }}
+{{- else }}
+{{- $repository }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pull secrets as a YAML list of {name: ...}: global.imagePullSecrets, then the given list (names or objects),
+without repeats. Call with (list $ .Values.operator.imagePullSecrets).
+*/}}
+{{- define "mlds.pullSecrets" -}}
+{{- $root := index . 0 }}
+{{- $names := list }}
+{{- range concat (($root.Values.global | default dict).imagePullSecrets | default list) (index . 1 | default list) }}
+{{- $name := . }}
+{{- if kindIs "map" . }}{{ $name = .name }}{{ end }}
+{{- $names = append $names $name }}
+{{- end }}
+{{- range uniq $names }}
+- name: {{ . }}
+{{- end }}
+{{- end }}
+
 {{/* The operator image: repository@digest, else repository:tag (tag defaults to appVersion). */}}
 {{- define "mlds.operatorImage" -}}
 {{- $image := .Values.operator.image }}
+{{- $repository := include "mlds.repository" (list . $image.repository) }}
 {{- if $image.digest }}
-{{- printf "%s@%s" $image.repository $image.digest }}
+{{- printf "%s@%s" $repository $image.digest }}
 {{- else }}
-{{- printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag) }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion $image.tag) }}
 {{- end }}
 {{- end }}
 
@@ -80,7 +118,8 @@ The worker image of one accelerator: workers.images.<accelerator>, else <reposit
 {{- if $explicit }}
 {{- $explicit }}
 {{- else }}
-{{- printf "%s:%s-%s" $workers.image.repository (default $root.Chart.AppVersion $workers.image.tag) $flavour }}
+{{- $repository := include "mlds.repository" (list $root $workers.image.repository) }}
+{{- printf "%s:%s-%s" $repository (default $root.Chart.AppVersion $workers.image.tag) $flavour }}
 {{- end }}
 {{- end }}
 
@@ -91,4 +130,19 @@ The worker image of one accelerator: workers.images.<accelerator>, else <reposit
 {{- else }}
 {{- printf "http://%s.%s.svc:%v" (include "mlds.operatorName" .) .Release.Namespace .Values.service.port }}
 {{- end }}
+{{- end }}
+
+{{/*
+The worker pod defaults as `mlds operator --worker-pod-defaults` reads them (JSON): workers.pod with the
+global pull secrets first, and workers.acceleratorPod per accelerator (the operator merges them; the rule
+is in values.yaml).
+*/}}
+{{- define "mlds.workerPodDefaults" -}}
+{{- $all := deepCopy .Values.workers.pod }}
+{{- $_ := set $all "imagePullSecrets" (include "mlds.pullSecrets" (list . .Values.workers.pod.imagePullSecrets) | fromYamlArray) }}
+{{- $out := dict "all" $all }}
+{{- range $accelerator := list "cpu" "nvidia" "rocm" }}
+{{- $_ := set $out $accelerator (index $.Values.workers.acceleratorPod $accelerator | default dict) }}
+{{- end }}
+{{- toJson $out }}
 {{- end }}

@@ -147,7 +147,20 @@ operator restart and re-attach to their leases.
 
 **Worker images** default to `<workers.image.repository>:<tag>-cpu`, `-cuda` and `-rocm` (tag: the
 chart's appVersion), built from `Dockerfile.worker` (targets `worker-cpu`, `worker-cuda`, `worker-rocm`;
-the operator image is its `operator` target). A pool's own `image` in a campaign wins over these.
+the operator image is its `operator` target) and pushed by `.github/workflows/release.yaml` on a release tag.
+A pool's own `image` in a campaign wins over these. `global.imageRegistry` moves every chart image to a
+mirror and `global.imagePullSecrets` reaches the operator, the test and hook pods and every worker pod.
+
+**Worker pods**: `workers.pod` (all) and `workers.acceleratorPod.<cpu|nvidia|rocm>` set pull secrets,
+labels, annotations, priority and runtime class, affinity, node selector, tolerations and pod security
+context fields of the worker pods the operator creates (merge rule in values.yaml); a campaign pool's own
+settings win. Campaigns and pools with a `queueName` run through Kueue (see the repository README).
+
+**User roles**: with `rbac.aggregateToUserRoles` the built-in `edit`/`admin` roles may manage
+TrainingCampaigns and `view` may read them. **`helm test`** runs a pod that asks the operator's Service for
+`/healthz` and `/metrics`. **`helm uninstall`** runs a pre-delete hook (`uninstall.releaseFinalizers`) that
+stops the operator and removes its `mlds.dev/cleanup` finalizer from every campaign, so that campaigns can
+be deleted later without it; the CRD, the campaigns, their Jobs and every result in the bucket are kept.
 """
 
 

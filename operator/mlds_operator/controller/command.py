@@ -193,6 +193,17 @@ def _version() -> str:
     show_default=True,
 )
 @click.option(
+    "--worker-pod-defaults",
+    envvar="MLDS_WORKER_POD_DEFAULTS",
+    default=None,
+    metavar="JSON",
+    help=(
+        'Defaults of every worker pod: {"all": {...}, "cpu": {...}, "nvidia": {...}, "rocm": {...}}, each with '
+        "imagePullSecrets, labels, annotations, priorityClassName, runtimeClassName, affinity, nodeSelector, "
+        "tolerations, securityContext (the chart's workers.pod and workers.acceleratorPod values)."
+    ),
+)
+@click.option(
     "--worker-backoff-limit",
     envvar="MLDS_WORKER_BACKOFF_LIMIT",
     type=click.IntRange(0, 10_000),
@@ -242,6 +253,7 @@ def operator_command(
     worker_image_nvidia: str | None,
     worker_image_rocm: str | None,
     image_pull_policy: str,
+    worker_pod_defaults: str | None,
     worker_backoff_limit: int,
     status_interval: float,
     checkpoint_seconds: float,
@@ -257,6 +269,10 @@ def operator_command(
     names = tuple(n for value in namespaces for n in value.split() if n)
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON if log_format == "json" else kopf.LogFormat.FULL)
     host, port = _listen(listen)
+    try:
+        pod_defaults, accelerator_pod_defaults = pods.parse_pod_defaults(worker_pod_defaults)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--worker-pod-defaults / MLDS_WORKER_POD_DEFAULTS") from exc
     images = pods.default_images(_version())
     for accelerator, image in (
         (Accelerator.cpu, worker_image_cpu),
@@ -273,6 +289,8 @@ def operator_command(
                 images=images,
                 image_pull_policy=image_pull_policy,
                 backoff_limit=worker_backoff_limit,
+                pod_defaults=pod_defaults,
+                accelerator_pod_defaults=accelerator_pod_defaults,
             ),
             service=ServiceSettings(checkpoint_seconds=checkpoint_seconds),
             instance=os.environ.get("POD_NAME") or os.uname().nodename,

@@ -78,6 +78,7 @@ class Reason(enum.StrEnum):
     Training = "Training"  # units are leased to workers
     WaitingForWorkers = "WaitingForWorkers"  # units pending, none leased
     Finalizing = "Finalizing"  # all units done, the manifest is being written
+    Queued = "Queued"  # every worker Job waits for Kueue to admit it
     # Complete / Failed
     AllUnitsSucceeded = "AllUnitsSucceeded"
     UnitsRemaining = "UnitsRemaining"

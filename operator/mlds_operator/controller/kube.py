@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import kubernetes  # type: ignore[import-untyped]  # the official client ships no type information
 import urllib3
@@ -36,7 +36,7 @@ from mlds_contract.errors import MldsError, TemporaryError, UserError
 from mlds_operator.artifacts.crd import PLURAL
 from mlds_operator.controller.pods import LABEL_CAMPAIGN, campaign_label, selector
 
-__all__ = ["REQUEST_TIMEOUT", "Kube", "KubeRejected", "KubeUnavailable"]
+__all__ = ["REQUEST_TIMEOUT", "HookKube", "Kube", "KubeRejected", "KubeUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,10 @@ class Kube:
         self._core = kubernetes.client.CoreV1Api(api_client)
         self._batch = kubernetes.client.BatchV1Api(api_client)
         self._custom = kubernetes.client.CustomObjectsApi(api_client)
+        self._apps = kubernetes.client.AppsV1Api(api_client)
 
     @classmethod
-    def connect(cls, kubeconfig: str | None = None, context: str | None = None) -> Kube:
+    def connect(cls, kubeconfig: str | None = None, context: str | None = None) -> Self:
         """A client for the cluster: an explicit kubeconfig or ``$KUBECONFIG``, else in-cluster, else ~/.kube/config."""
         cfg = kubernetes.client.Configuration()
         config_file = kubeconfig or os.environ.get("KUBECONFIG")
@@ -241,6 +242,61 @@ class Kube:
             ),
             missing=409,
         )
+
+
+class HookKube(Kube):
+    """The calls of the chart's pre-delete hook (:mod:`mlds_operator.controller.uninstall`), besides listing
+    campaigns. A class of their own so that the operator's RBAC and the hook's each stay exactly what is called."""
+
+    def scale_deployment(self, namespace: str, name: str, replicas: int) -> bool:
+        """Set a Deployment's replicas; False when it is gone."""
+        patched = self._maybe(
+            f"scaling Deployment {namespace}/{name}",
+            lambda: self._apps.patch_namespaced_deployment(
+                name,
+                namespace,
+                {"spec": {"replicas": replicas}},
+                _content_type=_MERGE_PATCH,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            ),
+        )
+        return patched is not None
+
+    def deployment_pods(self, namespace: str, name: str) -> int | None:
+        """Pods a Deployment still has (``status.replicas``, which counts terminating ones); None when it is gone."""
+        found = self._maybe(
+            f"reading Deployment {namespace}/{name}",
+            lambda: self._apps.read_namespaced_deployment(
+                name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            ),
+        )
+        if found is None:
+            return None
+        return int((found.get("status") or {}).get("replicas") or 0)
+
+    def set_campaign_finalizers(
+        self, namespace: str, name: str, finalizers: list[str], resource_version: str | None
+    ) -> bool:
+        """Replace a campaign's finalizers, guarded by its resourceVersion (a conflict raises); False when gone."""
+        meta: dict[str, Any] = {"finalizers": finalizers}
+        if resource_version:
+            meta["resourceVersion"] = resource_version  # optimistic concurrency: 409 if it changed meanwhile
+        patched = self._maybe(
+            f"patching TrainingCampaign {namespace}/{name}",
+            lambda: self._custom.patch_namespaced_custom_object(
+                API_GROUP,
+                API_VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"metadata": meta},
+                _content_type=_MERGE_PATCH,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            ),
+        )
+        return patched is not None
 
 
 def _message(exc: ApiException) -> str:

@@ -18,12 +18,24 @@ Per pool the Job runs ``mlds worker`` (DESIGN.md §2-3):
   read-only root filesystem with an emptyDir at /tmp (``HOME`` points there for library caches),
   no privilege escalation, all capabilities dropped, seccomp RuntimeDefault, no service-account
   token (workers never talk to the Kubernetes API).
+- **Platform defaults** (:class:`PodDefaults`, the chart's ``workers.pod`` and ``workers.acceleratorPod``
+  values, given to `mlds operator` as ``--worker-pod-defaults``): image pull secrets, extra labels and
+  annotations, priority and runtime class, affinity, node selector, tolerations and pod security
+  context fields (e.g. ``supplementalGroups`` for ROCm's ``render`` group), for every worker pod and per
+  accelerator. The merge rule is :meth:`PodDefaults.over` and :func:`_scheduling`: the accelerator's
+  defaults over the common ones, then the pool's own ``nodeSelector``/``tolerations`` over both. What
+  the operator itself relies on (its labels, the container's security context, the token and /tmp
+  volumes) cannot be overridden.
+- **Kueue** (:func:`queue_name`): a pool with a queue (its ``queueName``, else the campaign's) gets the
+  ``kueue.x-k8s.io/queue-name`` label on its Job, which is created suspended; from then on Kueue owns
+  ``spec.suspend`` (admission unsuspends it, preemption suspends it again) and the operator never
+  patches it. The queue name is part of the template hash: Kueue forbids changing it on a running Job.
 - **Job semantics**: ``parallelism`` = replicas, ``completions`` unset (each worker exits 0 when the
-  campaign is drained, which completes the Job), ``suspend`` = ``spec.suspend``. A pod disrupted by
-  the cluster (eviction, preemption, node drain) does not count towards ``backoffLimit``; a worker
-  exiting 2 (a configuration error: rejected request, unreadable token file) fails the Job at once,
-  since a new pod would fail the same way. No ``ttlSecondsAfterFinished``: finished Jobs stay with
-  their pods' logs until the campaign is deleted (owner references remove them).
+  campaign is drained, which completes the Job), ``suspend`` = ``spec.suspend`` (queued Jobs: see
+  Kueue). A pod disrupted by the cluster (eviction, preemption, node drain) does not count towards
+  ``backoffLimit``; a worker exiting 2 (a configuration error: rejected request, unreadable token
+  file) fails the Job at once, since a new pod would fail the same way. No ``ttlSecondsAfterFinished``:
+  finished Jobs stay with their pods' logs until the campaign is deleted (owner references remove them).
 
 Parallelism and suspend are patched in place. Everything else is the Job's immutable pod template:
 its hash is stored in the ``mlds.dev/template-hash`` annotation, and reconcile replaces a Job whose
@@ -38,7 +50,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -49,12 +61,14 @@ __all__ = [
     "ANNOTATION_TEMPLATE",
     "CONTAINER",
     "GPU_RESOURCE",
+    "KUEUE_QUEUE_LABEL",
     "LABEL_CAMPAIGN",
     "LABEL_CAMPAIGN_UID",
     "LABEL_POOL",
     "TOKEN_KEY",
     "TOKEN_MOUNT",
     "CampaignRef",
+    "PodDefaults",
     "WorkerSettings",
     "campaign_label",
     "cpu_threads",
@@ -63,6 +77,8 @@ __all__ = [
     "job_name",
     "lease_url",
     "owner_reference",
+    "parse_pod_defaults",
+    "queue_name",
     "secret_name",
     "selector",
     "template_hash",
@@ -82,6 +98,8 @@ CONTAINER: Final = "worker"
 #: An emptyDir private to the pod (not a shared host /tmp), the only writable path.
 TMP_MOUNT: Final = "/tmp"  # noqa: S108 - the pod's own emptyDir
 TOKEN_MOUNT: Final = "/var/run/mlds"  # noqa: S105 - a mount path
+#: The label that hands a Job to Kueue (the LocalQueue's name, in the Job's namespace).
+KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
 GPU_RESOURCE: Final[Mapping[Accelerator, str]] = {Accelerator.nvidia: "nvidia.com/gpu", Accelerator.rocm: "amd.com/gpu"}
 
 #: Job names stay short enough that the Job controller's pod names and job-name labels fit 63 characters.
@@ -119,6 +137,122 @@ def _default_resources(accelerator: Accelerator) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class PodDefaults:
+    """Defaults of worker pods set by the platform (the chart), for all accelerators or one of them.
+
+    Empty means unset. :meth:`over` is the merge rule the chart's values.yaml documents.
+    """
+
+    image_pull_secrets: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    priority_class_name: str = ""
+    runtime_class_name: str = ""
+    affinity: Mapping[str, Any] = field(default_factory=dict)
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    #: Pod-level securityContext fields merged over the restricted default (e.g. supplementalGroups).
+    security_context: Mapping[str, Any] = field(default_factory=dict)
+
+    def over(self, base: PodDefaults) -> PodDefaults:
+        """These defaults on top of ``base``: maps merge key by key (ours win), lists add up (without
+        repeats), priority class, runtime class and affinity replace ``base``'s when set."""
+        return PodDefaults(
+            image_pull_secrets=_unique(base.image_pull_secrets + self.image_pull_secrets),
+            labels={**base.labels, **self.labels},
+            annotations={**base.annotations, **self.annotations},
+            priority_class_name=self.priority_class_name or base.priority_class_name,
+            runtime_class_name=self.runtime_class_name or base.runtime_class_name,
+            affinity=self.affinity or base.affinity,
+            node_selector={**base.node_selector, **self.node_selector},
+            tolerations=_unique(base.tolerations + self.tolerations),
+            security_context={**base.security_context, **self.security_context},
+        )
+
+
+def _unique(items: Sequence[Any]) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for item in items:
+        if item not in out:
+            out.append(item)
+    return tuple(out)
+
+
+_DEFAULT_KEYS: Final = {
+    "imagePullSecrets",
+    "labels",
+    "annotations",
+    "priorityClassName",
+    "runtimeClassName",
+    "affinity",
+    "nodeSelector",
+    "tolerations",
+    "securityContext",
+}
+_SCOPES: Final = ("all", *(a.value for a in Accelerator))
+
+
+def _str_map(value: Any, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _pod_defaults(raw: Any, where: str) -> PodDefaults:
+    if raw is None:
+        return PodDefaults()
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - _DEFAULT_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_DEFAULT_KEYS))}")
+    secrets: list[str] = []
+    for item in raw.get("imagePullSecrets") or ():
+        name = item.get("name") if isinstance(item, Mapping) else item
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}.imagePullSecrets: expected names or {{name: ...}} objects, got {item!r}")
+        secrets.append(name)
+    tolerations = raw.get("tolerations") or ()
+    if not isinstance(tolerations, Sequence) or not all(isinstance(t, Mapping) for t in tolerations):
+        raise ValueError(f"{where}.tolerations: expected a list of tolerations")
+    for key in ("affinity", "securityContext"):
+        if not isinstance(raw.get(key) or {}, Mapping):
+            raise ValueError(f"{where}.{key}: expected a mapping")
+    return PodDefaults(
+        image_pull_secrets=_unique(secrets),
+        labels=_str_map(raw.get("labels"), f"{where}.labels"),
+        annotations=_str_map(raw.get("annotations"), f"{where}.annotations"),
+        priority_class_name=str(raw.get("priorityClassName") or ""),
+        runtime_class_name=str(raw.get("runtimeClassName") or ""),
+        affinity=copy.deepcopy(dict(raw.get("affinity") or {})),
+        node_selector=_str_map(raw.get("nodeSelector"), f"{where}.nodeSelector"),
+        tolerations=tuple(copy.deepcopy(dict(t)) for t in tolerations),
+        security_context=copy.deepcopy(dict(raw.get("securityContext") or {})),
+    )
+
+
+def parse_pod_defaults(text: str | None) -> tuple[PodDefaults, dict[Accelerator, PodDefaults]]:
+    """``--worker-pod-defaults``: JSON ``{"all": {...}, "cpu": {...}, "nvidia": {...}, "rocm": {...}}``,
+    each with the camelCase keys of the chart's ``workers.pod``. Raises ValueError naming the bad key."""
+    if not text or not text.strip():
+        return PodDefaults(), {}
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+    if not isinstance(raw, Mapping):
+        raise ValueError("expected a JSON object with the keys all, cpu, nvidia, rocm")
+    unknown = sorted(set(raw) - set(_SCOPES))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(_SCOPES)}")
+    common = _pod_defaults(raw.get("all"), "all")
+    per = {a: _pod_defaults(raw.get(a.value), a.value) for a in Accelerator if raw.get(a.value)}
+    return common, per
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     """Operator-wide settings of the worker pods (flags of `mlds operator`)."""
 
@@ -134,6 +268,14 @@ class WorkerSettings:
     termination_grace_seconds: int = 60
     #: Size limit of the /tmp emptyDir (library caches; results go straight to the bucket).
     tmp_size_limit: str = "1Gi"
+    #: The platform's defaults of every worker pod, and per accelerator (merged over those).
+    pod_defaults: PodDefaults = field(default_factory=PodDefaults)
+    accelerator_pod_defaults: Mapping[Accelerator, PodDefaults] = field(default_factory=dict)
+
+    def defaults_for(self, accelerator: Accelerator) -> PodDefaults:
+        """The defaults a pool of this accelerator gets (see :meth:`PodDefaults.over`)."""
+        own = self.accelerator_pod_defaults.get(accelerator)
+        return own.over(self.pod_defaults) if own is not None else self.pod_defaults
 
 
 @dataclass(frozen=True)
@@ -276,8 +418,10 @@ def _resources(pool: Pool) -> dict[str, Any]:
     return resources
 
 
-def _tolerations(pool: Pool) -> list[dict[str, Any]]:
+def _tolerations(pool: Pool, defaults: PodDefaults) -> list[dict[str, Any]]:
+    """The pool's tolerations, then the platform's defaults not already there, then the GPU taint's."""
     tolerations = [t.wire() for t in pool.tolerations or ()]
+    tolerations += [dict(t) for t in defaults.tolerations if dict(t) not in tolerations]
     gpu = GPU_RESOURCE.get(pool.accelerator)
     if gpu is not None and not any(t.get("key") == gpu for t in tolerations):
         tolerations.append({"key": gpu, "operator": "Exists", "effect": "NoSchedule"})
@@ -303,10 +447,18 @@ def _env(ref: CampaignRef, pool: Pool, settings: WorkerSettings, resources: Mapp
     return env
 
 
+def queue_name(spec: CampaignSpec, pool: Pool) -> str | None:
+    """The Kueue LocalQueue of a pool's Job: the pool's ``queueName``, else the campaign's; None: no Kueue."""
+    return pool.queue_name or spec.queue_name or None
+
+
 def worker_job(ref: CampaignRef, spec: CampaignSpec, pool: Pool, settings: WorkerSettings) -> dict[str, Any]:
     """The worker Job of one pool (see the module docstring), with its template hash annotated."""
     resources = _resources(pool)
-    pod_labels = _labels(ref, "worker", pool.name)
+    defaults = settings.defaults_for(pool.accelerator)
+    queue = queue_name(spec, pool)
+    # The platform's extra labels first: the operator's own (selectors, ownership) always win.
+    pod_labels = {**defaults.labels, **_labels(ref, "worker", pool.name)}
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": pool.image or settings.images[pool.accelerator],
@@ -336,6 +488,7 @@ def worker_job(ref: CampaignRef, spec: CampaignSpec, pool: Pool, settings: Worke
             "runAsGroup": _NON_ROOT_UID,
             "fsGroup": _NON_ROOT_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
+            **copy.deepcopy(dict(defaults.security_context)),
         },
         "containers": [container],
         "volumes": [
@@ -350,14 +503,27 @@ def worker_job(ref: CampaignRef, spec: CampaignSpec, pool: Pool, settings: Worke
             {"name": "tmp", "emptyDir": {"sizeLimit": settings.tmp_size_limit}},
         ],
     }
-    if pool.node_selector:
-        pod_spec["nodeSelector"] = dict(pool.node_selector)
-    tolerations = _tolerations(pool)
+    if defaults.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in defaults.image_pull_secrets]
+    if defaults.priority_class_name:
+        pod_spec["priorityClassName"] = defaults.priority_class_name
+    if defaults.runtime_class_name:
+        pod_spec["runtimeClassName"] = defaults.runtime_class_name
+    if defaults.affinity:
+        pod_spec["affinity"] = copy.deepcopy(dict(defaults.affinity))
+    node_selector = {**defaults.node_selector, **(pool.node_selector or {})}  # the pool's keys win
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = _tolerations(pool, defaults)
     if tolerations:
         pod_spec["tolerations"] = tolerations
+    pod_meta: dict[str, Any] = {"labels": pod_labels}
+    if defaults.annotations:
+        pod_meta["annotations"] = dict(defaults.annotations)
     job_spec: dict[str, Any] = {
         "parallelism": pool.replicas,
-        "suspend": spec.suspend,
+        # A queued Job starts suspended and Kueue unsuspends it on admission (see queue_name).
+        "suspend": True if queue else spec.suspend,
         "backoffLimit": settings.backoff_limit,
         "podFailurePolicy": {
             "rules": [
@@ -368,14 +534,22 @@ def worker_job(ref: CampaignRef, spec: CampaignSpec, pool: Pool, settings: Worke
                 },
             ]
         },
-        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        "template": {"metadata": pod_meta, "spec": pod_spec},
     }
     meta = _metadata(ref, job_name(ref.name, pool.name), "worker", pool.name)
-    meta["annotations"] = {ANNOTATION_TEMPLATE: template_hash(job_spec)}
+    meta["labels"] = {**defaults.labels, **meta["labels"]}
+    if queue:
+        meta["labels"][KUEUE_QUEUE_LABEL] = queue
+    meta["annotations"] = {ANNOTATION_TEMPLATE: template_hash(job_spec, queue=queue)}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
-def template_hash(job_spec: Mapping[str, Any]) -> str:
-    """Hash of a Job spec without the fields patched in place (parallelism, suspend)."""
-    fixed = {k: v for k, v in job_spec.items() if k not in ("parallelism", "suspend")}
+def template_hash(job_spec: Mapping[str, Any], *, queue: str | None = None) -> str:
+    """Hash of a Job spec without the fields patched in place (parallelism, suspend), and of its Kueue queue.
+
+    The queue counts only when set, so Jobs made before queues existed keep their hash.
+    """
+    fixed: dict[str, Any] = {k: v for k, v in job_spec.items() if k not in ("parallelism", "suspend")}
+    if queue:
+        fixed = {"job": fixed, "kueueQueue": queue}
     return hashlib.sha256(json.dumps(fixed, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]

@@ -26,6 +26,11 @@ Decisions made here (and why):
   running campaign), in which case the edit is reported and the campaign carries on. Problems
   outside the spec (a missing credentials Secret, an unreachable bucket) keep it ``Pending`` and are
   retried every pass.
+- **Kueue owns ``suspend`` of queued Jobs** (a pool with a ``queueName``): they are created suspended
+  and the operator never patches their ``suspend``, so it never fights Kueue's admission or preemption.
+  ``spec.suspend`` deletes a queued pool's Job instead (its Workload and quota go with it) and resume
+  creates it again, queued. The campaign is ``Queued`` while every pool's Job waits for admission, and
+  ``Running`` once Kueue admitted one (``Progressing`` says which queues it waits for).
 - **Finished is final**: once every unit succeeded or failed nothing is created again (a Job deleted
   afterwards stays deleted), and after an operator restart a finished campaign whose status names its
   manifest is not reopened (that would re-read every result in the bucket for nothing).
@@ -237,6 +242,12 @@ class ObservedJob:
     complete: bool = False
     failure: str | None = None  # "Reason: message" of a Failed condition
     deleting: bool = False
+    queue: str | None = None  # the Kueue queue-name label: Kueue decides its suspend
+
+    @property
+    def waiting_for_kueue(self) -> bool:
+        """Queued and not (or no longer) admitted: Kueue keeps it suspended."""
+        return self.queue is not None and self.suspend and not self.deleting
 
     @classmethod
     def from_manifest(cls, job: Mapping[str, Any]) -> ObservedJob:
@@ -266,6 +277,7 @@ class ObservedJob:
             complete=complete,
             failure=failure,
             deleting=bool(meta.get("deletionTimestamp")),
+            queue=labels.get(pods.KUEUE_QUEUE_LABEL) or None,
         )
 
 
@@ -386,8 +398,9 @@ def reconcile(campaign: Campaign, observed: Observed, settings: pods.WorkerSetti
                 "else's Job); rename the pool or delete that Job"
             )
             job_failure_reason = Reason.JobNameTaken
-    phase = _phase(spec, progress)
-    conditions = _progress_conditions(spec, progress, phase, problem, job_failure, job_failure_reason)
+    kueue = _kueue(campaign.name, spec, observed.jobs)
+    phase = _phase(spec, progress, kueue)
+    conditions = _progress_conditions(spec, progress, phase, problem, job_failure, job_failure_reason, kueue)
     return _finish(campaign, observed, phase, conditions, progress.counts, actions, progress)
 
 
@@ -437,18 +450,26 @@ def _job_action(
     if progress.finished:
         return None  # the workers exit on their own; nothing is created or changed any more
     desired = pods.worker_job(campaign.ref, spec, pool, settings)
+    queued = pods.queue_name(spec, pool) is not None
     if job is None:
-        return CreateJob(desired)
+        # A suspended campaign keeps no Job in Kueue's queue (see below).
+        return None if queued and spec.suspend else CreateJob(desired)
     if job.deleting or (campaign.uid is not None and job.campaign_uid not in (None, campaign.uid)):
         return None  # wait until it is gone, then create ours
+    why = None
     if job.template_hash != desired["metadata"]["annotations"][pods.ANNOTATION_TEMPLATE]:
-        return DeleteJob(job.name, "its pod template changed; a new Job replaces it")
-    if job.complete:
-        return DeleteJob(job.name, "it completed while units remain; a new Job replaces it")
+        why = "its pod template changed; a new Job replaces it"
+    elif job.complete:
+        why = "it completed while units remain; a new Job replaces it"
+    elif queued and spec.suspend:
+        # Kueue would undo a suspend of an admitted Job; deleting it gives its quota back, and resume makes it anew.
+        why = "spec.suspend is true: a queued Job leaves Kueue's queue and frees its quota"
+    if why is not None:
+        return DeleteJob(job.name, why)
     patch: dict[str, Any] = {}
     if job.parallelism != pool.replicas:
         patch["parallelism"] = pool.replicas
-    if job.suspend != spec.suspend:
+    if not queued and job.suspend != spec.suspend:  # a queued Job's suspend is Kueue's
         patch["suspend"] = spec.suspend
     return PatchJob(job.name, {"spec": patch}) if patch else None
 
@@ -458,7 +479,33 @@ def terminal(status: CampaignStatus) -> bool:
     return status.phase in (Phase.Succeeded, Phase.Failed) and bool(status.manifest)
 
 
-def _phase(spec: CampaignSpec, progress: Progress) -> Phase:
+@dataclass(frozen=True)
+class _Kueue:
+    """The campaign's worker Jobs as Kueue sees them."""
+
+    waiting: tuple[tuple[str, str], ...] = ()  # (Job, LocalQueue) of the pools Kueue has not admitted
+    queued: bool = False  # every pool is queued and none is admitted: the campaign waits for Kueue
+    admitted: bool = False  # Kueue admitted (unsuspended) at least one pool's Job
+
+
+def _kueue(name: str, spec: CampaignSpec, jobs: Sequence[ObservedJob]) -> _Kueue:
+    by_pool = {j.pool: j for j in jobs if not j.deleting and j.queue is not None}
+    waiting: list[tuple[str, str]] = []
+    admitted = False
+    for pool in spec.pools:
+        queue = pods.queue_name(spec, pool)
+        current = by_pool.get(pool.name)
+        if queue is None:
+            continue
+        if current is not None and not current.suspend:
+            admitted = True
+        else:  # suspended by Kueue, or about to be created (suspended)
+            waiting.append((current.name if current else pods.job_name(name, pool.name), queue))
+    every_pool_queued = all(pods.queue_name(spec, pool) for pool in spec.pools)
+    return _Kueue(waiting=tuple(waiting), queued=every_pool_queued and not admitted, admitted=admitted)
+
+
+def _phase(spec: CampaignSpec, progress: Progress, kueue: _Kueue) -> Phase:
     counts = progress.counts
     if progress.finished and progress.finalized:
         return Phase.Succeeded if counts.failed == 0 else Phase.Failed
@@ -466,7 +513,10 @@ def _phase(spec: CampaignSpec, progress: Progress) -> Phase:
         return Phase.Running  # writing the manifest
     if spec.suspend:
         return Phase.Suspended
-    if counts.succeeded or counts.leased or counts.failed:
+    if kueue.queued:
+        return Phase.Queued
+    # Units are out or done, or Kueue admitted a pool's Job (its pods are starting).
+    if counts.succeeded or counts.leased or counts.failed or kueue.admitted:
         return Phase.Running
     return Phase.Pending
 
@@ -513,6 +563,7 @@ def _progress_conditions(
     problem: Problem | None,
     job_failure: str | None,
     job_failure_reason: Reason = Reason.WorkerJobFailed,
+    kueue: _Kueue | None = None,
 ) -> list[Desired]:
     c = progress.counts
     done = f"{c.succeeded}/{c.total} units succeeded"
@@ -542,6 +593,14 @@ def _progress_conditions(
             progressing = Desired(CondType.Progressing, True, Reason.Finalizing, f"{done}; writing the manifest")
         elif phase is Phase.Suspended:
             progressing = Desired(CondType.Progressing, False, Reason.SuspendedBySpec, counts)
+        elif phase is Phase.Queued:
+            jobs = ", ".join(f"{job} (LocalQueue {queue})" for job, queue in (kueue.waiting if kueue else ()))
+            progressing = Desired(
+                CondType.Progressing,
+                False,
+                Reason.Queued,
+                f"waiting for Kueue to admit the worker Jobs{': ' + jobs if jobs else ''}; {counts}",
+            )
         elif c.leased:
             progressing = Desired(CondType.Progressing, True, Reason.Training, counts)
         else:

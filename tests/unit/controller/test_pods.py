@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 from typing import Any
 
 import kubernetes_validate
@@ -252,3 +255,157 @@ def test_the_token_survives_the_round_trip_through_its_secret() -> None:
 
 def test_default_lease_url_is_the_operator_service_in_its_namespace() -> None:
     assert pods.default_lease_base_url("mlds-system") == "http://mlds-operator.mlds-system.svc:8080"
+
+
+# ------------------------------------------------------------------ platform defaults (the chart's workers.pod)
+
+#: What a platform engineer puts in the chart (workers.pod / workers.acceleratorPod), as the operator receives it.
+PLATFORM = {
+    "all": {
+        "imagePullSecrets": [{"name": "regcred"}],
+        "labels": {"team": "ml-platform", "app.kubernetes.io/name": "not-ours"},
+        "annotations": {"sidecar.istio.io/inject": "false"},
+        "priorityClassName": "batch-low",
+        "affinity": {
+            "nodeAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 1,
+                        "preference": {"matchExpressions": [{"key": "spot", "operator": "In", "values": ["1"]}]},
+                    }
+                ]
+            }
+        },
+        "nodeSelector": {"kubernetes.io/arch": "amd64", "pool": "batch"},
+        "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
+    },
+    "nvidia": {
+        "imagePullSecrets": ["nvcr"],
+        "priorityClassName": "gpu-high",
+        "runtimeClassName": "nvidia",
+        "nodeSelector": {"pool": "gpu"},
+    },
+    "rocm": {"securityContext": {"supplementalGroups": [44, 110]}, "runtimeClassName": ""},
+}
+
+
+def platform_settings(raw: dict[str, Any] | None = None) -> pods.WorkerSettings:
+    common, per = pods.parse_pod_defaults(json.dumps(raw if raw is not None else PLATFORM))
+    return dataclasses.replace(SETTINGS, pod_defaults=common, accelerator_pod_defaults=per)
+
+
+def platform_job(pool: Pool, *, queue: str | None = None) -> dict[str, Any]:
+    s = spec(pool).model_copy(update={"queue_name": queue})
+    return pods.worker_job(REF, s, pool, platform_settings())
+
+
+def test_the_platforms_defaults_reach_every_worker_pod() -> None:
+    job = platform_job(Pool(name="cpu"))
+    pod = job["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["priorityClassName"] == "batch-low"
+    assert "runtimeClassName" not in pod
+    assert pod["affinity"] == PLATFORM["all"]["affinity"]
+    assert pod["nodeSelector"] == {"kubernetes.io/arch": "amd64", "pool": "batch"}
+    assert pod["tolerations"] == [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}]
+    assert job["spec"]["template"]["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+    # Extra labels on the Job and its pods; the operator's own labels cannot be replaced.
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        assert labels["team"] == "ml-platform"
+        assert labels["app.kubernetes.io/name"] == "mlds"
+        assert labels[pods.LABEL_CAMPAIGN] == "ds1-parity"
+
+
+def test_an_accelerators_defaults_merge_over_the_common_ones() -> None:
+    """Maps merge key by key (accelerator wins), lists add up, priority/runtime class are replaced."""
+    pod = platform_job(Pool(name="gpu", accelerator=Accelerator.nvidia))["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "nvcr"}]
+    assert pod["priorityClassName"] == "gpu-high"
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["nodeSelector"] == {"kubernetes.io/arch": "amd64", "pool": "gpu"}
+    assert {t["key"] for t in pod["tolerations"]} == {"batch", "nvidia.com/gpu"}
+
+
+def test_rocm_pods_can_join_the_render_group_without_losing_the_restricted_profile() -> None:
+    pod = platform_job(Pool(name="mi300", accelerator=Accelerator.rocm))["spec"]["template"]["spec"]
+    assert pod["securityContext"]["supplementalGroups"] == [44, 110]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["priorityClassName"] == "batch-low"  # the common default, as rocm sets none
+    (c,) = pod["containers"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_a_pools_own_node_selector_and_tolerations_win_over_the_defaults() -> None:
+    pool = Pool(
+        name="gpu",
+        accelerator=Accelerator.nvidia,
+        node_selector={"pool": "a100-spot"},
+        tolerations=[Toleration(key="spot", operator="Exists", effect="NoSchedule")],
+        image="registry.example.com/own:1",
+    )
+    job = platform_job(pool)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/arch": "amd64", "pool": "a100-spot"}
+    assert [t["key"] for t in pod["tolerations"]] == ["spot", "batch", "nvidia.com/gpu"]
+    assert container(job)["image"] == "registry.example.com/own:1"
+
+
+@pytest.mark.parametrize("accelerator", list(Accelerator))
+def test_jobs_with_every_default_set_are_valid_kubernetes_objects(accelerator: Accelerator) -> None:
+    job = platform_job(Pool(name="p", accelerator=accelerator), queue="gpu-queue")
+    kubernetes_validate.validate(job, "1.32", strict=True)
+
+
+def test_no_defaults_make_the_same_job_as_before() -> None:
+    """An operator upgrade with no defaults set must not replace running Jobs: the same manifest and hash."""
+    pool = Pool(name="cpu")
+    assert pods.worker_job(REF, spec(pool), pool, platform_settings({})) == job_for(pool)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        pytest.param("{", "not JSON", id="not-json"),
+        pytest.param('{"gpu": {}}', "unknown key(s) gpu", id="unknown-accelerator"),
+        pytest.param('{"all": {"nodeSelectors": {}}}', "all: unknown key(s) nodeSelectors", id="misspelt-key"),
+        pytest.param('{"rocm": {"tolerations": {"key": "x"}}}', "rocm.tolerations", id="tolerations-not-a-list"),
+        pytest.param('{"all": {"imagePullSecrets": [{"nam": "x"}]}}', "all.imagePullSecrets", id="secret-without-name"),
+    ],
+)
+def test_bad_defaults_are_refused_with_the_key_that_is_wrong(raw: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pods.parse_pod_defaults(raw)
+
+
+# ---------------------------------------------------------------------------------------------- Kueue
+
+
+def test_a_queued_pool_gets_the_kueue_label_and_starts_suspended() -> None:
+    job = platform_job(Pool(name="gpu", accelerator=Accelerator.nvidia), queue="gpu-queue")
+    assert job["metadata"]["labels"][pods.KUEUE_QUEUE_LABEL] == "gpu-queue"
+    assert job["spec"]["suspend"] is True  # Kueue unsuspends it on admission
+    assert pods.KUEUE_QUEUE_LABEL not in job["spec"]["template"]["metadata"]["labels"]
+
+
+def test_a_pools_queue_wins_over_the_campaigns_and_no_queue_means_no_kueue() -> None:
+    own = Pool(name="gpu", accelerator=Accelerator.nvidia, queue_name="gpu-queue")
+    plain = Pool(name="cpu")
+    s = spec(own, plain).model_copy(update={"queue_name": "cpu-queue"})
+    assert pods.queue_name(s, own) == "gpu-queue"
+    assert pods.queue_name(s, plain) == "cpu-queue"
+    assert pods.queue_name(spec(plain), plain) is None
+    assert pods.KUEUE_QUEUE_LABEL not in job_for(plain)["metadata"]["labels"]
+    assert job_for(plain)["spec"]["suspend"] is False
+
+
+def test_changing_the_queue_changes_the_template_hash() -> None:
+    """Kueue refuses a new queue-name on a running Job: the operator replaces the Job instead."""
+    pool = Pool(name="gpu", accelerator=Accelerator.nvidia)
+    hashes = {
+        q: pods.worker_job(REF, spec(pool).model_copy(update={"queue_name": q}), pool, SETTINGS)["metadata"][
+            "annotations"
+        ][pods.ANNOTATION_TEMPLATE]
+        for q in (None, "a", "b")
+    }
+    assert len(set(hashes.values())) == 3

@@ -496,3 +496,82 @@ def test_the_status_patch_is_none_when_nothing_changed_and_nulls_what_went_away(
     assert patch["eta"] is None
     assert patch["networksPerHour"] is None
     assert patch["phase"] == "Succeeded"
+
+
+# ------------------------------------------------------------------------------------------ Kueue
+
+
+def queued_campaign(**kwargs: Any) -> Campaign:
+    return campaign(queueName="gpu-queue", **kwargs)
+
+
+def test_a_queued_campaign_creates_suspended_jobs_with_the_queue_label() -> None:
+    c = queued_campaign()
+    out = run(c, jobs=[])
+    created = [a.manifest for a in out.actions if isinstance(a, CreateJob)]
+    assert [j["metadata"]["labels"][pods.KUEUE_QUEUE_LABEL] for j in created] == ["gpu-queue", "gpu-queue"]
+    assert all(j["spec"]["suspend"] is True for j in created)
+    assert out.status.phase is Phase.Queued
+
+
+def test_while_kueue_holds_the_jobs_the_campaign_is_queued_and_their_suspend_is_left_alone() -> None:
+    c = queued_campaign()
+    out = run(c)  # both Jobs exist as made: suspended, waiting for admission
+    assert [a for a in out.actions if isinstance(a, PatchJob)] == []
+    assert out.status.phase is Phase.Queued
+    status, reason, message = cond(out, "Progressing")
+    assert (status, reason) == ("False", Reason.Queued)
+    assert "parity-gpu (LocalQueue gpu-queue)" in message
+    assert cond(out, "Ready")[0] == "True"
+
+
+def test_once_kueue_admits_a_job_the_campaign_runs_and_the_operator_still_leaves_suspend_alone() -> None:
+    c = queued_campaign()
+    out = run(c, jobs=[job(c, "cpu", suspend=False), job(c, "gpu")])
+    assert out.status.phase is Phase.Running
+    assert [a for a in out.actions if isinstance(a, PatchJob)] == []
+    assert cond(out, "Progressing")[:2] == ("True", Reason.WaitingForWorkers)
+
+
+def test_kueue_preempting_every_job_makes_the_campaign_queued_again() -> None:
+    c = queued_campaign()
+    out = run(c, jobs=[job(c, "cpu", suspend=True), job(c, "gpu", suspend=True)], progress=progress(succeeded=5))
+    assert out.status.phase is Phase.Queued
+    assert out.actions == []
+
+
+def test_replicas_edits_still_reach_a_queued_job() -> None:
+    c = queued_campaign(pools=[{"name": "gpu", "accelerator": "nvidia", "replicas": 3}])
+    out = run(c, jobs=[job(c, "gpu", parallelism=1, suspend=False)])
+    assert out.actions == [PatchJob("parity-gpu", {"spec": {"parallelism": 3}})]
+
+
+def test_suspending_a_queued_campaign_deletes_its_jobs_and_resuming_queues_them_again() -> None:
+    """A suspend Kueue would undo; deleting the Job frees its quota instead."""
+    c = queued_campaign(suspend=True)
+    out = run(c, jobs=[job(c, "cpu", suspend=False), job(c, "gpu", suspend=True)])
+    assert sorted(a.name for a in out.actions if isinstance(a, DeleteJob)) == ["parity-cpu", "parity-gpu"]
+    assert out.status.phase is Phase.Suspended
+    gone = run(c, jobs=[])
+    assert [a for a in gone.actions if isinstance(a, CreateJob)] == []
+    resumed = run(queued_campaign(suspend=False), jobs=[], progress=progress(paused=True))
+    assert sorted(a.manifest["spec"]["suspend"] for a in resumed.actions if isinstance(a, CreateJob)) == [True, True]
+
+
+def test_a_pool_outside_kueue_keeps_the_campaign_out_of_the_queued_phase() -> None:
+    c = campaign(
+        pools=[
+            {"name": "cpu", "accelerator": "cpu", "replicas": 2},
+            {"name": "gpu", "accelerator": "nvidia", "replicas": 1, "queueName": "gpu-queue"},
+        ]
+    )
+    out = run(c)
+    assert out.status.phase is Phase.Pending
+    assert [a for a in out.actions if isinstance(a, PatchJob)] == []
+
+
+def test_a_new_queue_name_replaces_the_job() -> None:
+    old = queued_campaign()
+    c = campaign(queueName="other-queue")
+    out = run(c, jobs=[job(old, "cpu", suspend=False), job(old, "gpu", suspend=False)])
+    assert {a.name for a in out.actions if isinstance(a, DeleteJob)} == {"parity-cpu", "parity-gpu"}
