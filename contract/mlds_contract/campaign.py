@@ -13,7 +13,7 @@ dataset?) live in :func:`mlds_contract.plan.check_campaign` and surface as a con
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -21,9 +21,15 @@ from pydantic.alias_generators import to_camel
 __all__ = [
     "API_GROUP",
     "API_VERSION",
+    "CATEGORIES",
+    "CRD_NAME",
     "DS1_MACHINES",
     "DS2_MACHINES",
     "KIND",
+    "LIST_KIND",
+    "PLURAL",
+    "SHORT_NAMES",
+    "SINGULAR",
     "Accelerator",
     "CampaignSpec",
     "CampaignStatus",
@@ -44,9 +50,23 @@ __all__ = [
     "Workload",
 ]
 
-API_GROUP = "mlds.dev"
-API_VERSION = "v1alpha1"
-KIND = "TrainingCampaign"
+# The resource's identity: what the CRD declares, the controller watches and patches, and kubectl types.
+#: API group of every mlds resource (also the prefix of its labels, annotations and finalizer).
+API_GROUP: Final = "mlds.dev"
+#: The one served (and stored) version.
+API_VERSION: Final = "v1alpha1"
+KIND: Final = "TrainingCampaign"
+#: Kind of a list of campaigns (what ``GET .../trainingcampaigns`` returns).
+LIST_KIND: Final = f"{KIND}List"
+#: URL path segment of the resource: ``/apis/mlds.dev/v1alpha1/namespaces/NS/trainingcampaigns``.
+PLURAL: Final = "trainingcampaigns"
+SINGULAR: Final = "trainingcampaign"
+#: ``kubectl get tc``.
+SHORT_NAMES: Final = ("tc",)
+#: ``kubectl get mlds`` lists every mlds resource.
+CATEGORIES: Final = ("mlds",)
+#: The CRD's own name, ``<plural>.<group>``.
+CRD_NAME: Final = f"{PLURAL}.{API_GROUP}"
 
 #: The five ds1 machines (MLDS-SPEC §2), in the spec's order.
 DS1_MACHINES: tuple[str, ...] = (

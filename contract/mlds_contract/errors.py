@@ -16,11 +16,40 @@
 
 The operator wraps UserError/TemporaryError in kopf's PermanentError/TemporaryError at the handler
 boundary (the contract does not import kopf).
+
+How a command ends is the other half of "what happens next": :class:`ExitCode` names the exit statuses
+of ``mlds`` commands. The worker's matter most: the operator's worker Job keys its ``podFailurePolicy``
+on them (:func:`mlds_operator.controller.pods.worker_job`).
 """
 
 from __future__ import annotations
 
-__all__ = ["InvalidCampaign", "MldsError", "StorageUnavailable", "TemporaryError", "UnitError", "UserError"]
+import enum
+
+__all__ = ["ExitCode", "InvalidCampaign", "MldsError", "StorageUnavailable", "TemporaryError", "UnitError", "UserError"]
+
+
+class ExitCode(enum.IntEnum):
+    """Exit statuses of ``mlds`` commands (``mlds worker`` above all), and what each makes the cluster do.
+
+    A worker pod's status decides its Job's next step: 0 completes it (once every pod exits 0), ``config``
+    fails the whole Job at once (its podFailurePolicy ``FailJob`` rule: a new pod would fail the same
+    way), and anything else counts towards the Job's ``backoffLimit`` (a new pod is started).
+    """
+
+    #: Done: the campaign is drained (or the worker was told to stop and released its lease).
+    ok = 0
+    #: An unexpected error (a bug, a crash): a new pod may do better, up to backoffLimit.
+    failed = 1
+    #: A configuration error a new pod would repeat: a UserError (bad flag, unreadable token file) or a
+    #: request the lease API refused as malformed. Fails the worker Job at once.
+    config = 2
+    #: The lease API refused the token (401): a wrong token, or a campaign the server does not serve.
+    #: Not ``config``: an operator that has just restarted answers 401 until its first pass reopens the
+    #: campaign, so a new pod can succeed; the Job's backoffLimit bounds the retries.
+    unauthorized = 3
+    #: Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
+    interrupted = 130
 
 
 class MldsError(Exception):

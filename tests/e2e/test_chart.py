@@ -42,9 +42,9 @@ import kubernetes
 import kubernetes_validate
 import pytest
 import yaml
-from mlds_contract.campaign import API_GROUP
+from mlds_contract.campaign import API_GROUP, PLURAL
 from mlds_operator.artifacts.chart_readme import value_docs
-from mlds_operator.artifacts.crd import PLURAL, crd_manifest
+from mlds_operator.artifacts.crd import crd_manifest
 from mlds_operator.controller import pods
 from mlds_operator.controller.command import operator_command
 from mlds_operator.controller.handlers import build_registry

@@ -50,30 +50,30 @@ from mlds_contract.lease import (
     NoLease,
     NoLeaseReason,
     Outcome,
+    RejectReason,
     ReleaseReply,
     ReleaseRequest,
 )
 from mlds_contract.plan import Target, UnitSpec, campaign_targets, unit_spec
+from mlds_contract.results import META_FILE, MODEL_FILE, result_files_for
 
 from mlds_operator.leases.book import BookStats, CheckpointError, Clock, LeaseBook
 from mlds_operator.storage import manifest as mf
 from mlds_operator.storage.store import Store
 
-__all__ = ["CampaignService", "ResultRejected", "ServiceObserver", "ServiceSettings", "Snapshot", "result_files_for"]
+__all__ = ["CampaignService", "ResultRejected", "ServiceObserver", "ServiceSettings", "Snapshot"]
 
 log = logging.getLogger(__name__)
 
 STAGING = "_mlds/staging"
-MODEL = "model.safetensors"
-META = "meta.json"
 
 
 class ResultRejected(MldsError):
     """A completion whose files are missing or do not match what the worker declared (HTTP 422)."""
 
-    def __init__(self, message: str, *, reason: str) -> None:
+    def __init__(self, message: str, *, reason: RejectReason) -> None:
         super().__init__(message)
-        self.reason = reason  # missing | size_mismatch | sha_mismatch | bad_files | bad_meta
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class Snapshot:
     networks_per_hour: float | None
     eta: datetime | None
     training_seconds: float  # summed over verified networks
-    rejected: dict[str, int]  # rejected completions by reason
+    rejected: dict[RejectReason, int]  # rejected completions by reason
 
 
 class ServiceObserver(Protocol):
@@ -133,17 +133,8 @@ class ServiceObserver(Protocol):
     def result_duplicate(self, pool: str) -> None:
         """A completion of a unit that had already succeeded (dropped)."""
 
-    def result_rejected(self, pool: str, reason: str) -> None:
+    def result_rejected(self, pool: str, reason: RejectReason) -> None:
         """A completion failed verification (:attr:`ResultRejected.reason`)."""
-
-
-def result_files_for(dataset: Dataset) -> tuple[str, ...]:
-    """The files a worker uploads per unit (meta.json last: its presence marks a whole result)."""
-    files = [MODEL, "history.csv"]
-    if dataset is Dataset.ds3:
-        files.append("snapshots.safetensors")
-    files.append(META)
-    return tuple(files)
 
 
 @dataclass
@@ -170,7 +161,7 @@ class CampaignService:
     _finishing: dict[int, asyncio.Lock] = field(init=False, default_factory=dict)
     _recent: collections.deque[float] = field(init=False, default_factory=collections.deque)
     _training_seconds: float = field(init=False, default=0.0)
-    _rejected: collections.Counter[str] = field(init=False, default_factory=collections.Counter)
+    _rejected: collections.Counter[RejectReason] = field(init=False, default_factory=collections.Counter)
     _finalized: bool = field(init=False, default=False)
     _flush_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _presign_inline: bool = field(init=False, default=False)  # see grant()
@@ -254,7 +245,7 @@ class CampaignService:
             unit = index[target] * n + int(replica)
             if self.book.unit(unit).state.value == "succeeded":
                 continue
-            raw = await asyncio.to_thread(self.store.get_bytes, f"{folder}/{META}")
+            raw = await asyncio.to_thread(self.store.get_bytes, f"{folder}/{META_FILE}")
             try:
                 meta = json.loads(raw or b"")
             except ValueError:
@@ -419,41 +410,43 @@ class CampaignService:
     def _verify(self, req: CompleteRequest, spec: UnitSpec) -> _Verified:
         expected = set(result_files_for(spec.dataset))
         if set(req.files) != expected:
-            self._rejected["bad_files"] += 1
+            self._rejected[RejectReason.bad_files] += 1
             raise ResultRejected(
-                f"unit {req.unit}: expected files {sorted(expected)}, got {sorted(req.files)}", reason="bad_files"
+                f"unit {req.unit}: expected files {sorted(expected)}, got {sorted(req.files)}",
+                reason=RejectReason.bad_files,
             )
         prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
         files: dict[str, bytes] = {}
         for name, digest in req.files.items():
             data = self.store.get_bytes(f"{prefix}/{name}")
             if data is None:
-                self._rejected["missing"] += 1
-                raise ResultRejected(f"unit {req.unit}: {name} was not uploaded", reason="missing")
+                self._rejected[RejectReason.missing] += 1
+                raise ResultRejected(f"unit {req.unit}: {name} was not uploaded", reason=RejectReason.missing)
             if len(data) != digest.size:
-                self._rejected["size_mismatch"] += 1
+                self._rejected[RejectReason.size_mismatch] += 1
                 raise ResultRejected(
                     f"unit {req.unit}: {name} is {len(data)} bytes in storage, declared {digest.size}",
-                    reason="size_mismatch",
+                    reason=RejectReason.size_mismatch,
                 )
             if hashlib.sha256(data).hexdigest() != digest.sha256:
-                self._rejected["sha_mismatch"] += 1
-                raise ResultRejected(f"unit {req.unit}: {name} sha256 does not match", reason="sha_mismatch")
+                self._rejected[RejectReason.sha_mismatch] += 1
+                raise ResultRejected(f"unit {req.unit}: {name} sha256 does not match", reason=RejectReason.sha_mismatch)
             files[name] = data
         try:
-            meta = json.loads(files[META])
+            meta = json.loads(files[META_FILE])
         except ValueError as exc:
-            self._rejected["bad_meta"] += 1
-            raise ResultRejected(f"unit {req.unit}: meta.json is not JSON: {exc}", reason="bad_meta") from exc
+            self._rejected[RejectReason.bad_meta] += 1
+            problem = f"unit {req.unit}: meta.json is not JSON: {exc}"
+            raise ResultRejected(problem, reason=RejectReason.bad_meta) from exc
         problems = _meta_problems(meta, req, spec)
         if problems:
-            self._rejected["bad_meta"] += 1
-            raise ResultRejected(f"unit {req.unit}: meta.json {'; '.join(problems)}", reason="bad_meta")
+            self._rejected[RejectReason.bad_meta] += 1
+            raise ResultRejected(f"unit {req.unit}: meta.json {'; '.join(problems)}", reason=RejectReason.bad_meta)
         return _Verified(files=files, meta=meta)
 
     def _publish(self, folder: str, files: dict[str, bytes]) -> None:
         # meta.json last: a folder with a meta.json is a whole result (recovery relies on it).
-        for name in sorted(files, key=lambda n: n == META):
+        for name in sorted(files, key=lambda n: n == META_FILE):
             self.store.put_bytes(f"{folder}/{name}", files[name], _content_type(name))
 
     def _drop_staging(self, req: CompleteRequest) -> None:
@@ -573,7 +566,7 @@ def _meta_problems(meta: object, req: CompleteRequest, spec: UnitSpec) -> list[s
     if not isinstance(meta, dict):
         return ["is not an object"]
     problems = []
-    if meta.get("sha256") != req.files[MODEL].sha256:
+    if meta.get("sha256") != req.files[MODEL_FILE].sha256:
         problems.append("names another model sha256")
     for key, want in (("unit", req.unit), ("attempt", req.attempt), ("target", spec.target)):
         if meta.get(key) != want:

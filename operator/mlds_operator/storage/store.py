@@ -62,6 +62,7 @@ from minio.error import InvalidResponseError, MinioException, S3Error, ServerErr
 from minio.helpers import check_bucket_name
 from mlds_contract.campaign import Storage
 from mlds_contract.errors import MldsError, StorageUnavailable, UserError
+from mlds_contract.routes import UPLOAD
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -96,6 +97,8 @@ _BAD_PART = re.compile(r"[\x00-\x1f\x7f\\]")
 # Characters urllib.parse.quote(key, safe="/") leaves as they are: a key made of them needs no quoting.
 _URL_SAFE_KEY = re.compile(r"[A-Za-z0-9_.~/-]*\Z")
 _TMP_MARK = ".mlds-tmp-"
+# Where the lease API takes local uploads (its route table's), up to the key: "/v1/objects/".
+_UPLOAD_PATH = UPLOAD.path.removesuffix("{key}")
 
 # S3 error codes that mean "the credentials or permissions are wrong": retrying will not help.
 _CREDENTIAL_CODES = frozenset(
@@ -688,7 +691,7 @@ class LocalStore:
         # more than the HMAC (`mlds bench leases`).
         path = key if _URL_SAFE_KEY.match(key) else urllib.parse.quote(key, safe="/")
         return (
-            f"{self.upload_base_url.rstrip('/')}/v1/objects/{path}?expires={deadline}&sig={self._sign(key, deadline)}"
+            f"{self.upload_base_url.rstrip('/')}{_UPLOAD_PATH}{path}?expires={deadline}&sig={self._sign(key, deadline)}"
         )
 
     def check_upload(self, key: str, expires: int | str, sig: str, now: float | None = None) -> bool:
