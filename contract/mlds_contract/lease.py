@@ -26,6 +26,7 @@ from pydantic import AwareDatetime, Field, StringConstraints, model_validator
 
 from .campaign import Accelerator, Model
 from .plan import UnitSpec
+from .results import MAX_RESULT_FILE_BYTES
 
 __all__ = [
     "PROBLEM_JSON",
@@ -218,7 +219,11 @@ class FileDigest(Model):
     """What a worker declares about one uploaded file; the server checks the stored object against it."""
 
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Lower-case hex SHA-256 of the file's bytes.")
-    size: int = Field(ge=0, description="File size in bytes.")
+    size: int = Field(
+        ge=0,
+        le=MAX_RESULT_FILE_BYTES,
+        description="File size in bytes (at most 256 MiB: the server holds a file in memory to verify it).",
+    )
 
 
 class CompleteRequest(Model):

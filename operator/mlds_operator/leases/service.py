@@ -6,8 +6,9 @@ and ``mlds run`` create them, drive :meth:`CampaignService.tick` periodically, a
 
 **Results go through staging.** A grant hands out presigned PUT URLs for
 ``_mlds/staging/<unit>/<attempt>-<worker>/<file>``, never for the final folder. On completion the
-service reads each staged object, checks size and SHA-256 against what the worker declared (and the
-model digest against meta.json), writes the files to ``<target>/<replica:05d>/`` itself (meta.json last,
+service reads each staged object through :meth:`~mlds_operator.storage.store.Store.verify` (one streaming
+read, bounded by the declared size) against the size and SHA-256 the worker declared, checks the model
+digest against meta.json, writes the files to ``<target>/<replica:05d>/`` itself (meta.json last,
 so a folder with a meta.json is a whole, verified result) and only then tells the book. A worker whose
 lease expired while it trained can therefore never overwrite a verified result: the final keys are
 written by the server alone, once per unit. Non-converged attempts are kept for research under
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import hmac
 import json
 import logging
@@ -418,20 +418,12 @@ class CampaignService:
         prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
         files: dict[str, bytes] = {}
         for name, digest in req.files.items():
-            data = self.store.get_bytes(f"{prefix}/{name}")
-            if data is None:
-                self._rejected[RejectReason.missing] += 1
-                raise ResultRejected(f"unit {req.unit}: {name} was not uploaded", reason=RejectReason.missing)
-            if len(data) != digest.size:
-                self._rejected[RejectReason.size_mismatch] += 1
-                raise ResultRejected(
-                    f"unit {req.unit}: {name} is {len(data)} bytes in storage, declared {digest.size}",
-                    reason=RejectReason.size_mismatch,
-                )
-            if hashlib.sha256(data).hexdigest() != digest.sha256:
-                self._rejected[RejectReason.sha_mismatch] += 1
-                raise ResultRejected(f"unit {req.unit}: {name} sha256 does not match", reason=RejectReason.sha_mismatch)
-            files[name] = data
+            # One bounded, streaming read per file; what is published is exactly what was checked.
+            got = self.store.verify(f"{prefix}/{name}", digest.size, digest.sha256)
+            if isinstance(got, RejectReason):
+                self._rejected[got] += 1
+                raise ResultRejected(f"unit {req.unit}: {name} {_WHY[got].format(size=digest.size)}", reason=got)
+            files[name] = got
         try:
             meta = json.loads(files[META_FILE])
         except ValueError as exc:
@@ -559,6 +551,14 @@ class CampaignService:
             training_seconds=self._training_seconds,
             rejected=dict(self._rejected),
         )
+
+
+#: How a file that failed :meth:`Store.verify` is described in the 422's detail.
+_WHY = {
+    RejectReason.missing: "was not uploaded",
+    RejectReason.size_mismatch: "is not the declared {size} bytes in storage",
+    RejectReason.sha_mismatch: "sha256 does not match",
+}
 
 
 def _meta_problems(meta: object, req: CompleteRequest, spec: UnitSpec) -> list[str]:

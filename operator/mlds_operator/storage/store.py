@@ -22,8 +22,9 @@ Workers hold no storage credentials (DESIGN.md §2). They upload each result fil
   method, key and expiry with a per-store secret. The lease API hosts that route and calls
   :meth:`LocalStore.check_upload` then :meth:`LocalStore.put_bytes`.
 
-Nothing a worker declares is trusted: :meth:`Store.verify` re-reads every object and checks its size and
-SHA-256 before a unit counts as done.
+Nothing a worker declares is trusted: the lease service reads every staged result object through
+:meth:`Store.verify`, which checks its size and SHA-256 while it streams it (reading no more than the
+declared size) and hands back exactly the bytes it checked, before a unit counts as done.
 
 Keys: every method takes a key *relative to the campaign's root* (``ParityMachine/00007/meta.json``).
 :meth:`Store.key` validates it (no ``..``, ``.``, empty parts, absolute paths, backslashes or control
@@ -37,7 +38,6 @@ access denied, a missing bucket that may not be created, a TLS mismatch, an unwr
 
 from __future__ import annotations
 
-import enum
 import errno
 import hashlib
 import hmac
@@ -62,6 +62,7 @@ from minio.error import InvalidResponseError, MinioException, S3Error, ServerErr
 from minio.helpers import check_bucket_name
 from mlds_contract.campaign import Storage
 from mlds_contract.errors import MldsError, StorageUnavailable, UserError
+from mlds_contract.lease import RejectReason
 from mlds_contract.routes import UPLOAD
 
 __all__ = [
@@ -72,7 +73,6 @@ __all__ = [
     "ObjectInfo",
     "S3Store",
     "Store",
-    "VerifyResult",
     "check_rel",
     "open_store",
 ]
@@ -123,15 +123,6 @@ _TRANSIENT_CODES = frozenset(
         "XMinioServerNotInitialized",
     }
 )
-
-
-class VerifyResult(enum.StrEnum):
-    """The outcome of :meth:`Store.verify`: is an uploaded object what the worker declared?"""
-
-    ok = "ok"
-    missing = "missing"
-    size_mismatch = "size_mismatch"
-    sha_mismatch = "sha_mismatch"
 
 
 @dataclass(frozen=True)
@@ -189,8 +180,14 @@ class Store(Protocol):
         """A URL that lets its holder ``PUT`` exactly this key, until ``expires`` from now."""
         ...
 
-    def verify(self, rel: str, size: int, sha256: str) -> VerifyResult:
-        """Check that the object exists with exactly this size and SHA-256 (hex)."""
+    def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
+        """The object's bytes when it is exactly ``size`` bytes with this SHA-256 (hex); otherwise why not.
+
+        ``missing``, ``size_mismatch`` or ``sha_mismatch``. Streams and hashes the object in one read and
+        stops as soon as it is longer than declared, so a worker that uploaded far more than it declared
+        costs at most ``size`` bytes of memory; the bytes returned are the bytes hashed (no second read
+        that a late upload could change).
+        """
         ...
 
     def close(self) -> None:
@@ -236,12 +233,25 @@ def _hash_stream(chunks: Iterator[bytes], limit: int | None = None) -> tuple[int
     return size, digest.hexdigest()
 
 
-def _verdict(size: int, digest: str, want_size: int, want_sha: str) -> VerifyResult:
-    if size != want_size:
-        return VerifyResult.size_mismatch
-    if not hmac.compare_digest(digest, want_sha.lower()):
-        return VerifyResult.sha_mismatch
-    return VerifyResult.ok
+def _read_declared(chunks: Iterator[bytes], size: int, sha256: str) -> bytes | RejectReason:
+    """A stream's bytes when they are exactly ``size`` bytes with this SHA-256; else why not.
+
+    Stops reading at the first chunk past ``size``: an object larger than declared is never read to its end.
+    """
+    digest = hashlib.sha256()
+    parts: list[bytes] = []
+    got = 0
+    for chunk in chunks:
+        got += len(chunk)
+        if got > size:
+            return RejectReason.size_mismatch
+        digest.update(chunk)
+        parts.append(chunk)
+    if got != size:
+        return RejectReason.size_mismatch
+    if not hmac.compare_digest(digest.hexdigest(), sha256.lower()):
+        return RejectReason.sha_mismatch
+    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------- S3
@@ -488,21 +498,20 @@ class S3Store:
         url: str = self._call(f"signing {rel}", lambda: self._client.presigned_put_object(self.bucket, key, expires))
         return url
 
-    def verify(self, rel: str, size: int, sha256: str) -> VerifyResult:
+    def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
         # One GET, not HEAD + GET: the Content-Length answers the size, the body the hash. A body larger
         # than declared is not read to the end (a misbehaving worker could have uploaded gigabytes).
         response = self._open(rel)
         if response is None:
-            return VerifyResult.missing
+            return RejectReason.missing
 
-        def check(r: Any) -> VerifyResult:
+        def check(r: Any) -> bytes | RejectReason:
             length = r.headers.get("Content-Length")
             if length is not None and int(length) != size:
-                return VerifyResult.size_mismatch
-            got_size, digest = _hash_stream(r.stream(_CHUNK), limit=size)
-            return _verdict(got_size, digest, size, sha256)
+                return RejectReason.size_mismatch
+            return _read_declared(r.stream(_CHUNK), size, sha256)
 
-        result: VerifyResult = self._consume(rel, response, check)
+        result: bytes | RejectReason = self._consume(rel, response, check)
         return result
 
     def close(self) -> None:
@@ -709,16 +718,14 @@ class LocalStore:
             return False
         return (self._clock() if now is None else now) <= deadline
 
-    def verify(self, rel: str, size: int, sha256: str) -> VerifyResult:
-        info = self.stat(rel)
-        if info is None:
-            return VerifyResult.missing
-        if info.size != size:
-            return VerifyResult.size_mismatch
-        result: tuple[int, str] | None = self._read(rel, lambda fh: _hash_stream(iter(lambda: fh.read(_CHUNK), b"")))
-        if result is None:  # deleted between stat and read
-            return VerifyResult.missing
-        return _verdict(result[0], result[1], size, sha256)
+    def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
+        def check(fh: IO[bytes]) -> bytes | RejectReason:
+            if os.fstat(fh.fileno()).st_size != size:  # the open file's size: no read, no race with a rename
+                return RejectReason.size_mismatch
+            return _read_declared(iter(lambda: fh.read(_CHUNK), b""), size, sha256)
+
+        result: bytes | RejectReason | None = self._read(rel, check)
+        return RejectReason.missing if result is None else result
 
     def close(self) -> None:
         """Nothing to release; for the common interface."""

@@ -196,6 +196,12 @@ def param(model: type[Model], body: dict[str, Any], message: str, story: str) ->
         ),
         param(
             CompleteRequest,
+            {**COMPLETE, "files": {"model.safetensors": {"sha256": SHA, "size": (256 << 20) + 1}}},
+            "Input should be less than or equal to 268435456",
+            "a file larger than the server holds in memory to verify it",
+        ),
+        param(
+            CompleteRequest,
             {**COMPLETE, "files": {"model.safetensors": {"sha256": "ABC", "size": 1}}},
             "sha256\n  String should match pattern '^[0-9a-f]{64}$'",
             "a digest that is not lower-case hex sha256",

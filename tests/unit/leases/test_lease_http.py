@@ -448,10 +448,10 @@ async def test_a_storage_outage_asks_the_worker_to_retry_later(api: ApiHarness, 
     files = result_files(leased.spec)
     await api.upload(leased, files)
 
-    def outage(rel: str) -> bytes | None:
+    def outage(rel: str, size: int, sha256: str) -> bytes | None:
         raise StorageUnavailable("disk unplugged", delay=7.0)
 
-    monkeypatch.setattr(api.store, "get_bytes", outage)
+    monkeypatch.setattr(api.store, "verify", outage)
     status, headers, reply = await api.request("POST", api.complete_path(0), api.completion(leased, files))
     assert_problem(status, headers, reply, 503, "unavailable")
     assert headers["Retry-After"] == "7"

@@ -33,6 +33,7 @@ from mlds_contract.lease import (
     NoLease,
     NoLeaseReason,
     Outcome,
+    RejectReason,
     UnitAttempt,
     UnitState,
 )
@@ -593,12 +594,12 @@ class GatedStore(RecordingStore):
     def gate(self, worker: str) -> None:
         self.gates[worker], self.reached[worker] = threading.Event(), threading.Event()
 
-    def get_bytes(self, rel: str) -> bytes | None:
+    def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
         for worker, gate in self.gates.items():
             if rel.startswith("_mlds/staging/") and f"-{worker}/" in rel:
                 self.reached[worker].set()
                 assert gate.wait(timeout=10), "the test never opened the gate"
-        return super().get_bytes(rel)
+        return super().verify(rel, size, sha256)
 
 
 async def _reached(store: GatedStore, worker: str) -> None:
