@@ -20,6 +20,7 @@ from .campaign import (
     Shape,
     TrainingCampaign,
     Variant,
+    campaign_phase,
 )
 from .plan import InvalidCampaign, Target, TrainParams, UnitSpec, campaign_targets, check_campaign, unit_spec
 
@@ -43,6 +44,7 @@ __all__ = [
     "TrainingCampaign",
     "UnitSpec",
     "Variant",
+    "campaign_phase",
     "campaign_targets",
     "check_campaign",
     "unit_spec",

@@ -48,6 +48,7 @@ __all__ = [
     "UnitCounts",
     "Variant",
     "Workload",
+    "campaign_phase",
 ]
 
 # The resource's identity: what the CRD declares, the controller watches and patches, and kubectl types.
@@ -303,6 +304,24 @@ class UnitCounts(Model):
     leased: int = Field(0, description="Held by a worker.")
     succeeded: int = Field(0, description="Converged and verified in storage.")
     failed: int = Field(0, description="Gave up after maxAttempts.")
+
+
+def campaign_phase(units: UnitCounts, *, paused: bool, finalized: bool) -> Phase:
+    """The one rule for a campaign's phase: the CR's ``.status.phase`` and the ``mlds_campaign_phase`` metric.
+
+    ``paused``: the campaign is suspended. ``finalized``: the manifest, README and per-target data are
+    written. A campaign whose every unit succeeded or failed stays ``Running`` until it is finalized: its
+    dataset is not there to pull yet, and nothing else may say ``Succeeded`` earlier.
+    """
+    if units.pending == 0 and units.leased == 0:  # every unit succeeded or failed
+        if finalized:
+            return Phase.Succeeded if units.failed == 0 else Phase.Failed
+        return Phase.Running  # writing the manifest
+    if paused:
+        return Phase.Suspended
+    if units.succeeded or units.leased or units.failed:
+        return Phase.Running
+    return Phase.Pending
 
 
 class PoolStatus(Model):

@@ -48,6 +48,7 @@ from mlds_contract.campaign import (
     PoolStatus,
     TrainingCampaign,
     UnitCounts,
+    campaign_phase,
 )
 from mlds_contract.errors import InvalidCampaign
 from mlds_contract.plan import check_campaign, unit_count
@@ -386,7 +387,8 @@ def reconcile(campaign: Campaign, observed: Observed, settings: pods.WorkerSetti
                 "else's Job); rename the pool or delete that Job"
             )
             job_failure_reason = Reason.JobNameTaken
-    phase = _phase(spec, progress)
+    # The spec's suspend, not the book's: this pass's ConfigureBook brings the book in line with it.
+    phase = campaign_phase(progress.counts, paused=spec.suspend, finalized=progress.finalized)
     conditions = _progress_conditions(spec, progress, phase, problem, job_failure, job_failure_reason)
     return _finish(campaign, observed, phase, conditions, progress.counts, actions, progress)
 
@@ -456,19 +458,6 @@ def _job_action(
 def terminal(status: CampaignStatus) -> bool:
     """A finished campaign whose manifest is written: nothing will change any more."""
     return status.phase in (Phase.Succeeded, Phase.Failed) and bool(status.manifest)
-
-
-def _phase(spec: CampaignSpec, progress: Progress) -> Phase:
-    counts = progress.counts
-    if progress.finished and progress.finalized:
-        return Phase.Succeeded if counts.failed == 0 else Phase.Failed
-    if progress.finished:
-        return Phase.Running  # writing the manifest
-    if spec.suspend:
-        return Phase.Suspended
-    if counts.succeeded or counts.leased or counts.failed:
-        return Phase.Running
-    return Phase.Pending
 
 
 def _suspended(spec: CampaignSpec | None) -> Desired:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from mlds_contract.campaign import CampaignSpec, Dataset, Phase
+from mlds_contract.campaign import CampaignSpec, Dataset, Phase, campaign_phase
 from mlds_contract.errors import MldsError, StorageUnavailable
 from mlds_contract.lease import (
     CompleteReply,
@@ -535,17 +535,9 @@ class CampaignService:
             remaining = stats.pending + stats.leased
             if rate > 0 and remaining:
                 eta = datetime.fromtimestamp(now + remaining * 3600.0 / rate, tz=UTC)
-        if stats.finished:
-            phase = Phase.Succeeded if stats.failed == 0 else Phase.Failed
-        elif stats.paused:
-            phase = Phase.Suspended
-        elif stats.succeeded or stats.leased or stats.failed:
-            phase = Phase.Running
-        else:
-            phase = Phase.Pending
         return Snapshot(
             stats=stats,
-            phase=phase,
+            phase=campaign_phase(stats.unit_counts(), paused=stats.paused, finalized=self._finalized),
             networks_per_hour=rate,
             eta=eta,
             training_seconds=self._training_seconds,

@@ -274,3 +274,23 @@ async def test_mlds_run_serves_the_same_metrics_on_its_lease_port(tmp_path: Path
     assert pending["pending"] == server.service.book.total
     granted = families["mlds_leases_granted"].samples
     assert {(s.labels["pool"], s.labels["accelerator"]) for s in granted} == {("local", "cpu")}
+
+
+async def test_a_drained_campaign_is_running_until_finalized_as_its_status_says(tmp_path: Path) -> None:
+    # Every unit succeeded, the manifest not yet written: the metric used to say Succeeded while the
+    # CR's status said Running. Both now come from mlds_contract.campaign.campaign_phase.
+    async with open_api(tmp_path, networks=2) as api:
+        server = await instrumented(api)
+        for leased in (await api.grant("w-1", max_units=2)).units:
+            assert (await api.deliver(leased))[0] == 200
+        assert api.service.book.finished
+        assert not api.service.finalized
+        writing = samples(server)
+        await api.service.tick()  # finalizes
+        assert api.service.finalized
+        done = samples(server)
+    key = {"namespace": NAMESPACE, "campaign": NAME}
+    assert value(writing, "mlds_campaign_phase", **key, phase="Running") == 1
+    assert value(writing, "mlds_campaign_phase", **key, phase="Succeeded") == 0
+    assert value(done, "mlds_campaign_phase", **key, phase="Succeeded") == 1
+    assert value(done, "mlds_campaign_phase", **key, phase="Running") == 0
