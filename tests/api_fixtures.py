@@ -46,7 +46,8 @@ from mlds_contract.lease import (
 )
 from mlds_contract.plan import UnitSpec
 from mlds_contract.results import SNAPSHOTS_FILE, result_files_for
-from mlds_operator.leases.http import Campaigns, RequestObserver, create_app
+from mlds_operator.leases.http import RequestObserver, create_app
+from mlds_operator.leases.registry import Campaigns
 from mlds_operator.leases.service import CampaignService, ServiceSettings
 from mlds_operator.storage.store import LocalStore
 from pydantic import BaseModel, TypeAdapter

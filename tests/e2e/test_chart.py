@@ -49,8 +49,9 @@ from mlds_operator.controller import pods
 from mlds_operator.controller.command import operator_command
 from mlds_operator.controller.handlers import build_registry
 from mlds_operator.controller.kube import Kube
-from mlds_operator.leases.http import Campaigns, create_app
+from mlds_operator.leases.http import create_app
 from mlds_operator.leases.metrics import ServerMetrics
+from mlds_operator.leases.registry import Campaigns
 
 from tests.chart_render import NAMESPACE, scenario_values
 from tests.operator_fixtures import (

@@ -1,11 +1,11 @@
 """The lease HTTP API: workers lease units, heartbeat, complete and fail them (DESIGN.md §2).
 
 Served by the operator (all campaigns of the cluster) and by ``mlds run`` (one campaign), from the
-same :func:`create_app`. Each campaign is a :class:`~mlds_operator.leases.service.CampaignService` in a
-:class:`Campaigns` registry, addressed as ``/v1/campaigns/{namespace}/{name}``; a worker is given that
-base URL and its campaign's bearer token. The routes, their bodies and their error statuses are the
-table :data:`mlds_contract.routes.ROUTES`: :func:`create_app` registers one handler per route and
-:func:`openapi_document` describes the same table.
+same :func:`create_app`. Each campaign is a :class:`~mlds_operator.leases.service.CampaignService` in
+the :class:`~mlds_operator.leases.registry.Campaigns` registry, addressed as
+``/v1/campaigns/{namespace}/{name}``; a worker is given that base URL and its campaign's bearer token.
+The routes, their bodies and their error statuses are the table :data:`mlds_contract.routes.ROUTES`:
+:func:`create_app` registers one handler per route and :func:`openapi_document` describes the same table.
 
 Errors are RFC 9457 problem details (``ErrorReply``): 401 missing or wrong token (the same answer for
 an unknown campaign, so tokens cannot be probed per campaign), 404 unknown unit, 409 a lease the worker
@@ -58,10 +58,11 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from mlds_operator.leases.book import NotHolder, UnknownLease, UnknownUnit
+from mlds_operator.leases.registry import Campaigns
 from mlds_operator.leases.service import CampaignService, ResultRejected
 from mlds_operator.storage.store import LocalStore
 
-__all__ = ["Campaigns", "RequestObserver", "create_app", "openapi_document"]
+__all__ = ["RequestObserver", "create_app", "openapi_document", "render_openapi_json"]
 
 log = logging.getLogger(__name__)
 
@@ -74,25 +75,6 @@ MAX_UPLOAD = MAX_RESULT_FILE_BYTES
 
 #: (endpoint, status code, seconds) after each request; the metrics layer hooks here.
 RequestObserver = Callable[[str, int, float], None]
-
-
-class Campaigns:
-    """The campaigns a server serves, by (namespace, name)."""
-
-    def __init__(self) -> None:
-        self._by_key: dict[tuple[str, str], CampaignService] = {}
-
-    def add(self, namespace: str, name: str, service: CampaignService) -> None:
-        self._by_key[(namespace, name)] = service
-
-    def remove(self, namespace: str, name: str) -> CampaignService | None:
-        return self._by_key.pop((namespace, name), None)
-
-    def get(self, namespace: str, name: str) -> CampaignService | None:
-        return self._by_key.get((namespace, name))
-
-    def items(self) -> list[tuple[tuple[str, str], CampaignService]]:
-        return list(self._by_key.items())
 
 
 CAMPAIGNS: web.AppKey[Campaigns] = web.AppKey("campaigns", Campaigns)

@@ -2,7 +2,7 @@
 
 Who calls it: :func:`mlds_operator.controller.command.run_operator` and
 :func:`mlds_operator.run.runner.run_campaign` build one :class:`ServerMetrics` over their
-:class:`~mlds_operator.leases.http.Campaigns` and serve ``GET /metrics`` from the lease API's own aiohttp
+:class:`~mlds_operator.leases.registry.Campaigns` and serve ``GET /metrics`` from the lease API's own aiohttp
 app (so a scrape runs on the event loop that owns the lease books, which are not thread-safe). The
 controller and ``mlds run`` give every campaign service they open a :class:`CampaignMetrics`
 (:func:`instrument`), which the service tells what happens (it implements
@@ -44,7 +44,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from mlds_operator.leases.http import Campaigns
+    from mlds_operator.leases.registry import Campaigns
     from mlds_operator.leases.service import CampaignService
 
 __all__ = [

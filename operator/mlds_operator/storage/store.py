@@ -742,6 +742,7 @@ def open_store(
     secret_key: str | None = None,
     session_token: str | None = None,
     upload_base_url: str | None = None,
+    upload_secret: bytes | None = None,
     create_bucket: bool = True,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
@@ -749,16 +750,17 @@ def open_store(
 ) -> Store:
     """Open a campaign's store and check it is usable (bucket present or created; folder writable).
 
-    ``storage`` is the campaign's ``spec.storage``: None means a folder at ``local_root``. S3 credentials
-    come from the arguments (the operator reads them from the campaign's Secret) or, when those are
-    absent, from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (and ``AWS_SESSION_TOKEN``), as `mlds run`
-    uses. ``upload_base_url`` is the lease API's base URL for local presigned uploads (may be set later
-    on the returned LocalStore). Raises UserError (configuration) or StorageUnavailable (outage).
+        ``storage`` is the campaign's ``spec.storage``: None means a folder at ``local_root``. S3 credentials
+        come from the arguments (the operator reads them from the campaign's Secret) or, when those are
+        absent, from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (and ``AWS_SESSION_TOKEN``), as `mlds run`
+        uses. ``upload_base_url`` is the lease API's base URL for local presigned uploads (may be set later
+        on the returned LocalStore); ``upload_secret`` signs those URLs (default: random, so they die with the
+    store object). Raises UserError (configuration) or StorageUnavailable (outage).
     """
     if storage is None:
         if local_root is None:
             raise UserError("the campaign has no spec.storage and no local folder was given (--store)")
-        local = LocalStore(local_root, upload_base_url=upload_base_url)
+        local = LocalStore(local_root, upload_base_url=upload_base_url, secret=upload_secret)
         local.ensure_root()
         return local
     if access_key is None and secret_key is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from mlds_contract.lease import RejectReason
 from mlds_contract.routes import CAMPAIGN_PATH, COMPLETE, ERRORS, HEALTH, HEARTBEAT, LEASE, ROUTES, UPLOAD
-from mlds_operator.leases.http import Campaigns, create_app, openapi_document
+from mlds_operator.leases.http import create_app, openapi_document
+from mlds_operator.leases.registry import Campaigns
 
 
 def test_the_server_serves_exactly_the_routes_of_the_table() -> None:
