@@ -240,7 +240,6 @@ class ApiHarness:
         declared: Mapping[str, FileDigest] | None = None,
     ) -> CompleteRequest:
         """The completion a worker sends for ``files`` (``declared`` overrides the digests it claims)."""
-        meta = json.loads(files["meta.json"]) if "meta.json" in files else {}
         return CompleteRequest(
             worker=worker,
             pool=POOL,
@@ -248,7 +247,6 @@ class ApiHarness:
             attempt=leased.spec.attempt,
             converged=converged,
             files=dict(declared) if declared is not None else digests(files),
-            meta=meta,
             training_seconds=12.5,
             epochs=1,
         )

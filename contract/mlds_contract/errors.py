@@ -8,11 +8,12 @@
     ├── TemporaryError             an outage (object store, lease server, Kubernetes API): retry
     │   │                          with backoff; the operator maps it to kopf TemporaryError(delay)
     │   └── StorageUnavailable
-    └── UnitError                  one unit could not be trained or delivered. `retry` says which
-                                   lease-protocol failure kind the worker reports:
-                                   retry=True  -> "release": the unit goes back to pending and the
-                                                  attempt is not counted (e.g. worker shutting down)
-                                   retry=False -> "fail": the attempt counts towards maxAttempts
+    └── UnitError                  one unit cannot be trained as asked (data of the wrong shape, a
+                                   network that does not fit it): the worker reports the attempt
+                                   "fail" (counted towards maxAttempts; retried with new seeds)
+
+A unit given back through no fault of its own (the worker is shutting down) is not an exception: the
+worker loop releases its lease, and those attempts are not counted.
 
 The operator wraps UserError/TemporaryError in kopf's PermanentError/TemporaryError at the handler
 boundary (the contract does not import kopf).
@@ -77,8 +78,4 @@ class StorageUnavailable(TemporaryError):
 
 
 class UnitError(MldsError):
-    """A unit could not be trained or delivered."""
-
-    def __init__(self, message: str, *, retry: bool = False) -> None:
-        super().__init__(message)
-        self.retry = retry
+    """A unit cannot be trained as asked: its attempt fails (FailKind.fail), like any training error."""

@@ -20,7 +20,7 @@ units are still free (see ``HeartbeatRequest``).
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Self
+from typing import Annotated, Self
 
 from pydantic import AwareDatetime, Field, StringConstraints, model_validator
 
@@ -87,7 +87,7 @@ class Outcome(enum.StrEnum):
 
 
 class FailKind(enum.StrEnum):
-    """The two ways a worker gives a unit back, one-to-one with ``mlds_contract.errors.UnitError.retry``."""
+    """The two ways a worker gives a unit back."""
 
     fail = "fail"  # the attempt counts towards maxAttempts; the unit is retried with new seeds until then
     release = "release"  # not the unit's fault (worker shutting down): back to pending, attempt not counted
@@ -239,7 +239,6 @@ class CompleteRequest(Model):
     files: dict[FileName, FileDigest] = Field(
         min_length=1, description="Uploaded file name -> its sha256 and size (model.safetensors, meta.json, ...)."
     )
-    meta: dict[str, Any] = Field(description="The content of the unit's meta.json (MLDS-SPEC §9).")
     training_seconds: float = Field(ge=0, description="Wall-clock seconds spent training this unit.")
     epochs: int = Field(ge=0, description="Epochs run.")
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
 import logging
 import os
 import random
@@ -347,11 +346,9 @@ class Worker:
             attempt=spec.attempt,
             converged=result.converged,
             files={name: FileDigest(sha256=sha256_hex(data), size=len(data)) for name, data in files.items()},
-            meta={},
             training_seconds=seconds,
             epochs=result.epochs,
         )
-        request.meta = json.loads(files["meta.json"])
         await self._deliver(client, state, leased, files, request, kv)
 
     async def _deliver(

@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
-#: Largest request body accepted: a completion carries meta.json inline (a few kB); uploads are separate.
+#: Largest request body accepted: a completion lists its files' digests (well under a kB); uploads are separate.
 MAX_BODY = 1 << 20
 #: Largest result file accepted by the local upload route (the contract's bound on any result file).
 MAX_UPLOAD = MAX_RESULT_FILE_BYTES

@@ -74,7 +74,6 @@ COMPLETE_BODY: dict[str, Any] = {
     "attempt": 0,
     "converged": True,
     "files": {"model.safetensors": {"sha256": SHA, "size": 10}, "meta.json": {"sha256": SHA, "size": 5}},
-    "meta": {"unit": 0},
     "trainingSeconds": 1.5,
     "epochs": 3,
 }
@@ -236,7 +235,9 @@ MALFORMED = [
     pytest.param(
         "complete", changed(COMPLETE_BODY, "trainingSeconds", -1), "trainingSeconds", id="complete: negative seconds"
     ),
-    pytest.param("complete", changed(COMPLETE_BODY, "meta", _DROP), "meta", id="complete: missing meta"),
+    pytest.param(
+        "complete", changed(COMPLETE_BODY, "meta", {"unit": 0}), "meta", id="complete: meta.json inline (an upload)"
+    ),
     # fail
     pytest.param("fail", changed(FAIL_BODY, "kind", "retry"), "kind", id="fail: unknown kind"),
     pytest.param("fail", changed(FAIL_BODY, "reason", "r" * 4097), "reason", id="fail: reason too long"),

@@ -129,8 +129,8 @@ class Result:
         meta: dict[str, Any] = json.loads(self.files["meta.json"])
         return meta
 
-    def request(self, meta: dict[str, Any] | None = None) -> CompleteRequest:
-        """The completion as the worker sends it (``meta``: the meta.json it claims, default its own)."""
+    def request(self) -> CompleteRequest:
+        """The completion as the worker sends it."""
         return CompleteRequest(
             worker=self.worker,
             pool=POOL,
@@ -138,7 +138,6 @@ class Result:
             attempt=self.attempt,
             converged=self.converged,
             files=self.declared,
-            meta=self.meta if meta is None else meta,
             training_seconds=2.5,
             epochs=7,
         )
@@ -292,7 +291,7 @@ async def test_a_completion_that_disagrees_with_storage_is_rejected_and_counts_n
         else:
             bad.declared[name] = digest
     upload(store, service, bad, skip=tamper.skip_upload)
-    request = bad.request(meta=honest.meta)
+    request = bad.request()
 
     with pytest.raises(ResultRejected) as caught:
         await service.complete(request)
