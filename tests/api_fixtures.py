@@ -45,8 +45,10 @@ from mlds_contract.lease import (
     NoLease,
 )
 from mlds_contract.plan import UnitSpec
-from mlds_operator.leases.http import Campaigns, RequestObserver, create_app
-from mlds_operator.leases.service import CampaignService, ServiceSettings, result_files_for
+from mlds_contract.results import SNAPSHOTS_FILE, result_files_for
+from mlds_operator.leases.http import RequestObserver, create_app
+from mlds_operator.leases.registry import Campaigns
+from mlds_operator.leases.service import CampaignService, ServiceSettings
 from mlds_operator.storage.store import LocalStore
 from pydantic import BaseModel, TypeAdapter
 
@@ -114,8 +116,8 @@ def result_files(spec: UnitSpec, *, converged: bool = True, pool: str = POOL) ->
         "model.safetensors": model,
         "history.csv": b"epoch,train_loss,eval_loss,seconds\n0,0.25,0.25,0.1\n",
     }
-    if "snapshots.safetensors" in result_files_for(spec.dataset):
-        files["snapshots.safetensors"] = b"snapshots" * 4
+    if SNAPSHOTS_FILE in result_files_for(spec.dataset):
+        files[SNAPSHOTS_FILE] = b"snapshots" * 4
     meta = {
         "dataset": spec.dataset.value,
         "target": spec.target,
@@ -238,7 +240,6 @@ class ApiHarness:
         declared: Mapping[str, FileDigest] | None = None,
     ) -> CompleteRequest:
         """The completion a worker sends for ``files`` (``declared`` overrides the digests it claims)."""
-        meta = json.loads(files["meta.json"]) if "meta.json" in files else {}
         return CompleteRequest(
             worker=worker,
             pool=POOL,
@@ -246,7 +247,6 @@ class ApiHarness:
             attempt=leased.spec.attempt,
             converged=converged,
             files=dict(declared) if declared is not None else digests(files),
-            meta=meta,
             training_seconds=12.5,
             epochs=1,
         )

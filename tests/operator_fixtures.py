@@ -54,8 +54,18 @@ import pytest
 import pytest_asyncio
 from kmock._internal import enums, rendering  # kmock 0.8 keeps these out of its public names
 from kmock._internal.references import ResourceInfo
-from mlds_contract.campaign import API_GROUP, API_VERSION, KIND, Accelerator, Storage
-from mlds_operator.artifacts.crd import CATEGORIES, PLURAL, PRINTER_COLUMNS, SHORT_NAMES, SINGULAR
+from mlds_contract.campaign import (
+    API_GROUP,
+    API_VERSION,
+    CATEGORIES,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    Accelerator,
+    Storage,
+)
+from mlds_operator.artifacts.crd import PRINTER_COLUMNS
 from mlds_operator.controller import pods
 from mlds_operator.controller.command import OperatorConfig, run_operator
 from mlds_operator.controller.sync import OperatorSettings

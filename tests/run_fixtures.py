@@ -37,7 +37,8 @@ from typing import Any, TypeVar
 import yaml
 from aiohttp import web
 from mlds_contract.campaign import CampaignSpec, Storage, TrainingCampaign
-from mlds_operator.leases.http import Campaigns, create_app
+from mlds_operator.leases.http import create_app
+from mlds_operator.leases.registry import Campaigns
 from mlds_operator.leases.service import CampaignService, ServiceSettings
 from mlds_operator.storage.store import LocalStore
 

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 import click
-from mlds_contract.errors import UserError
+from mlds_contract.errors import ExitCode, UserError
 
 #: name -> "module:attribute" of a click command.
 COMMANDS: dict[str, str] = {
@@ -85,7 +85,7 @@ def main() -> None:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(1)
+        sys.exit(ExitCode.failed)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
@@ -93,10 +93,10 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(ExitCode.config)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        sys.exit(ExitCode.interrupted)
 
 
 if __name__ == "__main__":

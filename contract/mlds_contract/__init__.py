@@ -1,8 +1,16 @@
-"""The mlds contract: the TrainingCampaign resource, the unit plan and the lease wire types.
+"""The mlds contract: every vocabulary the worker, the lease server, the controller and the CLI share.
 
-Shared by the operator, `mlds run`, the worker, the workloads and the researchers' package. Imports
-neither kopf nor torch nor any component, so every component (and the CRD generator) can depend on it.
+- :mod:`~mlds_contract.campaign`: the TrainingCampaign resource (its identity: group, version, kind,
+  plural, short names, categories), its spec and status, and the one phase rule (:func:`campaign_phase`).
+- :mod:`~mlds_contract.plan`: the unit plan (targets, seeds, resolved hyper-parameters).
+- :mod:`~mlds_contract.lease`: the lease API's wire types, rejection reasons included.
+- :mod:`~mlds_contract.routes`: the lease API's route table (server, OpenAPI document, worker client).
+- :mod:`~mlds_contract.results`: the result file names and the size bound on a result file.
+- :mod:`~mlds_contract.errors`: the exception tree and the exit codes (:class:`~mlds_contract.errors.ExitCode`).
+
 :func:`mlds_contract.campaign_file.load_campaign` reads a TrainingCampaign file.
+
+Imports neither kopf nor torch, so every component (and the CRD generator) can depend on it.
 """
 
 from .campaign import (
@@ -21,6 +29,7 @@ from .campaign import (
     Shape,
     TrainingCampaign,
     Variant,
+    campaign_phase,
 )
 from .plan import InvalidCampaign, Target, TrainParams, UnitSpec, campaign_targets, check_campaign, unit_spec
 
@@ -44,6 +53,7 @@ __all__ = [
     "TrainingCampaign",
     "UnitSpec",
     "Variant",
+    "campaign_phase",
     "campaign_targets",
     "check_campaign",
     "unit_spec",

@@ -13,7 +13,7 @@ dataset?) live in :func:`mlds_contract.plan.check_campaign` and surface as a con
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -21,9 +21,15 @@ from pydantic.alias_generators import to_camel
 __all__ = [
     "API_GROUP",
     "API_VERSION",
+    "CATEGORIES",
+    "CRD_NAME",
     "DS1_MACHINES",
     "DS2_MACHINES",
     "KIND",
+    "LIST_KIND",
+    "PLURAL",
+    "SHORT_NAMES",
+    "SINGULAR",
     "Accelerator",
     "CampaignSpec",
     "CampaignStatus",
@@ -42,11 +48,26 @@ __all__ = [
     "UnitCounts",
     "Variant",
     "Workload",
+    "campaign_phase",
 ]
 
-API_GROUP = "mlds.dev"
-API_VERSION = "v1alpha1"
-KIND = "TrainingCampaign"
+# The resource's identity: what the CRD declares, the controller watches and patches, and kubectl types.
+#: API group of every mlds resource (also the prefix of its labels, annotations and finalizer).
+API_GROUP: Final = "mlds.dev"
+#: The one served (and stored) version.
+API_VERSION: Final = "v1alpha1"
+KIND: Final = "TrainingCampaign"
+#: Kind of a list of campaigns (what ``GET .../trainingcampaigns`` returns).
+LIST_KIND: Final = f"{KIND}List"
+#: URL path segment of the resource: ``/apis/mlds.dev/v1alpha1/namespaces/NS/trainingcampaigns``.
+PLURAL: Final = "trainingcampaigns"
+SINGULAR: Final = "trainingcampaign"
+#: ``kubectl get tc``.
+SHORT_NAMES: Final = ("tc",)
+#: ``kubectl get mlds`` lists every mlds resource.
+CATEGORIES: Final = ("mlds",)
+#: The CRD's own name, ``<plural>.<group>``.
+CRD_NAME: Final = f"{PLURAL}.{API_GROUP}"
 
 #: The five ds1 machines (MLDS-SPEC §2), in the spec's order.
 DS1_MACHINES: tuple[str, ...] = (
@@ -309,6 +330,31 @@ class UnitCounts(Model):
     leased: int = Field(0, description="Held by a worker.")
     succeeded: int = Field(0, description="Converged and verified in storage.")
     failed: int = Field(0, description="Gave up after maxAttempts.")
+
+
+def campaign_phase(
+    units: UnitCounts, *, paused: bool, finalized: bool, queued: bool = False, admitted: bool = False
+) -> Phase:
+    """The one rule for a campaign's phase: the CR's ``.status.phase`` and the ``mlds_campaign_phase`` metric.
+
+    ``paused``: the campaign is suspended. ``finalized``: the manifest, README and per-target data are
+    written. A campaign whose every unit succeeded or failed stays ``Running`` until it is finalized: its
+    dataset is not there to pull yet, and nothing else may say ``Succeeded`` earlier. ``queued`` and
+    ``admitted`` are Kueue's view, known only to the controller (it sees the Jobs): every pool waits for
+    admission (``Queued``), or Kueue admitted a pool whose pods are starting (``Running``). The lease
+    server's metric cannot see Kueue, so it says ``Pending`` where the CR says ``Queued``.
+    """
+    if units.pending == 0 and units.leased == 0:  # every unit succeeded or failed
+        if finalized:
+            return Phase.Succeeded if units.failed == 0 else Phase.Failed
+        return Phase.Running  # writing the manifest
+    if paused:
+        return Phase.Suspended
+    if queued:
+        return Phase.Queued
+    if units.succeeded or units.leased or units.failed or admitted:
+        return Phase.Running
+    return Phase.Pending
 
 
 class PoolStatus(Model):

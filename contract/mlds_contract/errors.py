@@ -8,19 +8,49 @@
     ├── TemporaryError             an outage (object store, lease server, Kubernetes API): retry
     │   │                          with backoff; the operator maps it to kopf TemporaryError(delay)
     │   └── StorageUnavailable
-    └── UnitError                  one unit could not be trained or delivered. `retry` says which
-                                   lease-protocol failure kind the worker reports:
-                                   retry=True  -> "release": the unit goes back to pending and the
-                                                  attempt is not counted (e.g. worker shutting down)
-                                   retry=False -> "fail": the attempt counts towards maxAttempts
+    └── UnitError                  one unit cannot be trained as asked (data of the wrong shape, a
+                                   network that does not fit it): the worker reports the attempt
+                                   "fail" (counted towards maxAttempts; retried with new seeds)
+
+A unit given back through no fault of its own (the worker is shutting down) is not an exception: the
+worker loop releases its lease, and those attempts are not counted.
 
 The operator wraps UserError/TemporaryError in kopf's PermanentError/TemporaryError at the handler
 boundary (the contract does not import kopf).
+
+How a command ends is the other half of "what happens next": :class:`ExitCode` names the exit statuses
+of ``mlds`` commands. The worker's matter most: the operator's worker Job keys its ``podFailurePolicy``
+on them (:func:`mlds_operator.controller.pods.worker_job`).
 """
 
 from __future__ import annotations
 
-__all__ = ["InvalidCampaign", "MldsError", "StorageUnavailable", "TemporaryError", "UnitError", "UserError"]
+import enum
+
+__all__ = ["ExitCode", "InvalidCampaign", "MldsError", "StorageUnavailable", "TemporaryError", "UnitError", "UserError"]
+
+
+class ExitCode(enum.IntEnum):
+    """Exit statuses of ``mlds`` commands (``mlds worker`` above all), and what each makes the cluster do.
+
+    A worker pod's status decides its Job's next step: 0 completes it (once every pod exits 0), ``config``
+    fails the whole Job at once (its podFailurePolicy ``FailJob`` rule: a new pod would fail the same
+    way), and anything else counts towards the Job's ``backoffLimit`` (a new pod is started).
+    """
+
+    #: Done: the campaign is drained (or the worker was told to stop and released its lease).
+    ok = 0
+    #: An unexpected error (a bug, a crash): a new pod may do better, up to backoffLimit.
+    failed = 1
+    #: A configuration error a new pod would repeat: a UserError (bad flag, unreadable token file) or a
+    #: request the lease API refused as malformed. Fails the worker Job at once.
+    config = 2
+    #: The lease API refused the token (401): a wrong token, or a campaign the server does not serve.
+    #: Not ``config``: an operator that has just restarted answers 401 until its first pass reopens the
+    #: campaign, so a new pod can succeed; the Job's backoffLimit bounds the retries.
+    unauthorized = 3
+    #: Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
+    interrupted = 130
 
 
 class MldsError(Exception):
@@ -48,8 +78,4 @@ class StorageUnavailable(TemporaryError):
 
 
 class UnitError(MldsError):
-    """A unit could not be trained or delivered."""
-
-    def __init__(self, message: str, *, retry: bool = False) -> None:
-        super().__init__(message)
-        self.retry = retry
+    """A unit cannot be trained as asked: its attempt fails (FailKind.fail), like any training error."""

@@ -6,14 +6,10 @@ the server parses requests with these models, the worker builds them, and the le
 document is generated from them. Fields are snake_case in Python and camelCase on the wire, unknown
 keys are rejected (``extra="forbid"``), and every field carries a description.
 
-The intended routes (the HTTP layer owns them; the lease id travels in the path, never in a body):
-
-    POST /v1/leases                        LeaseRequest      -> 200 LeaseGrant | 200 NoLease
-    POST /v1/leases/{leaseId}/heartbeat    HeartbeatRequest  -> 200 HeartbeatReply
-    POST /v1/leases/{leaseId}/release      ReleaseRequest    -> 200 ReleaseReply
-    POST /v1/units/{unit}/complete         CompleteRequest   -> 200 CompleteReply
-    POST /v1/units/{unit}/fail             FailRequest       -> 200 FailReply
-    any error                                                -> 4xx/5xx ErrorReply (application/problem+json)
+The routes that carry these bodies, and the errors each may answer, are listed once in
+:data:`mlds_contract.routes.ROUTES` (the server's routes, its OpenAPI document and the worker's client
+all come from that table). Every error is an :class:`ErrorReply` (``application/problem+json``); a
+refused completion names its :class:`RejectReason`.
 
 Completions and failures are keyed by unit (and the worker that reports them), not by lease: a verified
 result is accepted even when the lease it was trained under expired or the server restarted and no
@@ -24,12 +20,13 @@ units are still free (see ``HeartbeatRequest``).
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Self
+from typing import Annotated, Self
 
 from pydantic import AwareDatetime, Field, StringConstraints, model_validator
 
 from .campaign import Accelerator, Model
 from .plan import UnitSpec
+from .results import MAX_RESULT_FILE_BYTES
 
 __all__ = [
     "PROBLEM_JSON",
@@ -51,6 +48,7 @@ __all__ = [
     "NoLeaseReason",
     "Outcome",
     "PoolName",
+    "RejectReason",
     "ReleaseReply",
     "ReleaseRequest",
     "UnitAttempt",
@@ -89,10 +87,24 @@ class Outcome(enum.StrEnum):
 
 
 class FailKind(enum.StrEnum):
-    """The two ways a worker gives a unit back, one-to-one with ``mlds_contract.errors.UnitError.retry``."""
+    """The two ways a worker gives a unit back."""
 
     fail = "fail"  # the attempt counts towards maxAttempts; the unit is retried with new seeds until then
     release = "release"  # not the unit's fault (worker shutting down): back to pending, attempt not counted
+
+
+class RejectReason(enum.StrEnum):
+    """Why the server refused a completion (HTTP 422, problem type ``urn:mlds:lease:result-<reason>``).
+
+    The same values label the ``mlds_results_rejected_total`` metric. The worker reports the attempt
+    failed after a rejection (one fresh upload first, in case an object was torn).
+    """
+
+    missing = "missing"  # a declared file was never uploaded (or vanished from staging)
+    size_mismatch = "size_mismatch"  # the stored object's size is not the declared one
+    sha_mismatch = "sha_mismatch"  # the stored object's SHA-256 is not the declared one
+    bad_files = "bad_files"  # the declared file names are not the dataset's result files
+    bad_meta = "bad_meta"  # meta.json is not a JSON object, or contradicts the completion
 
 
 class NoLeaseReason(enum.StrEnum):
@@ -207,7 +219,11 @@ class FileDigest(Model):
     """What a worker declares about one uploaded file; the server checks the stored object against it."""
 
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Lower-case hex SHA-256 of the file's bytes.")
-    size: int = Field(ge=0, description="File size in bytes.")
+    size: int = Field(
+        ge=0,
+        le=MAX_RESULT_FILE_BYTES,
+        description="File size in bytes (at most 256 MiB: the server holds a file in memory to verify it).",
+    )
 
 
 class CompleteRequest(Model):
@@ -223,7 +239,6 @@ class CompleteRequest(Model):
     files: dict[FileName, FileDigest] = Field(
         min_length=1, description="Uploaded file name -> its sha256 and size (model.safetensors, meta.json, ...)."
     )
-    meta: dict[str, Any] = Field(description="The content of the unit's meta.json (MLDS-SPEC §9).")
     training_seconds: float = Field(ge=0, description="Wall-clock seconds spent training this unit.")
     epochs: int = Field(ge=0, description="Epochs run.")
 

@@ -71,12 +71,12 @@ import pyarrow.parquet as pq
 from mlds_contract.campaign import Storage
 from mlds_contract.campaign_file import load_campaign
 from mlds_contract.errors import StorageUnavailable, UserError
+from mlds_contract.results import META_FILE, MODEL_FILE
 from mlds_operator.storage.manifest import DATA_PREFIX, MANIFEST_KEY, README_KEY, read_parts
 from mlds_operator.storage.store import LocalStore, ObjectInfo, Store, open_store
 
 __all__ = [
     "JOURNAL_FILE",
-    "MODEL_FILE",
     "SUBSETS_PREFIX",
     "SUMS_FILE",
     "Networks",
@@ -92,7 +92,6 @@ __all__ = [
     "write_subsets",
 ]
 
-MODEL_FILE = "model.safetensors"
 #: Where `mlds dataset subset` writes its views, relative to the dataset root.
 SUBSETS_PREFIX = "subsets/"
 #: Written last by a pull: one ``<sha256>  <key>`` line per file pulled (``sha256sum -c`` reads it).
@@ -767,7 +766,7 @@ def summarize(store: Store) -> dict[str, Any]:
         folder = key.rpartition("/")[0]
         by_folder[folder] = by_folder.get(folder, 0) + size
     rows = table.to_pylist()
-    unconverged = sum(1 for k in sizes if k.startswith("unconverged/") and k.endswith("/meta.json"))
+    unconverged = sum(1 for k in sizes if k.startswith("unconverged/") and k.endswith("/" + META_FILE))
     per: dict[str, dict[str, Any]] = {}
     for r in rows:
         t = per.setdefault(

@@ -181,7 +181,6 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
             "history.csv": {"sha256": "cd" * 32, "size": 4},
             "meta.json": {"sha256": "ef" * 32, "size": 2},
         },
-        "meta": {"unit": 1},
         "trainingSeconds": 1.0,
         "epochs": 1,
     },

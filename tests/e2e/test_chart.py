@@ -43,15 +43,16 @@ import kubernetes
 import kubernetes_validate
 import pytest
 import yaml
-from mlds_contract.campaign import API_GROUP, Accelerator, CampaignSpec, Pool, Workload
+from mlds_contract.campaign import API_GROUP, PLURAL, Accelerator, CampaignSpec, Pool, Workload
 from mlds_operator.artifacts.chart_readme import value_docs
-from mlds_operator.artifacts.crd import PLURAL, crd_manifest
+from mlds_operator.artifacts.crd import crd_manifest
 from mlds_operator.controller import pods
 from mlds_operator.controller.command import operator_command
 from mlds_operator.controller.handlers import build_registry
 from mlds_operator.controller.kube import HookKube, Kube
-from mlds_operator.leases.http import Campaigns, create_app
+from mlds_operator.leases.http import create_app
 from mlds_operator.leases.metrics import ServerMetrics
+from mlds_operator.leases.registry import Campaigns
 
 from tests.chart_render import NAMESPACE, scenario_values
 from tests.operator_fixtures import (

@@ -117,7 +117,6 @@ async def intrude(port: int, token: str) -> int:
             "attempt": unit["attempt"],
             "converged": True,
             "files": {name: {"sha256": sha, "size": 1} for name in grant["units"][0]["uploads"]},
-            "meta": {},
             "trainingSeconds": 1.0,
             "epochs": 1,
         }

@@ -21,6 +21,7 @@ import yarl
 from minio import Minio
 from mlds_contract.campaign import Storage
 from mlds_contract.errors import StorageUnavailable, UserError
+from mlds_contract.lease import RejectReason
 from mlds_operator.storage.manifest import (
     compact_manifest,
     find_results,
@@ -30,7 +31,7 @@ from mlds_operator.storage.manifest import (
     read_manifest,
     write_part,
 )
-from mlds_operator.storage.store import S3Store, VerifyResult, open_store
+from mlds_operator.storage.store import S3Store, open_store
 
 from tests.s3_fixtures import S3Server, moto_server, stop_moto_server
 
@@ -106,7 +107,7 @@ def test_presigned_put_with_octet_stream_is_verified(s3_store: S3Store) -> None:
     assert http_put(url, body, OCTET) == 200
 
     assert s3_store.get_bytes("Parity/00003/model.safetensors") == body
-    assert s3_store.verify("Parity/00003/model.safetensors", len(body), sha(body)) is VerifyResult.ok
+    assert s3_store.verify("Parity/00003/model.safetensors", len(body), sha(body)) == body
 
 
 def test_a_form_encoded_presigned_put_is_caught_by_verification(s3_store: S3Store) -> None:
@@ -117,7 +118,7 @@ def test_a_form_encoded_presigned_put_is_caught_by_verification(s3_store: S3Stor
 
     assert http_put(url, body, {}) == 200
 
-    assert s3_store.verify("Parity/00004/model.safetensors", len(body), sha(body)) is VerifyResult.size_mismatch
+    assert s3_store.verify("Parity/00004/model.safetensors", len(body), sha(body)) is RejectReason.size_mismatch
 
 
 async def test_presigned_put_from_aiohttp(s3_store: S3Store) -> None:
@@ -131,33 +132,34 @@ async def test_presigned_put_from_aiohttp(s3_store: S3Store) -> None:
     ):
         assert resp.status == 200
 
-    assert s3_store.verify("Parity/00009/meta.json", len(body), sha(body)) is VerifyResult.ok
+    assert s3_store.verify("Parity/00009/meta.json", len(body), sha(body)) == body
 
 
 @pytest.mark.parametrize(
     ("stored", "declared_size", "declared_sha", "expected"),
     [
-        pytest.param(b"abc", 3, sha(b"abc"), VerifyResult.ok, id="exactly-as-declared"),
-        pytest.param(None, 3, sha(b"abc"), VerifyResult.missing, id="never-uploaded"),
-        pytest.param(b"abcd", 3, sha(b"abc"), VerifyResult.size_mismatch, id="longer-than-declared"),
-        pytest.param(b"", 3, sha(b"abc"), VerifyResult.size_mismatch, id="empty-object"),
-        pytest.param(b"abd", 3, sha(b"abc"), VerifyResult.sha_mismatch, id="same-size-other-bytes"),
-        pytest.param(b"abc", 3, sha(b"abc").upper(), VerifyResult.ok, id="upper-case-hex-declared"),
+        pytest.param(b"abc", 3, sha(b"abc"), b"abc", id="exactly-as-declared"),
+        pytest.param(None, 3, sha(b"abc"), RejectReason.missing, id="never-uploaded"),
+        pytest.param(b"abcd", 3, sha(b"abc"), RejectReason.size_mismatch, id="longer-than-declared"),
+        pytest.param(b"", 3, sha(b"abc"), RejectReason.size_mismatch, id="empty-object"),
+        pytest.param(b"abd", 3, sha(b"abc"), RejectReason.sha_mismatch, id="same-size-other-bytes"),
+        pytest.param(b"abc", 3, sha(b"abc").upper(), b"abc", id="upper-case-hex-declared"),
     ],
 )
 def test_verify(
-    s3_store: S3Store, stored: bytes | None, declared_size: int, declared_sha: str, expected: VerifyResult
+    s3_store: S3Store, stored: bytes | None, declared_size: int, declared_sha: str, expected: bytes | RejectReason
 ) -> None:
     if stored is not None:
         s3_store.put_bytes("t/00000/model.safetensors", stored)
 
-    assert s3_store.verify("t/00000/model.safetensors", declared_size, declared_sha) is expected
+    # The stored bytes when they are as declared (the very bytes hashed), else why not.
+    assert s3_store.verify("t/00000/model.safetensors", declared_size, declared_sha) == expected
 
 
 def test_verify_does_not_read_a_huge_object_to_the_end(s3_store: S3Store) -> None:
     s3_store.put_bytes("t/00000/model.safetensors", b"x" * (4 << 20))
 
-    assert s3_store.verify("t/00000/model.safetensors", 10, sha(b"x" * 10)) is VerifyResult.size_mismatch
+    assert s3_store.verify("t/00000/model.safetensors", 10, sha(b"x" * 10)) is RejectReason.size_mismatch
 
 
 def test_manifest_parts_compact_on_s3(s3_store: S3Store) -> None:

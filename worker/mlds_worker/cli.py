@@ -33,6 +33,7 @@ import yaml
 from mlds_contract.campaign import CampaignSpec, Dataset, Images, Shape, TrainingCampaign, Variant, Workload
 from mlds_contract.errors import MldsError, UserError
 from mlds_contract.plan import Target, UnitSpec, campaign_targets, check_campaign, unit_spec
+from mlds_contract.results import META_FILE
 
 if TYPE_CHECKING:
     from .train import EpochRecord, TrainResult
@@ -296,8 +297,6 @@ def _train_with_progress(unit: UnitSpec, data: Any, device: Any) -> TrainResult:
 
 def _summary(result: TrainResult, files: dict[str, bytes], folder: Path) -> str:
     """One line a person can read and a script can split on spaces (key=value)."""
-    from .results import META_FILE  # noqa: PLC0415
-
     meta = json.loads(files[META_FILE])
     parts = [
         f"{result.unit.key}:",

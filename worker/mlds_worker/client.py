@@ -1,4 +1,7 @@
-"""The worker's client of the lease API (:mod:`mlds_operator.leases.http` serves it; the wire types are shared).
+"""The worker's client of the lease API (:mod:`mlds_operator.leases.http` serves it).
+
+The wire types (:mod:`mlds_contract.lease`) and the routes (:mod:`mlds_contract.routes`) are the
+contract's, shared with the server; every route here is a POST below the campaign's base URL.
 
 Used by the worker loop (:mod:`mlds_worker.loop`). Maps HTTP answers onto what the worker does next:
 
@@ -32,6 +35,7 @@ from mlds_contract.lease import (
     ReleaseReply,
     ReleaseRequest,
 )
+from mlds_contract.routes import COMPLETE, FAIL, HEARTBEAT, LEASE, RELEASE
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 __all__ = ["LeaseApiError", "LeaseClient", "NotHeld", "Rejected", "Unauthorized", "Unreachable", "upload"]
@@ -113,23 +117,23 @@ class LeaseClient:
             raise Unreachable(f"unexpected reply from {path}: {exc}") from exc
 
     async def lease(self, req: LeaseRequest) -> LeaseGrant | NoLease:
-        text = await self._post("/leases", req)
+        text = await self._post(LEASE.campaign_path(), req)
         try:
             return _GRANT_OR_NONE.validate_json(text)
         except ValidationError as exc:
             raise Unreachable(f"unexpected lease reply: {exc}") from exc
 
     async def heartbeat(self, lease_id: str, req: HeartbeatRequest) -> HeartbeatReply:
-        return await self._call(f"/leases/{lease_id}/heartbeat", req, HeartbeatReply)
+        return await self._call(HEARTBEAT.campaign_path(lease=lease_id), req, HeartbeatReply)
 
     async def release(self, lease_id: str, req: ReleaseRequest) -> ReleaseReply:
-        return await self._call(f"/leases/{lease_id}/release", req, ReleaseReply)
+        return await self._call(RELEASE.campaign_path(lease=lease_id), req, ReleaseReply)
 
     async def complete(self, req: CompleteRequest) -> CompleteReply:
-        return await self._call(f"/units/{req.unit}/complete", req, CompleteReply)
+        return await self._call(COMPLETE.campaign_path(unit=req.unit), req, CompleteReply)
 
     async def fail(self, req: FailRequest) -> FailReply:
-        return await self._call(f"/units/{req.unit}/fail", req, FailReply)
+        return await self._call(FAIL.campaign_path(unit=req.unit), req, FailReply)
 
 
 async def upload(session: aiohttp.ClientSession, url: str, data: bytes) -> None:

@@ -7,7 +7,8 @@ runs in a thread so the event loop keeps heartbeating. A lease of one unit is tr
 each member's result delivered as soon as that member is done. What happens when:
 
 - **Nothing to lease**: ``busy``/``paused`` -> ask again after the server's Retry-After; ``finished``
-  -> exit 0 (a Job whose pods all exit 0 completes).
+  -> exit 0 (a Job whose pods all exit 0 completes). A refused token exits ``ExitCode.unauthorized`` (3),
+  a refused lease request ``ExitCode.config`` (2, which fails the Job; see :class:`mlds_contract.errors.ExitCode`).
 - **Lease server unreachable** (restart, network): retry with capped exponential backoff and jitter. A
   lease survives a server restart: the next heartbeat re-establishes it, so training goes on meanwhile.
 - **Heartbeat says cancel** (another worker finished the unit first) or **409** (the lease is lost):
@@ -32,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
 import logging
 import os
 import random
@@ -46,7 +46,7 @@ from typing import Any
 
 import click
 from mlds_contract.campaign import Accelerator
-from mlds_contract.errors import UserError
+from mlds_contract.errors import ExitCode, UserError
 from mlds_contract.lease import (
     CompleteRequest,
     FailKind,
@@ -147,15 +147,15 @@ class Worker:
         info = describe_device(self._device)
         self._device_name, self._device_type = info.name, info.type
 
-    async def run(self) -> int:
-        """The loop. Returns the process exit status."""
+    async def run(self) -> ExitCode:
+        """The loop. Returns the process exit status (the Job's podFailurePolicy reads it)."""
         await asyncio.to_thread(self._setup_device)
         async with LeaseClient(self.cfg.url, self.cfg.token) as client:
             failures = 0
             while not self.stop.is_set():
                 if self._orphaned():
                     self._log(logging.WARNING, "the process that started this worker is gone; exiting")
-                    return 0
+                    return ExitCode.ok
                 request = LeaseRequest(
                     worker=self.cfg.worker_id,
                     pool=self.cfg.pool,
@@ -168,7 +168,7 @@ class Worker:
                     reply = await client.lease(request)
                 except Unauthorized as exc:
                     self._log(logging.ERROR, "lease refused; check the token and campaign", error=exc)
-                    return 3
+                    return ExitCode.unauthorized
                 except Unreachable as exc:
                     self._log(logging.WARNING, "lease server unreachable; retrying", error=exc)
                     await self._backoff(failures, exc.retry_after)
@@ -176,18 +176,18 @@ class Worker:
                     continue
                 except Rejected as exc:
                     self._log(logging.ERROR, "lease request rejected", error=exc)
-                    return 2
+                    return ExitCode.config
                 failures = 0
                 if isinstance(reply, NoLease):
                     if reply.reason is NoLeaseReason.finished:
                         self._log(logging.INFO, "campaign finished; exiting")
-                        return 0
+                        return ExitCode.ok
                     if self.cfg.exit_when_idle:
-                        return 0
+                        return ExitCode.ok
                     await self._backoff(0, reply.retry_after_seconds)
                     continue
                 await self._work(client, reply)
-            return 0
+            return ExitCode.ok
 
     # ------------------------------------------------------------------------------------------ a lease
 
@@ -346,11 +346,9 @@ class Worker:
             attempt=spec.attempt,
             converged=result.converged,
             files={name: FileDigest(sha256=sha256_hex(data), size=len(data)) for name, data in files.items()},
-            meta={},
             training_seconds=seconds,
             epochs=result.epochs,
         )
-        request.meta = json.loads(files["meta.json"])
         await self._deliver(client, state, leased, files, request, kv)
 
     async def _deliver(
@@ -431,7 +429,7 @@ def _unit_fields(state: _LeaseState, spec: UnitSpec) -> dict[str, object]:
     }
 
 
-async def run_worker(cfg: WorkerConfig) -> int:
+async def run_worker(cfg: WorkerConfig) -> ExitCode:
     """Run the loop until the campaign is drained or a signal stops it; returns the exit status."""
     worker = Worker(cfg)
     loop = asyncio.get_running_loop()

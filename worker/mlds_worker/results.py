@@ -1,5 +1,7 @@
 """A trained network as files: ``model.safetensors``, ``meta.json``, ``history.csv`` (MLDS-SPEC §9).
 
+The file names are the contract's (:mod:`mlds_contract.results`); this module builds their bytes.
+
 Called by `mlds train` (writes them to a folder) and by the worker loop (uploads the same bytes to
 presigned URLs under ``<target>/<replica as 5 digits>/``). The bytes are built in memory first so that
 the sha256 a worker declares is the sha256 of exactly what it uploads.
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 from mlds_contract.campaign import Dataset
 from mlds_contract.errors import StorageUnavailable
+from mlds_contract.results import HISTORY_FILE, META_FILE, MODEL_FILE, SNAPSHOTS_FILE
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -39,11 +42,7 @@ from . import __version__
 from .train import SGD_MOMENTUM, TrainResult
 
 __all__ = [
-    "HISTORY_FILE",
     "META_FIELDS",
-    "META_FILE",
-    "MODEL_FILE",
-    "SNAPSHOTS_FILE",
     "load_snapshots",
     "load_state_dict",
     "meta_record",
@@ -53,11 +52,6 @@ __all__ = [
     "unflatten",
     "write_result",
 ]
-
-MODEL_FILE = "model.safetensors"
-META_FILE = "meta.json"
-HISTORY_FILE = "history.csv"
-SNAPSHOTS_FILE = "snapshots.safetensors"
 
 #: The keys of meta.json, in order. Adding a key is compatible; renaming or removing one is not.
 META_FIELDS: tuple[str, ...] = (

@@ -51,21 +51,28 @@ from typing import Any, Final
 
 import click
 import yaml
-from mlds_contract.campaign import API_GROUP, API_VERSION, KIND, CampaignSpec, CampaignStatus, TrainingCampaign
+from mlds_contract.campaign import (
+    API_GROUP,
+    API_VERSION,
+    CATEGORIES,
+    CRD_NAME,
+    KIND,
+    LIST_KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    CampaignSpec,
+    CampaignStatus,
+    TrainingCampaign,
+)
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
 __all__ = [
-    "CATEGORIES",
     "CEL_RULES",
-    "CRD_NAME",
-    "LIST_KIND",
     "LIST_TYPES",
-    "PLURAL",
     "PRINTER_COLUMNS",
-    "SHORT_NAMES",
-    "SINGULAR",
     "SchemaError",
     "crd_command",
     "crd_manifest",
@@ -75,12 +82,6 @@ __all__ = [
     "structural_schema",
 ]
 
-PLURAL: Final = "trainingcampaigns"
-SINGULAR: Final = "trainingcampaign"
-LIST_KIND: Final = f"{KIND}List"
-SHORT_NAMES: Final = ("tc",)
-CATEGORIES: Final = ("mlds",)
-CRD_NAME: Final = f"{PLURAL}.{API_GROUP}"
 
 #: `kubectl get tc` columns. ETA is a string column: a `date` column prints the time *since* a
 #: timestamp, which for a future ETA is "<invalid>".

@@ -158,7 +158,8 @@ def _server_main(conn: Connection, units: int, ks: list[int], baseline_seconds: 
 async def _serve(conn: Connection, units: int, ks: list[int], baseline_seconds: float) -> None:
     from aiohttp import web  # noqa: PLC0415
 
-    from mlds_operator.leases.http import Campaigns, create_app  # noqa: PLC0415
+    from mlds_operator.leases.http import create_app  # noqa: PLC0415
+    from mlds_operator.leases.registry import Campaigns  # noqa: PLC0415
     from mlds_operator.leases.service import CampaignService  # noqa: PLC0415
     from mlds_operator.storage.store import LocalStore  # noqa: PLC0415
 

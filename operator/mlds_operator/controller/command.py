@@ -34,8 +34,9 @@ from mlds_operator.controller import pods
 from mlds_operator.controller.handlers import build_registry
 from mlds_operator.controller.kube import Kube
 from mlds_operator.controller.sync import Controller, OperatorSettings
-from mlds_operator.leases.http import Campaigns, create_app
+from mlds_operator.leases.http import create_app
 from mlds_operator.leases.metrics import ServerMetrics
+from mlds_operator.leases.registry import Campaigns
 from mlds_operator.leases.service import ServiceSettings
 
 __all__ = ["OperatorConfig", "operator_command", "run_operator"]

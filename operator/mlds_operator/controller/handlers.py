@@ -29,10 +29,9 @@ import os
 from typing import Any
 
 import kopf
-from mlds_contract.campaign import API_GROUP, API_VERSION
+from mlds_contract.campaign import API_GROUP, API_VERSION, PLURAL
 from mlds_contract.errors import TemporaryError
 
-from mlds_operator.artifacts.crd import PLURAL
 from mlds_operator.controller.sync import Controller, PassResult
 
 __all__ = ["FINALIZER", "InvalidSpecError", "OutageError", "build_registry"]

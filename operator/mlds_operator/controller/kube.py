@@ -30,10 +30,9 @@ from typing import Any, Self, TypeVar
 import kubernetes  # type: ignore[import-untyped]  # the official client ships no type information
 import urllib3
 from kubernetes.client.exceptions import ApiException  # type: ignore[import-untyped]  # as above
-from mlds_contract.campaign import API_GROUP, API_VERSION
+from mlds_contract.campaign import API_GROUP, API_VERSION, PLURAL
 from mlds_contract.errors import MldsError, TemporaryError, UserError
 
-from mlds_operator.artifacts.crd import PLURAL
 from mlds_operator.controller.pods import LABEL_CAMPAIGN, campaign_label, selector
 
 __all__ = ["REQUEST_TIMEOUT", "HookKube", "Kube", "KubeRejected", "KubeUnavailable"]

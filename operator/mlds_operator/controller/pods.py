@@ -33,9 +33,10 @@ Per pool the Job runs ``mlds worker`` (DESIGN.md §2-3):
 - **Job semantics**: ``parallelism`` = replicas, ``completions`` unset (each worker exits 0 when the
   campaign is drained, which completes the Job), ``suspend`` = ``spec.suspend`` (queued Jobs: see
   Kueue). A pod disrupted by the cluster (eviction, preemption, node drain) does not count towards
-  ``backoffLimit``; a worker exiting 2 (a configuration error: rejected request, unreadable token
-  file) fails the Job at once, since a new pod would fail the same way. No ``ttlSecondsAfterFinished``:
-  finished Jobs stay with their pods' logs until the campaign is deleted (owner references remove them).
+  ``backoffLimit``; a worker exiting :attr:`~mlds_contract.errors.ExitCode.config` (2: a rejected
+  request, an unreadable token file) fails the Job at once, since a new pod would fail the same way;
+  any other non-zero exit counts towards ``backoffLimit``. No ``ttlSecondsAfterFinished``: finished
+  Jobs stay with their pods' logs until the campaign is deleted (owner references remove them).
 
 Parallelism and suspend are patched in place. Everything else is the Job's immutable pod template:
 its hash is stored in the ``mlds.dev/template-hash`` annotation, and reconcile replaces a Job whose
@@ -55,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from mlds_contract.campaign import API_GROUP, API_VERSION, KIND, Accelerator, CampaignSpec, Pool
+from mlds_contract.errors import ExitCode
 
 __all__ = [
     "ANNOTATION_PLAN",
@@ -106,8 +108,6 @@ GPU_RESOURCE: Final[Mapping[Accelerator, str]] = {Accelerator.nvidia: "nvidia.co
 _JOB_NAME_MAX = 52
 _LABEL_MAX = 63
 _NAME_MAX = 253
-#: Exit status of `mlds worker` for a configuration error (mlds_cli: UserError, or a rejected request).
-_EXIT_CONFIG_ERROR = 2
 _NON_ROOT_UID = 65532  # the conventional "nonroot" uid of distroless-style images
 _IMAGE_REPOSITORY = "ghcr.io/mlds/worker"
 _IMAGE_FLAVOUR: Final[Mapping[Accelerator, str]] = {
@@ -530,7 +530,7 @@ def worker_job(ref: CampaignRef, spec: CampaignSpec, pool: Pool, settings: Worke
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                 {
                     "action": "FailJob",
-                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [_EXIT_CONFIG_ERROR]},
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [int(ExitCode.config)]},
                 },
             ]
         },

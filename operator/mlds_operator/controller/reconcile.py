@@ -53,6 +53,7 @@ from mlds_contract.campaign import (
     PoolStatus,
     TrainingCampaign,
     UnitCounts,
+    campaign_phase,
 )
 from mlds_contract.errors import InvalidCampaign
 from mlds_contract.plan import check_campaign, unit_count
@@ -399,7 +400,14 @@ def reconcile(campaign: Campaign, observed: Observed, settings: pods.WorkerSetti
             )
             job_failure_reason = Reason.JobNameTaken
     kueue = _kueue(campaign.name, spec, observed.jobs)
-    phase = _phase(spec, progress, kueue)
+    # The spec's suspend, not the book's: this pass's ConfigureBook brings the book in line with it.
+    phase = campaign_phase(
+        progress.counts,
+        paused=spec.suspend,
+        finalized=progress.finalized,
+        queued=kueue.queued,
+        admitted=kueue.admitted,
+    )
     conditions = _progress_conditions(spec, progress, phase, problem, job_failure, job_failure_reason, kueue)
     return _finish(campaign, observed, phase, conditions, progress.counts, actions, progress)
 
@@ -503,22 +511,6 @@ def _kueue(name: str, spec: CampaignSpec, jobs: Sequence[ObservedJob]) -> _Kueue
             waiting.append((current.name if current else pods.job_name(name, pool.name), queue))
     every_pool_queued = all(pods.queue_name(spec, pool) for pool in spec.pools)
     return _Kueue(waiting=tuple(waiting), queued=every_pool_queued and not admitted, admitted=admitted)
-
-
-def _phase(spec: CampaignSpec, progress: Progress, kueue: _Kueue) -> Phase:
-    counts = progress.counts
-    if progress.finished and progress.finalized:
-        return Phase.Succeeded if counts.failed == 0 else Phase.Failed
-    if progress.finished:
-        return Phase.Running  # writing the manifest
-    if spec.suspend:
-        return Phase.Suspended
-    if kueue.queued:
-        return Phase.Queued
-    # Units are out or done, or Kueue admitted a pool's Job (its pods are starting).
-    if counts.succeeded or counts.leased or counts.failed or kueue.admitted:
-        return Phase.Running
-    return Phase.Pending
 
 
 def _suspended(spec: CampaignSpec | None) -> Desired:

@@ -5,8 +5,9 @@ resume and every status-timer tick, and :meth:`Controller.remove` on deletion. N
 kopf: a pass takes the CR body and a logger and returns the status patch and what went wrong. A pass:
 
 1. **Observe**: the token Secret (its token, and the plan hash it pins), the campaign's lease service
-   (opened on the first pass: credentials from ``spec.storage.credentialsSecret``, the store, then
-   :meth:`CampaignService.open`, which rebuilds the lease book from the store's checkpoint and the
+   (opened on the first pass: credentials from ``spec.storage.credentialsSecret``, then
+   :func:`~mlds_operator.leases.registry.open_campaign`, the same as ``mlds run``'s, which opens the store
+   and :meth:`CampaignService.open`; that rebuilds the lease book from the store's checkpoint and the
    results after it, so an operator restart loses no finished unit), housekeeping of that service
    (:meth:`CampaignService.tick`: lease expiry, checkpoints, the manifest at the end) and the worker Jobs.
 2. **Reconcile** (pure): actions and the new status.
@@ -56,10 +57,8 @@ from mlds_operator.controller.reconcile import (
     status_patch,
     terminal,
 )
-from mlds_operator.leases import metrics
-from mlds_operator.leases.http import Campaigns
+from mlds_operator.leases.registry import Campaigns, open_campaign
 from mlds_operator.leases.service import CampaignService, ServiceSettings
-from mlds_operator.storage.store import open_store
 
 __all__ = ["Controller", "OperatorSettings", "PassResult"]
 
@@ -216,21 +215,20 @@ class Controller:
                     f"Secret {storage.credentials_secret!r} needs the keys {ACCESS_KEY} and {SECRET_KEY}",
                 )
         try:
-            store = await asyncio.to_thread(open_store, storage, access_key=access_key, secret_key=secret_key)
+            service = await open_campaign(
+                self.campaigns,
+                ns,
+                name,
+                spec,
+                token=token,
+                access_key=access_key,
+                secret_key=secret_key,
+                settings=self.settings.service,
+            )
         except StorageUnavailable as exc:
             return Problem(Reason.StorageUnavailable, str(exc), spec=False)
-        except UserError as exc:
+        except UserError as exc:  # the store refused the credentials, the bucket or a read
             return Problem(Reason.StorageRejected, str(exc))
-        try:
-            service = await CampaignService.open(name, spec, store, token=token, settings=self.settings.service)
-        except StorageUnavailable as exc:
-            store.close()
-            return Problem(Reason.StorageUnavailable, str(exc), spec=False)
-        except BaseException:
-            store.close()
-            raise
-        metrics.instrument(service, ns)
-        self.campaigns.add(ns, name, service)
         rt.service = service
         stats = service.book.stats()
         logger.info(
@@ -238,7 +236,7 @@ class Controller:
             stats.succeeded,
             stats.total,
             stats.failed,
-            store.url,
+            service.store.url,
         )
         return None
 

@@ -11,5 +11,6 @@
 Public names: :class:`~mlds_operator.leases.book.LeaseBook`,
 :class:`~mlds_operator.leases.service.CampaignService`,
 :class:`~mlds_operator.leases.service.ServiceSettings`,
-:class:`~mlds_operator.leases.registry.Campaigns`, :func:`~mlds_operator.leases.http.create_app`.
+:class:`~mlds_operator.leases.registry.Campaigns`, :func:`~mlds_operator.leases.registry.open_campaign`,
+:func:`~mlds_operator.leases.http.create_app`.
 """

@@ -1,17 +1,11 @@
 """The lease HTTP API: workers lease units, heartbeat, complete and fail them (DESIGN.md §2).
 
 Served by the operator (all campaigns of the cluster) and by ``mlds run`` (one campaign), from the
-same :func:`create_app`. Each campaign is a :class:`~mlds_operator.leases.service.CampaignService` in a
-:class:`Campaigns` registry, addressed as ``/v1/campaigns/{namespace}/{name}``; a worker is given that
-base URL and its campaign's bearer token. Routes (bodies: :mod:`mlds_contract.lease`)::
-
-    POST /v1/campaigns/{ns}/{name}/leases                       LeaseRequest     -> LeaseGrant | NoLease
-    POST /v1/campaigns/{ns}/{name}/leases/{leaseId}/heartbeat   HeartbeatRequest -> HeartbeatReply
-    POST /v1/campaigns/{ns}/{name}/leases/{leaseId}/release     ReleaseRequest   -> ReleaseReply
-    POST /v1/campaigns/{ns}/{name}/units/{unit}/complete        CompleteRequest  -> CompleteReply
-    POST /v1/campaigns/{ns}/{name}/units/{unit}/fail            FailRequest      -> FailReply
-    PUT  /v1/objects/{key}?expires=..&sig=..                    result upload (local-folder stores only)
-    GET  /openapi.json   GET /healthz
+same :func:`create_app`. Each campaign is a :class:`~mlds_operator.leases.service.CampaignService` in
+the :class:`~mlds_operator.leases.registry.Campaigns` registry, addressed as
+``/v1/campaigns/{namespace}/{name}``; a worker is given that base URL and its campaign's bearer token.
+The routes, their bodies and their error statuses are the table :data:`mlds_contract.routes.ROUTES`:
+:func:`create_app` registers one handler per route and :func:`openapi_document` describes the same table.
 
 Errors are RFC 9457 problem details (``ErrorReply``): 401 missing or wrong token (the same answer for
 an unknown campaign, so tokens cannot be probed per campaign), 404 unknown unit, 409 a lease the worker
@@ -46,45 +40,41 @@ from mlds_contract.lease import (
     ReleaseReply,
     ReleaseRequest,
 )
+from mlds_contract.results import MAX_RESULT_FILE_BYTES
+from mlds_contract.routes import (
+    CAMPAIGN_PATH,
+    COMPLETE,
+    ERRORS,
+    FAIL,
+    HEALTH,
+    HEARTBEAT,
+    LEASE,
+    OPENAPI,
+    RELEASE,
+    ROUTES,
+    UPLOAD,
+)
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from mlds_operator.leases.book import NotHolder, UnknownLease, UnknownUnit
+from mlds_operator.leases.registry import Campaigns
 from mlds_operator.leases.service import CampaignService, ResultRejected
 from mlds_operator.storage.store import LocalStore
 
-__all__ = ["Campaigns", "RequestObserver", "create_app", "openapi_document"]
+__all__ = ["RequestObserver", "create_app", "openapi_document", "render_openapi_json"]
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
-#: Largest request body accepted: a completion carries meta.json inline (a few kB); uploads are separate.
+#: Largest request body accepted: a completion lists its files' digests (well under a kB); uploads are separate.
 MAX_BODY = 1 << 20
-#: Largest result file accepted by the local upload route (ds3 snapshots of 4,096 epochs are ~70 MB).
-MAX_UPLOAD = 256 << 20
+#: Largest result file accepted by the local upload route (the contract's bound on any result file).
+MAX_UPLOAD = MAX_RESULT_FILE_BYTES
 
 #: (endpoint, status code, seconds) after each request; the metrics layer hooks here.
 RequestObserver = Callable[[str, int, float], None]
-
-
-class Campaigns:
-    """The campaigns a server serves, by (namespace, name)."""
-
-    def __init__(self) -> None:
-        self._by_key: dict[tuple[str, str], CampaignService] = {}
-
-    def add(self, namespace: str, name: str, service: CampaignService) -> None:
-        self._by_key[(namespace, name)] = service
-
-    def remove(self, namespace: str, name: str) -> CampaignService | None:
-        return self._by_key.pop((namespace, name), None)
-
-    def get(self, namespace: str, name: str) -> CampaignService | None:
-        return self._by_key.get((namespace, name))
-
-    def items(self) -> list[tuple[tuple[str, str], CampaignService]]:
-        return list(self._by_key.items())
 
 
 CAMPAIGNS: web.AppKey[Campaigns] = web.AppKey("campaigns", Campaigns)
@@ -293,6 +283,19 @@ async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
+#: Route operation (mlds_contract.routes) -> its handler.
+_HANDLERS: dict[str, Handler] = {
+    LEASE.operation: _lease,
+    HEARTBEAT.operation: _heartbeat,
+    RELEASE.operation: _release,
+    COMPLETE.operation: _complete,
+    FAIL.operation: _fail,
+    HEALTH.operation: _health,
+    OPENAPI.operation: _openapi,
+    UPLOAD.operation: _upload,
+}
+
+
 def create_app(
     campaigns: Campaigns,
     *,
@@ -304,71 +307,25 @@ def create_app(
     app[CAMPAIGNS] = campaigns
     app[LOCAL_STORE] = local_store
     app[OBSERVER] = observer
-    base = "/v1/campaigns/{namespace}/{name}"
-    app.router.add_post(f"{base}/leases", _lease)
-    app.router.add_post(f"{base}/leases/{{lease}}/heartbeat", _heartbeat)
-    app.router.add_post(f"{base}/leases/{{lease}}/release", _release)
-    app.router.add_post(f"{base}/units/{{unit}}/complete", _complete)
-    app.router.add_post(f"{base}/units/{{unit}}/fail", _fail)
-    app.router.add_put("/v1/objects/{key:.+}", _upload)
-    app.router.add_get("/healthz", _health)
-    app.router.add_get("/openapi.json", _openapi)
+    for route in ROUTES:
+        path = route.path
+        for param in route.multi_segment:  # aiohttp's syntax for a parameter that may contain slashes
+            path = path.replace("{" + param + "}", "{" + param + ":.+}")
+        app.router.add_route(route.method, path, _HANDLERS[route.operation])
     return app
 
 
 # ------------------------------------------------------------------------------------------- OpenAPI
 
-_OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, list[type[BaseModel]], str]] = [
-    (
-        "post",
-        "/v1/campaigns/{namespace}/{name}/leases",
-        "lease",
-        LeaseRequest,
-        [LeaseGrant, NoLease],
-        "Lease up to maxUnits units, or learn why there are none (paused, busy, finished).",
-    ),
-    (
-        "post",
-        "/v1/campaigns/{namespace}/{name}/leases/{lease}/heartbeat",
-        "heartbeat",
-        HeartbeatRequest,
-        [HeartbeatReply],
-        "Extend a lease; re-establishes it after a server restart when its units are free.",
-    ),
-    (
-        "post",
-        "/v1/campaigns/{namespace}/{name}/leases/{lease}/release",
-        "release",
-        ReleaseRequest,
-        [ReleaseReply],
-        "Give back every unit still held under a lease, uncounted (worker shutting down).",
-    ),
-    (
-        "post",
-        "/v1/campaigns/{namespace}/{name}/units/{unit}/complete",
-        "complete",
-        CompleteRequest,
-        [CompleteReply],
-        "Report a trained unit whose files were uploaded; verified in storage before it counts.",
-    ),
-    (
-        "post",
-        "/v1/campaigns/{namespace}/{name}/units/{unit}/fail",
-        "fail",
-        FailRequest,
-        [FailReply],
-        "Give one unit back: fail (attempt counted) or release (not counted).",
-    ),
-]
-
 
 def openapi_document() -> dict[str, Any]:
     """The lease API's OpenAPI 3.1 document, generated from the wire models."""
+    documented = [route for route in ROUTES if route.documented]
     models: list[type[BaseModel]] = [ErrorReply]
-    for _, _, _, req, replies, _ in _OPERATIONS:
-        if req is not None:
-            models.append(req)
-        models.extend(replies)
+    for route in documented:
+        if route.request is not None:
+            models.append(route.request)
+        models.extend(route.replies)
     _, schema = models_json_schema(
         [(m, "validation") for m in dict.fromkeys(models)],
         ref_template="#/components/schemas/{model}",
@@ -379,42 +336,35 @@ def openapi_document() -> dict[str, Any]:
     def ref(m: type[BaseModel]) -> dict[str, str]:
         return {"$ref": f"#/components/schemas/{m.__name__}"}
 
-    def error(desc: str) -> dict[str, Any]:
-        return {"description": desc, "content": {PROBLEM_JSON: {"schema": ref(ErrorReply)}}}
-
     paths: dict[str, Any] = {}
-    for method, path, op_id, req, replies, summary in _OPERATIONS:
-        params = [
-            {
-                "name": p,
-                "in": "path",
-                "required": True,
-                "schema": {"type": "integer", "minimum": 0} if p == "unit" else {"type": "string"},
+    for route in documented:
+        ok: dict[str, Any] = {"description": "OK"}
+        if route.replies:
+            replies = route.replies
+            ok_schema = ref(replies[0]) if len(replies) == 1 else {"oneOf": [ref(r) for r in replies]}
+            ok["content"] = {"application/json": {"schema": ok_schema}}
+        responses: dict[str, Any] = {"200": ok}
+        for status in route.errors:
+            responses[str(status)] = {
+                "description": ERRORS[status],
+                "content": {PROBLEM_JSON: {"schema": ref(ErrorReply)}},
             }
-            for p in ("namespace", "name", "lease", "unit")
-            if "{" + p + "}" in path
-        ]
-        ok_schema = ref(replies[0]) if len(replies) == 1 else {"oneOf": [ref(r) for r in replies]}
-        op: dict[str, Any] = {
-            "operationId": op_id,
-            "summary": summary,
-            "security": [{"bearer": []}],
-            "parameters": params,
-            "responses": {
-                "200": {"description": "OK", "content": {"application/json": {"schema": ok_schema}}},
-                "401": error("Missing or wrong bearer token."),
-                "404": error("Unknown unit."),
-                "409": error("The worker does not hold this lease."),
-                "422": error("Malformed body, or a result that failed verification."),
-                "503": error("Storage unavailable; retry after Retry-After seconds."),
-            },
-        }
-        if req is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(req)}}}
-        paths.setdefault(path, {})[method] = op
-    paths["/healthz"] = {
-        "get": {"operationId": "health", "summary": "Liveness.", "responses": {"200": {"description": "OK"}}}
-    }
+        op: dict[str, Any] = {"operationId": route.operation, "summary": route.summary, "responses": responses}
+        if route.path.startswith(CAMPAIGN_PATH):
+            op["security"] = [{"bearer": []}]
+        if route.parameters:
+            op["parameters"] = [
+                {
+                    "name": p,
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "integer", "minimum": 0} if p == "unit" else {"type": "string"},
+                }
+                for p in route.parameters
+            ]
+        if route.request is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(route.request)}}}
+        paths.setdefault(route.path, {})[route.method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {

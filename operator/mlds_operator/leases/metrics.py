@@ -2,7 +2,7 @@
 
 Who calls it: :func:`mlds_operator.controller.command.run_operator` and
 :func:`mlds_operator.run.runner.run_campaign` build one :class:`ServerMetrics` over their
-:class:`~mlds_operator.leases.http.Campaigns` and serve ``GET /metrics`` from the lease API's own aiohttp
+:class:`~mlds_operator.leases.registry.Campaigns` and serve ``GET /metrics`` from the lease API's own aiohttp
 app (so a scrape runs on the event loop that owns the lease books, which are not thread-safe). The
 controller and ``mlds run`` give every campaign service they open a :class:`CampaignMetrics`
 (:func:`instrument`), which the service tells what happens (it implements
@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from mlds_contract.campaign import Phase
+from mlds_contract.lease import RejectReason
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -43,13 +44,12 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from mlds_operator.leases.http import Campaigns
+    from mlds_operator.leases.registry import Campaigns
     from mlds_operator.leases.service import CampaignService
 
 __all__ = [
     "ATTEMPT_FAILURE_REASONS",
     "METRIC_NAMES",
-    "REJECT_REASONS",
     "CampaignMetrics",
     "ServerMetrics",
     "instrument",
@@ -60,8 +60,6 @@ CAMPAIGN_LABELS = ("namespace", "campaign")
 POOL_LABELS = ("namespace", "campaign", "pool", "accelerator")
 #: Why an attempt ended without a result: the worker reported an error, training hit the epoch cap, the lease ran out.
 ATTEMPT_FAILURE_REASONS = ("error", "unconverged", "expired")
-#: Why a completion was refused (mlds_operator.leases.service.ResultRejected.reason).
-REJECT_REASONS = ("missing", "size_mismatch", "sha_mismatch", "bad_files", "bad_meta")
 UNIT_STATES = ("pending", "leased", "succeeded", "failed")
 #: Seconds per network: a ds1 network trains in well under a second on a GPU, a ds3 one in minutes on a CPU.
 TRAINING_SECONDS_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -120,7 +118,7 @@ class CampaignMetrics:
         )
         self.results_rejected = counter(
             "results_rejected",
-            _pool_help(f"Completions refused by verification. Extra label reason: {'|'.join(REJECT_REASONS)}."),
+            _pool_help(f"Completions refused by verification. Extra label reason: {'|'.join(RejectReason)}."),
             ("reason",),
         )
         self.attempts_failed = counter(
@@ -183,7 +181,7 @@ class CampaignMetrics:
     def result_duplicate(self, pool: str) -> None:
         self.results_duplicate.labels(*self._labels(pool)).inc()
 
-    def result_rejected(self, pool: str, reason: str) -> None:
+    def result_rejected(self, pool: str, reason: RejectReason) -> None:
         self.results_rejected.labels(*self._labels(pool), reason).inc()
 
     # ------------------------------------------------------------------------------------ exporting
@@ -208,8 +206,8 @@ class CampaignMetrics:
             self.uploaded_bytes,
         ):
             c.labels(*labels)
-        for reason in REJECT_REASONS:
-            self.results_rejected.labels(*labels, reason)
+        for rejected in RejectReason:
+            self.results_rejected.labels(*labels, rejected)
         for reason in ATTEMPT_FAILURE_REASONS:
             self.attempts_failed.labels(*labels, reason)
         self.training_seconds.labels(*labels)

@@ -6,8 +6,9 @@ and ``mlds run`` create them, drive :meth:`CampaignService.tick` periodically, a
 
 **Results go through staging.** A grant hands out presigned PUT URLs for
 ``_mlds/staging/<unit>/<attempt>-<worker>/<file>``, never for the final folder. On completion the
-service reads each staged object, checks size and SHA-256 against what the worker declared (and the
-model digest against meta.json), writes the files to ``<target>/<replica:05d>/`` itself (meta.json last,
+service reads each staged object through :meth:`~mlds_operator.storage.store.Store.verify` (one streaming
+read, bounded by the declared size) against the size and SHA-256 the worker declared, checks the model
+digest against meta.json, writes the files to ``<target>/<replica:05d>/`` itself (meta.json last,
 so a folder with a meta.json is a whole, verified result) and only then tells the book. A worker whose
 lease expired while it trained can therefore never overwrite a verified result: the final keys are
 written by the server alone, once per unit. Non-converged attempts are kept for research under
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import hmac
 import json
 import logging
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from mlds_contract.campaign import CampaignSpec, Dataset, Phase
+from mlds_contract.campaign import CampaignSpec, Dataset, Phase, campaign_phase
 from mlds_contract.errors import MldsError, StorageUnavailable
 from mlds_contract.lease import (
     CompleteReply,
@@ -50,31 +50,31 @@ from mlds_contract.lease import (
     NoLease,
     NoLeaseReason,
     Outcome,
+    RejectReason,
     ReleaseReply,
     ReleaseRequest,
 )
 from mlds_contract.plan import Target, UnitSpec, campaign_targets, unit_spec
+from mlds_contract.results import META_FILE, MODEL_FILE, result_files_for
 from mlds_workloads import save_data, target_data
 
 from mlds_operator.leases.book import BookStats, CheckpointError, Clock, LeaseBook
 from mlds_operator.storage import manifest as mf
 from mlds_operator.storage.store import Store
 
-__all__ = ["CampaignService", "ResultRejected", "ServiceObserver", "ServiceSettings", "Snapshot", "result_files_for"]
+__all__ = ["CampaignService", "ResultRejected", "ServiceObserver", "ServiceSettings", "Snapshot"]
 
 log = logging.getLogger(__name__)
 
 STAGING = "_mlds/staging"
-MODEL = "model.safetensors"
-META = "meta.json"
 
 
 class ResultRejected(MldsError):
     """A completion whose files are missing or do not match what the worker declared (HTTP 422)."""
 
-    def __init__(self, message: str, *, reason: str) -> None:
+    def __init__(self, message: str, *, reason: RejectReason) -> None:
         super().__init__(message)
-        self.reason = reason  # missing | size_mismatch | sha_mismatch | bad_files | bad_meta
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class Snapshot:
     networks_per_hour: float | None
     eta: datetime | None
     training_seconds: float  # summed over verified networks
-    rejected: dict[str, int]  # rejected completions by reason
+    rejected: dict[RejectReason, int]  # rejected completions by reason
 
 
 class ServiceObserver(Protocol):
@@ -134,17 +134,8 @@ class ServiceObserver(Protocol):
     def result_duplicate(self, pool: str) -> None:
         """A completion of a unit that had already succeeded (dropped)."""
 
-    def result_rejected(self, pool: str, reason: str) -> None:
+    def result_rejected(self, pool: str, reason: RejectReason) -> None:
         """A completion failed verification (:attr:`ResultRejected.reason`)."""
-
-
-def result_files_for(dataset: Dataset) -> tuple[str, ...]:
-    """The files a worker uploads per unit (meta.json last: its presence marks a whole result)."""
-    files = [MODEL, "history.csv"]
-    if dataset is Dataset.ds3:
-        files.append("snapshots.safetensors")
-    files.append(META)
-    return tuple(files)
 
 
 @dataclass
@@ -171,7 +162,7 @@ class CampaignService:
     _finishing: dict[int, asyncio.Lock] = field(init=False, default_factory=dict)
     _recent: collections.deque[float] = field(init=False, default_factory=collections.deque)
     _training_seconds: float = field(init=False, default=0.0)
-    _rejected: collections.Counter[str] = field(init=False, default_factory=collections.Counter)
+    _rejected: collections.Counter[RejectReason] = field(init=False, default_factory=collections.Counter)
     _finalized: bool = field(init=False, default=False)
     _flush_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _presign_inline: bool = field(init=False, default=False)  # see grant()
@@ -255,7 +246,7 @@ class CampaignService:
             unit = index[target] * n + int(replica)
             if self.book.unit(unit).state.value == "succeeded":
                 continue
-            raw = await asyncio.to_thread(self.store.get_bytes, f"{folder}/{META}")
+            raw = await asyncio.to_thread(self.store.get_bytes, f"{folder}/{META_FILE}")
             try:
                 meta = json.loads(raw or b"")
             except ValueError:
@@ -420,41 +411,35 @@ class CampaignService:
     def _verify(self, req: CompleteRequest, spec: UnitSpec) -> _Verified:
         expected = set(result_files_for(spec.dataset))
         if set(req.files) != expected:
-            self._rejected["bad_files"] += 1
+            self._rejected[RejectReason.bad_files] += 1
             raise ResultRejected(
-                f"unit {req.unit}: expected files {sorted(expected)}, got {sorted(req.files)}", reason="bad_files"
+                f"unit {req.unit}: expected files {sorted(expected)}, got {sorted(req.files)}",
+                reason=RejectReason.bad_files,
             )
         prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
         files: dict[str, bytes] = {}
         for name, digest in req.files.items():
-            data = self.store.get_bytes(f"{prefix}/{name}")
-            if data is None:
-                self._rejected["missing"] += 1
-                raise ResultRejected(f"unit {req.unit}: {name} was not uploaded", reason="missing")
-            if len(data) != digest.size:
-                self._rejected["size_mismatch"] += 1
-                raise ResultRejected(
-                    f"unit {req.unit}: {name} is {len(data)} bytes in storage, declared {digest.size}",
-                    reason="size_mismatch",
-                )
-            if hashlib.sha256(data).hexdigest() != digest.sha256:
-                self._rejected["sha_mismatch"] += 1
-                raise ResultRejected(f"unit {req.unit}: {name} sha256 does not match", reason="sha_mismatch")
-            files[name] = data
+            # One bounded, streaming read per file; what is published is exactly what was checked.
+            got = self.store.verify(f"{prefix}/{name}", digest.size, digest.sha256)
+            if isinstance(got, RejectReason):
+                self._rejected[got] += 1
+                raise ResultRejected(f"unit {req.unit}: {name} {_WHY[got].format(size=digest.size)}", reason=got)
+            files[name] = got
         try:
-            meta = json.loads(files[META])
+            meta = json.loads(files[META_FILE])
         except ValueError as exc:
-            self._rejected["bad_meta"] += 1
-            raise ResultRejected(f"unit {req.unit}: meta.json is not JSON: {exc}", reason="bad_meta") from exc
+            self._rejected[RejectReason.bad_meta] += 1
+            problem = f"unit {req.unit}: meta.json is not JSON: {exc}"
+            raise ResultRejected(problem, reason=RejectReason.bad_meta) from exc
         problems = _meta_problems(meta, req, spec)
         if problems:
-            self._rejected["bad_meta"] += 1
-            raise ResultRejected(f"unit {req.unit}: meta.json {'; '.join(problems)}", reason="bad_meta")
+            self._rejected[RejectReason.bad_meta] += 1
+            raise ResultRejected(f"unit {req.unit}: meta.json {'; '.join(problems)}", reason=RejectReason.bad_meta)
         return _Verified(files=files, meta=meta)
 
     def _publish(self, folder: str, files: dict[str, bytes]) -> None:
         # meta.json last: a folder with a meta.json is a whole result (recovery relies on it).
-        for name in sorted(files, key=lambda n: n == META):
+        for name in sorted(files, key=lambda n: n == META_FILE):
             self.store.put_bytes(f"{folder}/{name}", files[name], _content_type(name))
 
     def _drop_staging(self, req: CompleteRequest) -> None:
@@ -550,17 +535,9 @@ class CampaignService:
             remaining = stats.pending + stats.leased
             if rate > 0 and remaining:
                 eta = datetime.fromtimestamp(now + remaining * 3600.0 / rate, tz=UTC)
-        if stats.finished:
-            phase = Phase.Succeeded if stats.failed == 0 else Phase.Failed
-        elif stats.paused:
-            phase = Phase.Suspended
-        elif stats.succeeded or stats.leased or stats.failed:
-            phase = Phase.Running
-        else:
-            phase = Phase.Pending
         return Snapshot(
             stats=stats,
-            phase=phase,
+            phase=campaign_phase(stats.unit_counts(), paused=stats.paused, finalized=self._finalized),
             networks_per_hour=rate,
             eta=eta,
             training_seconds=self._training_seconds,
@@ -568,12 +545,20 @@ class CampaignService:
         )
 
 
+#: How a file that failed :meth:`Store.verify` is described in the 422's detail.
+_WHY = {
+    RejectReason.missing: "was not uploaded",
+    RejectReason.size_mismatch: "is not the declared {size} bytes in storage",
+    RejectReason.sha_mismatch: "sha256 does not match",
+}
+
+
 def _meta_problems(meta: object, req: CompleteRequest, spec: UnitSpec) -> list[str]:
     """How an uploaded meta.json contradicts the completion (empty when it agrees)."""
     if not isinstance(meta, dict):
         return ["is not an object"]
     problems = []
-    if meta.get("sha256") != req.files[MODEL].sha256:
+    if meta.get("sha256") != req.files[MODEL_FILE].sha256:
         problems.append("names another model sha256")
     for key, want in (("unit", req.unit), ("attempt", req.attempt), ("target", spec.target)):
         if meta.get(key) != want:

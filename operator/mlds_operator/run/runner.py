@@ -38,10 +38,11 @@ from mlds_contract.errors import UserError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mlds_operator.leases.http import Campaigns, create_app
-from mlds_operator.leases.metrics import ServerMetrics, instrument
+from mlds_operator.leases.http import create_app
+from mlds_operator.leases.metrics import ServerMetrics
+from mlds_operator.leases.registry import Campaigns, open_campaign
 from mlds_operator.leases.service import CampaignService, ServiceSettings, Snapshot
-from mlds_operator.storage.store import LocalStore, Store, open_store
+from mlds_operator.storage.store import LocalStore, Store
 
 __all__ = ["RunOptions", "load_campaign", "run_campaign", "run_command"]
 
@@ -215,23 +216,23 @@ async def _open_server(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
     if opts.port and port != opts.port:
         raise UserError(f"port {opts.port} on {opts.host} is in use")
     base = f"http://{opts.host}:{port}"
-    store: Store
-    local: LocalStore | None = None
-    if spec.storage is None:
-        assert store_dir is not None
-        # The upload-signing secret derives from the token, so URLs handed out before a restart stay valid.
-        secret = hashlib.sha256(b"mlds-uploads/" + token.encode()).digest()
-        local = LocalStore(store_dir, upload_base_url=base, secret=secret)
-        local.ensure_root()
-        store = local
-    else:
-        store = await asyncio.to_thread(open_store, spec.storage)
-    service = await CampaignService.open(
-        campaign.name, spec, store, token=token, pools=[LOCAL_POOL], settings=opts.settings
-    )
-    instrument(service, LOCAL_NAMESPACE, {LOCAL_POOL: "cpu"})  # the workers run with --device cpu
     campaigns = Campaigns()
-    campaigns.add(LOCAL_NAMESPACE, campaign.name, service)
+    service = await open_campaign(
+        campaigns,
+        LOCAL_NAMESPACE,
+        campaign.name,
+        spec,
+        token=token,
+        local_root=store_dir,  # used when the file has no spec.storage
+        upload_base_url=base,
+        # The upload-signing secret derives from the token, so URLs handed out before a restart stay valid.
+        upload_secret=hashlib.sha256(b"mlds-uploads/" + token.encode()).digest(),
+        pools=[LOCAL_POOL],
+        accelerators={LOCAL_POOL: "cpu"},  # the workers run with --device cpu
+        settings=opts.settings,
+    )
+    store = service.store
+    local = store if isinstance(store, LocalStore) else None
     server_metrics = ServerMetrics(campaigns, component="run")
     app = create_app(campaigns, local_store=local, observer=server_metrics.observe_request)
     server_metrics.add_route(app)  # GET /metrics on the lease API's port, as the operator serves it

@@ -55,6 +55,7 @@ import pyarrow.parquet as pq
 from mlds_contract.campaign import CampaignSpec, Dataset
 from mlds_contract.errors import UserError
 from mlds_contract.plan import campaign_targets, resolve_training
+from mlds_contract.results import META_FILE
 
 from mlds_operator.storage.store import Store
 
@@ -94,7 +95,7 @@ DATA_PREFIX = "data/"
 
 _PART_RE = re.compile(r"^_mlds/parts/part-(\d+)\.parquet$")
 # A result folder: <target>/<replica, at least 5 digits>/meta.json. Internal folders start with "_".
-_RESULT_RE = re.compile(r"^([^/_][^/]*)/(\d{5,})/meta\.json$")
+_RESULT_RE = re.compile(rf"^([^/_][^/]*)/(\d{{5,}})/{re.escape(META_FILE)}$")
 _CKPT_MAGIC = b"MLDS-CHECKPOINT-1\n"
 _SHA_HEX = 64
 # zstd: manifests of float columns compress about twice as well as with snappy, and every reader has it.

@@ -22,8 +22,9 @@ Workers hold no storage credentials (DESIGN.md §2). They upload each result fil
   method, key and expiry with a per-store secret. The lease API hosts that route and calls
   :meth:`LocalStore.check_upload` then :meth:`LocalStore.put_bytes`.
 
-Nothing a worker declares is trusted: :meth:`Store.verify` re-reads every object and checks its size and
-SHA-256 before a unit counts as done.
+Nothing a worker declares is trusted: the lease service reads every staged result object through
+:meth:`Store.verify`, which checks its size and SHA-256 while it streams it (reading no more than the
+declared size) and hands back exactly the bytes it checked, before a unit counts as done.
 
 Keys: every method takes a key *relative to the campaign's root* (``ParityMachine/00007/meta.json``).
 :meth:`Store.key` validates it (no ``..``, ``.``, empty parts, absolute paths, backslashes or control
@@ -37,7 +38,6 @@ access denied, a missing bucket that may not be created, a TLS mismatch, an unwr
 
 from __future__ import annotations
 
-import enum
 import errno
 import hashlib
 import hmac
@@ -62,6 +62,8 @@ from minio.error import InvalidResponseError, MinioException, S3Error, ServerErr
 from minio.helpers import check_bucket_name
 from mlds_contract.campaign import Storage
 from mlds_contract.errors import MldsError, StorageUnavailable, UserError
+from mlds_contract.lease import RejectReason
+from mlds_contract.routes import UPLOAD
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -71,7 +73,6 @@ __all__ = [
     "ObjectInfo",
     "S3Store",
     "Store",
-    "VerifyResult",
     "check_rel",
     "open_store",
 ]
@@ -96,6 +97,8 @@ _BAD_PART = re.compile(r"[\x00-\x1f\x7f\\]")
 # Characters urllib.parse.quote(key, safe="/") leaves as they are: a key made of them needs no quoting.
 _URL_SAFE_KEY = re.compile(r"[A-Za-z0-9_.~/-]*\Z")
 _TMP_MARK = ".mlds-tmp-"
+# Where the lease API takes local uploads (its route table's), up to the key: "/v1/objects/".
+_UPLOAD_PATH = UPLOAD.path.removesuffix("{key}")
 
 # S3 error codes that mean "the credentials or permissions are wrong": retrying will not help.
 _CREDENTIAL_CODES = frozenset(
@@ -120,15 +123,6 @@ _TRANSIENT_CODES = frozenset(
         "XMinioServerNotInitialized",
     }
 )
-
-
-class VerifyResult(enum.StrEnum):
-    """The outcome of :meth:`Store.verify`: is an uploaded object what the worker declared?"""
-
-    ok = "ok"
-    missing = "missing"
-    size_mismatch = "size_mismatch"
-    sha_mismatch = "sha_mismatch"
 
 
 @dataclass(frozen=True)
@@ -186,8 +180,14 @@ class Store(Protocol):
         """A URL that lets its holder ``PUT`` exactly this key, until ``expires`` from now."""
         ...
 
-    def verify(self, rel: str, size: int, sha256: str) -> VerifyResult:
-        """Check that the object exists with exactly this size and SHA-256 (hex)."""
+    def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
+        """The object's bytes when it is exactly ``size`` bytes with this SHA-256 (hex); otherwise why not.
+
+        ``missing``, ``size_mismatch`` or ``sha_mismatch``. Streams and hashes the object in one read and
+        stops as soon as it is longer than declared, so a worker that uploaded far more than it declared
+        costs at most ``size`` bytes of memory; the bytes returned are the bytes hashed (no second read
+        that a late upload could change).
+        """
         ...
 
     def close(self) -> None:
@@ -233,12 +233,25 @@ def _hash_stream(chunks: Iterator[bytes], limit: int | None = None) -> tuple[int
     return size, digest.hexdigest()
 
 
-def _verdict(size: int, digest: str, want_size: int, want_sha: str) -> VerifyResult:
-    if size != want_size:
-        return VerifyResult.size_mismatch
-    if not hmac.compare_digest(digest, want_sha.lower()):
-        return VerifyResult.sha_mismatch
-    return VerifyResult.ok
+def _read_declared(chunks: Iterator[bytes], size: int, sha256: str) -> bytes | RejectReason:
+    """A stream's bytes when they are exactly ``size`` bytes with this SHA-256; else why not.
+
+    Stops reading at the first chunk past ``size``: an object larger than declared is never read to its end.
+    """
+    digest = hashlib.sha256()
+    parts: list[bytes] = []
+    got = 0
+    for chunk in chunks:
+        got += len(chunk)
+        if got > size:
+            return RejectReason.size_mismatch
+        digest.update(chunk)
+        parts.append(chunk)
+    if got != size:
+        return RejectReason.size_mismatch
+    if not hmac.compare_digest(digest.hexdigest(), sha256.lower()):
+        return RejectReason.sha_mismatch
+    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------- S3
@@ -485,21 +498,20 @@ class S3Store:
         url: str = self._call(f"signing {rel}", lambda: self._client.presigned_put_object(self.bucket, key, expires))
         return url
 
-    def verify(self, rel: str, size: int, sha256: str) -> VerifyResult:
+    def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
         # One GET, not HEAD + GET: the Content-Length answers the size, the body the hash. A body larger
         # than declared is not read to the end (a misbehaving worker could have uploaded gigabytes).
         response = self._open(rel)
         if response is None:
-            return VerifyResult.missing
+            return RejectReason.missing
 
-        def check(r: Any) -> VerifyResult:
+        def check(r: Any) -> bytes | RejectReason:
             length = r.headers.get("Content-Length")
             if length is not None and int(length) != size:
-                return VerifyResult.size_mismatch
-            got_size, digest = _hash_stream(r.stream(_CHUNK), limit=size)
-            return _verdict(got_size, digest, size, sha256)
+                return RejectReason.size_mismatch
+            return _read_declared(r.stream(_CHUNK), size, sha256)
 
-        result: VerifyResult = self._consume(rel, response, check)
+        result: bytes | RejectReason = self._consume(rel, response, check)
         return result
 
     def close(self) -> None:
@@ -688,7 +700,7 @@ class LocalStore:
         # more than the HMAC (`mlds bench leases`).
         path = key if _URL_SAFE_KEY.match(key) else urllib.parse.quote(key, safe="/")
         return (
-            f"{self.upload_base_url.rstrip('/')}/v1/objects/{path}?expires={deadline}&sig={self._sign(key, deadline)}"
+            f"{self.upload_base_url.rstrip('/')}{_UPLOAD_PATH}{path}?expires={deadline}&sig={self._sign(key, deadline)}"
         )
 
     def check_upload(self, key: str, expires: int | str, sig: str, now: float | None = None) -> bool:
@@ -706,16 +718,14 @@ class LocalStore:
             return False
         return (self._clock() if now is None else now) <= deadline
 
-    def verify(self, rel: str, size: int, sha256: str) -> VerifyResult:
-        info = self.stat(rel)
-        if info is None:
-            return VerifyResult.missing
-        if info.size != size:
-            return VerifyResult.size_mismatch
-        result: tuple[int, str] | None = self._read(rel, lambda fh: _hash_stream(iter(lambda: fh.read(_CHUNK), b"")))
-        if result is None:  # deleted between stat and read
-            return VerifyResult.missing
-        return _verdict(result[0], result[1], size, sha256)
+    def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
+        def check(fh: IO[bytes]) -> bytes | RejectReason:
+            if os.fstat(fh.fileno()).st_size != size:  # the open file's size: no read, no race with a rename
+                return RejectReason.size_mismatch
+            return _read_declared(iter(lambda: fh.read(_CHUNK), b""), size, sha256)
+
+        result: bytes | RejectReason | None = self._read(rel, check)
+        return RejectReason.missing if result is None else result
 
     def close(self) -> None:
         """Nothing to release; for the common interface."""
@@ -732,6 +742,7 @@ def open_store(
     secret_key: str | None = None,
     session_token: str | None = None,
     upload_base_url: str | None = None,
+    upload_secret: bytes | None = None,
     create_bucket: bool = True,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
@@ -739,16 +750,17 @@ def open_store(
 ) -> Store:
     """Open a campaign's store and check it is usable (bucket present or created; folder writable).
 
-    ``storage`` is the campaign's ``spec.storage``: None means a folder at ``local_root``. S3 credentials
-    come from the arguments (the operator reads them from the campaign's Secret) or, when those are
-    absent, from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (and ``AWS_SESSION_TOKEN``), as `mlds run`
-    uses. ``upload_base_url`` is the lease API's base URL for local presigned uploads (may be set later
-    on the returned LocalStore). Raises UserError (configuration) or StorageUnavailable (outage).
+        ``storage`` is the campaign's ``spec.storage``: None means a folder at ``local_root``. S3 credentials
+        come from the arguments (the operator reads them from the campaign's Secret) or, when those are
+        absent, from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (and ``AWS_SESSION_TOKEN``), as `mlds run`
+        uses. ``upload_base_url`` is the lease API's base URL for local presigned uploads (may be set later
+        on the returned LocalStore); ``upload_secret`` signs those URLs (default: random, so they die with the
+    store object). Raises UserError (configuration) or StorageUnavailable (outage).
     """
     if storage is None:
         if local_root is None:
             raise UserError("the campaign has no spec.storage and no local folder was given (--store)")
-        local = LocalStore(local_root, upload_base_url=upload_base_url)
+        local = LocalStore(local_root, upload_base_url=upload_base_url, secret=upload_secret)
         local.ensure_root()
         return local
     if access_key is None and secret_key is None:

@@ -17,10 +17,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from mlds_cli.main import cli
-from mlds_contract.campaign import CampaignSpec, CampaignStatus
+from mlds_contract.campaign import CRD_NAME, CampaignSpec, CampaignStatus
 from mlds_operator.artifacts import generate
 from mlds_operator.artifacts.crd import (
-    CRD_NAME,
     PRINTER_COLUMNS,
     SchemaError,
     crd_manifest,

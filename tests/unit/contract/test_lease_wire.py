@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from mlds_contract import lease as wire
 from mlds_contract.campaign import CampaignSpec, Model, Workload
-from mlds_contract.errors import UnitError
 from mlds_contract.lease import (
     CompleteReply,
     CompleteRequest,
@@ -68,7 +67,6 @@ EXAMPLES: list[Model] = [
         attempt=1,
         converged=True,
         files={"model.safetensors": FileDigest(sha256=SHA, size=17_000), "meta.json": FileDigest(sha256=SHA, size=900)},
-        meta={"target": "ParityMachine", "init_seed": 12, "eval_loss": 3.2e-5},
         training_seconds=41.5,
         epochs=812,
     ),
@@ -130,8 +128,9 @@ def test_keys_are_camel_case_on_the_wire() -> None:
     request = EXAMPLES[0].wire()
     assert {"deviceName", "maxUnits", "allowSpeculative"} <= set(request)
     complete = EXAMPLES[5].wire()
-    assert {"trainingSeconds", "files", "meta"} <= set(complete)
-    assert complete["meta"]["init_seed"] == 12  # meta.json content travels as is, never re-cased
+    assert {"trainingSeconds", "files"} <= set(complete)
+    assert "meta" not in complete  # meta.json travels as an uploaded file the server reads, never inline
+    assert set(complete["files"]["model.safetensors"]) == {"sha256", "size"}
 
 
 def test_python_names_are_accepted_too() -> None:
@@ -152,7 +151,6 @@ COMPLETE = {
     "unit": 1,
     "attempt": 0,
     "converged": True,
-    "meta": {},
     "trainingSeconds": 1,
     "epochs": 1,
     "files": {"model.safetensors": {"sha256": SHA, "size": 1}},
@@ -196,6 +194,12 @@ def param(model: type[Model], body: dict[str, Any], message: str, story: str) ->
         ),
         param(
             CompleteRequest,
+            {**COMPLETE, "files": {"model.safetensors": {"sha256": SHA, "size": (256 << 20) + 1}}},
+            "Input should be less than or equal to 268435456",
+            "a file larger than the server holds in memory to verify it",
+        ),
+        param(
+            CompleteRequest,
             {**COMPLETE, "files": {"model.safetensors": {"sha256": "ABC", "size": 1}}},
             "sha256\n  String should match pattern '^[0-9a-f]{64}$'",
             "a digest that is not lower-case hex sha256",
@@ -215,7 +219,3 @@ def test_bad_bodies_are_refused_with_a_readable_message(model: type[Model], body
 
 def test_unset_optional_fields_stay_off_the_wire() -> None:
     assert ErrorReply(title="Not found").wire() == {"type": "about:blank", "title": "Not found"}
-
-
-def test_a_fail_kind_matches_the_unit_error_retry_flag() -> None:
-    assert {FailKind(("fail", "release")[UnitError("x", retry=r).retry]) for r in (False, True)} == set(FailKind)

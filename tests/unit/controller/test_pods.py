@@ -10,6 +10,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 from mlds_contract.campaign import Accelerator, CampaignSpec, Pool, Toleration, Workload
+from mlds_contract.errors import ExitCode
 from mlds_operator.controller import pods
 
 REF = pods.CampaignRef(name="ds1-parity", namespace="research", uid="0b9e-uid")
@@ -175,7 +176,8 @@ def test_the_job_runs_replicas_workers_until_they_drain_the_campaign() -> None:
     rules = s["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rules[1]["action"] == "FailJob"
-    assert rules[1]["onExitCodes"]["values"] == [2]
+    # `mlds worker` exits ExitCode.config for a configuration error a new pod would repeat.
+    assert rules[1]["onExitCodes"]["values"] == [ExitCode.config] == [2]
 
 
 def test_what_the_operator_makes_is_owned_by_the_campaign_and_labelled() -> None:

@@ -74,7 +74,6 @@ COMPLETE_BODY: dict[str, Any] = {
     "attempt": 0,
     "converged": True,
     "files": {"model.safetensors": {"sha256": SHA, "size": 10}, "meta.json": {"sha256": SHA, "size": 5}},
-    "meta": {"unit": 0},
     "trainingSeconds": 1.5,
     "epochs": 3,
 }
@@ -236,7 +235,9 @@ MALFORMED = [
     pytest.param(
         "complete", changed(COMPLETE_BODY, "trainingSeconds", -1), "trainingSeconds", id="complete: negative seconds"
     ),
-    pytest.param("complete", changed(COMPLETE_BODY, "meta", _DROP), "meta", id="complete: missing meta"),
+    pytest.param(
+        "complete", changed(COMPLETE_BODY, "meta", {"unit": 0}), "meta", id="complete: meta.json inline (an upload)"
+    ),
     # fail
     pytest.param("fail", changed(FAIL_BODY, "kind", "retry"), "kind", id="fail: unknown kind"),
     pytest.param("fail", changed(FAIL_BODY, "reason", "r" * 4097), "reason", id="fail: reason too long"),
@@ -448,10 +449,10 @@ async def test_a_storage_outage_asks_the_worker_to_retry_later(api: ApiHarness, 
     files = result_files(leased.spec)
     await api.upload(leased, files)
 
-    def outage(rel: str) -> bytes | None:
+    def outage(rel: str, size: int, sha256: str) -> bytes | None:
         raise StorageUnavailable("disk unplugged", delay=7.0)
 
-    monkeypatch.setattr(api.store, "get_bytes", outage)
+    monkeypatch.setattr(api.store, "verify", outage)
     status, headers, reply = await api.request("POST", api.complete_path(0), api.completion(leased, files))
     assert_problem(status, headers, reply, 503, "unavailable")
     assert headers["Retry-After"] == "7"

@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient, TestServer
-from mlds_contract.lease import FailKind, FailRequest, FileDigest, HeartbeatRequest, UnitAttempt
+from mlds_contract.lease import FailKind, FailRequest, FileDigest, HeartbeatRequest, RejectReason, UnitAttempt
 from mlds_operator.leases.http import create_app
 from mlds_operator.leases.metrics import (
     ATTEMPT_FAILURE_REASONS,
     METRIC_NAMES,
-    REJECT_REASONS,
     CampaignMetrics,
     ServerMetrics,
     instrument,
@@ -66,7 +65,7 @@ async def test_a_lease_story_is_counted_event_by_event(tmp_path: Path) -> None:
             assert pool_value(before, name) == 0.0, name
         for reason in ATTEMPT_FAILURE_REASONS:
             assert pool_value(before, "mlds_attempts_failed_total", reason=reason) == 0.0
-        for reason in REJECT_REASONS:
+        for reason in RejectReason:
             assert pool_value(before, "mlds_results_rejected_total", reason=reason) == 0.0
         assert value(before, "mlds_campaign_last_verified_timestamp_seconds", namespace=NAMESPACE, campaign=NAME) == (
             WALL_EPOCH + 1000.0
@@ -247,7 +246,7 @@ def test_a_pool_workers_name_that_is_not_in_the_spec_is_labelled_unknown() -> No
     assert seen == {("stray", "unknown"), ("gpu", "nvidia")}
 
 
-@pytest.mark.parametrize("reason", REJECT_REASONS)
+@pytest.mark.parametrize("reason", list(RejectReason))
 def test_help_text_lists_every_rejection_reason(reason: str) -> None:
     metrics = CampaignMetrics("ns", "c", {}, wall=lambda: 0.0)
     (family,) = (f for f in metrics.collect() if f.name == "mlds_results_rejected")
@@ -275,3 +274,23 @@ async def test_mlds_run_serves_the_same_metrics_on_its_lease_port(tmp_path: Path
     assert pending["pending"] == server.service.book.total
     granted = families["mlds_leases_granted"].samples
     assert {(s.labels["pool"], s.labels["accelerator"]) for s in granted} == {("local", "cpu")}
+
+
+async def test_a_drained_campaign_is_running_until_finalized_as_its_status_says(tmp_path: Path) -> None:
+    # Every unit succeeded, the manifest not yet written: the metric used to say Succeeded while the
+    # CR's status said Running. Both now come from mlds_contract.campaign.campaign_phase.
+    async with open_api(tmp_path, networks=2) as api:
+        server = await instrumented(api)
+        for leased in (await api.grant("w-1", max_units=2)).units:
+            assert (await api.deliver(leased))[0] == 200
+        assert api.service.book.finished
+        assert not api.service.finalized
+        writing = samples(server)
+        await api.service.tick()  # finalizes
+        assert api.service.finalized
+        done = samples(server)
+    key = {"namespace": NAMESPACE, "campaign": NAME}
+    assert value(writing, "mlds_campaign_phase", **key, phase="Running") == 1
+    assert value(writing, "mlds_campaign_phase", **key, phase="Succeeded") == 0
+    assert value(done, "mlds_campaign_phase", **key, phase="Succeeded") == 1
+    assert value(done, "mlds_campaign_phase", **key, phase="Running") == 0

@@ -33,6 +33,7 @@ from mlds_contract.lease import (
     NoLease,
     NoLeaseReason,
     Outcome,
+    RejectReason,
     UnitAttempt,
     UnitState,
 )
@@ -128,8 +129,8 @@ class Result:
         meta: dict[str, Any] = json.loads(self.files["meta.json"])
         return meta
 
-    def request(self, meta: dict[str, Any] | None = None) -> CompleteRequest:
-        """The completion as the worker sends it (``meta``: the meta.json it claims, default its own)."""
+    def request(self) -> CompleteRequest:
+        """The completion as the worker sends it."""
         return CompleteRequest(
             worker=self.worker,
             pool=POOL,
@@ -137,7 +138,6 @@ class Result:
             attempt=self.attempt,
             converged=self.converged,
             files=self.declared,
-            meta=self.meta if meta is None else meta,
             training_seconds=2.5,
             epochs=7,
         )
@@ -291,7 +291,7 @@ async def test_a_completion_that_disagrees_with_storage_is_rejected_and_counts_n
         else:
             bad.declared[name] = digest
     upload(store, service, bad, skip=tamper.skip_upload)
-    request = bad.request(meta=honest.meta)
+    request = bad.request()
 
     with pytest.raises(ResultRejected) as caught:
         await service.complete(request)
@@ -593,12 +593,12 @@ class GatedStore(RecordingStore):
     def gate(self, worker: str) -> None:
         self.gates[worker], self.reached[worker] = threading.Event(), threading.Event()
 
-    def get_bytes(self, rel: str) -> bytes | None:
+    def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
         for worker, gate in self.gates.items():
             if rel.startswith("_mlds/staging/") and f"-{worker}/" in rel:
                 self.reached[worker].set()
                 assert gate.wait(timeout=10), "the test never opened the gate"
-        return super().get_bytes(rel)
+        return super().verify(rel, size, sha256)
 
 
 async def _reached(store: GatedStore, worker: str) -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from mlds_contract.campaign import Storage
 from mlds_contract.errors import StorageUnavailable, UserError
-from mlds_operator.storage.store import LocalStore, Store, VerifyResult, check_rel, open_store
+from mlds_contract.lease import RejectReason
+from mlds_operator.storage.store import LocalStore, Store, _read_declared, check_rel, open_store
 
 EPOCH = 1_800_000_000.0  # a fixed "now" for signed URLs, in Unix seconds
 
@@ -187,22 +188,40 @@ def test_a_store_on_an_empty_root_lists_nothing(tmp_path: Path) -> None:
     assert list(store.list("")) == []
 
 
+OK = object()  # verify answers the stored bytes themselves
+
+
 @pytest.mark.parametrize(
     ("stored", "size", "digest", "expected"),
     [
-        pytest.param(b"abc", 3, sha(b"abc"), VerifyResult.ok, id="as-declared"),
-        pytest.param(None, 3, sha(b"abc"), VerifyResult.missing, id="never-uploaded"),
-        pytest.param(b"", 3, sha(b"abc"), VerifyResult.size_mismatch, id="empty"),
-        pytest.param(b"abcd", 3, sha(b"abc"), VerifyResult.size_mismatch, id="longer"),
-        pytest.param(b"abd", 3, sha(b"abc"), VerifyResult.sha_mismatch, id="same-size-other-bytes"),
-        pytest.param(b"abc", 3, sha(b"abc").upper(), VerifyResult.ok, id="upper-case-hex"),
+        pytest.param(b"abc", 3, sha(b"abc"), OK, id="as-declared"),
+        pytest.param(None, 3, sha(b"abc"), RejectReason.missing, id="never-uploaded"),
+        pytest.param(b"", 3, sha(b"abc"), RejectReason.size_mismatch, id="empty"),
+        pytest.param(b"abcd", 3, sha(b"abc"), RejectReason.size_mismatch, id="longer"),
+        pytest.param(b"abd", 3, sha(b"abc"), RejectReason.sha_mismatch, id="same-size-other-bytes"),
+        pytest.param(b"abc", 3, sha(b"abc").upper(), OK, id="upper-case-hex"),
+        pytest.param(b"", 0, sha(b""), OK, id="an-empty-file-declared-empty"),
     ],
 )
-def test_verify(store: LocalStore, stored: bytes | None, size: int, digest: str, expected: VerifyResult) -> None:
+def test_verify(store: LocalStore, stored: bytes | None, size: int, digest: str, expected: object) -> None:
     if stored is not None:
         store.put_bytes("T/00000/model.safetensors", stored)
 
-    assert store.verify("T/00000/model.safetensors", size, digest) is expected
+    got = store.verify("T/00000/model.safetensors", size, digest)
+
+    assert got == (stored if expected is OK else expected)
+
+
+def test_verify_never_reads_past_the_declared_size() -> None:
+    read: list[int] = []
+
+    def endless() -> Iterator[bytes]:  # a worker that uploaded far more than it declared
+        while True:
+            read.append(1 << 16)
+            yield b"x" * (1 << 16)
+
+    assert _read_declared(endless(), 3, sha(b"xxx")) is RejectReason.size_mismatch
+    assert sum(read) == 1 << 16  # one chunk, then it stopped
 
 
 def test_local_store_is_a_store(store: LocalStore) -> None:

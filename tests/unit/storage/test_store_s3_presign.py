@@ -268,4 +268,4 @@ def test_a_missing_object_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
     assert store.get_bytes("T/00000/meta.json") is None
     assert store.sha256("T/00000/meta.json") is None
     assert store.stat("T/00000/meta.json") is None
-    assert store.verify("T/00000/meta.json", 2, "0" * 64).value == "missing"
+    assert store.verify("T/00000/meta.json", 2, "0" * 64) == "missing"

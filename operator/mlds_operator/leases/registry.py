@@ -1,0 +1,86 @@
+"""The campaigns a lease server serves, and opening one: the same steps in the operator and in `mlds run`.
+
+:class:`Campaigns` is what the lease HTTP server (:mod:`mlds_operator.leases.http`) and the metrics
+(:mod:`mlds_operator.leases.metrics`) look campaigns up in; the controller
+(:mod:`mlds_operator.controller.sync`) and ``mlds run`` (:mod:`mlds_operator.run.runner`) fill it through
+:func:`open_campaign`: open the campaign's store, open its :class:`CampaignService` (which resumes from
+the store's checkpoint and the results after it), give it its metrics, and serve it. Neither caller
+needs the HTTP module for that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from pathlib import Path
+
+from mlds_contract.campaign import CampaignSpec
+
+from mlds_operator.leases.metrics import instrument
+from mlds_operator.leases.service import CampaignService, ServiceSettings
+from mlds_operator.storage.store import open_store
+
+__all__ = ["Campaigns", "open_campaign"]
+
+
+class Campaigns:
+    """The campaigns a server serves, by (namespace, name)."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, str], CampaignService] = {}
+
+    def add(self, namespace: str, name: str, service: CampaignService) -> None:
+        self._by_key[(namespace, name)] = service
+
+    def remove(self, namespace: str, name: str) -> CampaignService | None:
+        return self._by_key.pop((namespace, name), None)
+
+    def get(self, namespace: str, name: str) -> CampaignService | None:
+        return self._by_key.get((namespace, name))
+
+    def items(self) -> list[tuple[tuple[str, str], CampaignService]]:
+        return list(self._by_key.items())
+
+
+async def open_campaign(
+    campaigns: Campaigns,
+    namespace: str,
+    name: str,
+    spec: CampaignSpec,
+    *,
+    token: str,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    local_root: Path | None = None,
+    upload_base_url: str | None = None,
+    upload_secret: bytes | None = None,
+    pools: list[str] | None = None,
+    accelerators: Mapping[str, str] | None = None,
+    settings: ServiceSettings | None = None,
+) -> CampaignService:
+    """Open a campaign's store and lease service, instrument it and serve it in ``campaigns``.
+
+    The store is ``spec.storage`` (S3, with these credentials or the ``AWS_*`` environment) or, without
+    one, a folder at ``local_root`` whose upload URLs point at ``upload_base_url`` and are signed with
+    ``upload_secret`` (see :func:`~mlds_operator.storage.store.open_store`). ``pools`` and
+    ``accelerators`` default to the spec's. Raises :class:`~mlds_contract.errors.UserError` (a
+    configuration the store refuses) or :class:`~mlds_contract.errors.StorageUnavailable` (an outage);
+    the store is closed then, and nothing is served.
+    """
+    store = await asyncio.to_thread(
+        open_store,
+        spec.storage,
+        local_root=local_root,
+        access_key=access_key,
+        secret_key=secret_key,
+        upload_base_url=upload_base_url,
+        upload_secret=upload_secret,
+    )
+    try:
+        service = await CampaignService.open(name, spec, store, token=token, pools=pools, settings=settings)
+    except BaseException:
+        store.close()
+        raise
+    instrument(service, namespace, accelerators)
+    campaigns.add(namespace, name, service)
+    return service
