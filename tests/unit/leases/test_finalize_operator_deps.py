@@ -81,7 +81,6 @@ CHILD = textwrap.dedent(
                     attempt=leased.spec.attempt,
                     converged=True,
                     files=digests(files),
-                    meta=json.loads(files["meta.json"]),
                     training_seconds=1.0,
                     epochs=1,
                 )
