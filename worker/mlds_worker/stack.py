@@ -166,9 +166,10 @@ class ContinuousStack(Generic[Key]):
         self._waiting: list[_Slot[Key]] = []  # leased but not yet in the model (joining next round, or another group)
         self._datas: list[SequenceArrays | ImageArrays] = []  # data set of each stacked data row (kept alive: ids)
         self._parameters = 0
-        #: Seconds spent in rounds, and the same weighted by the share of slots in use (see :meth:`round`).
+        #: Rounds trained, their seconds in total, and the last round's (seconds, members trained).
         self.rounds = 0
         self.seconds = 0.0
+        self.last: tuple[float, int] = (0.0, 0)
 
     # ------------------------------------------------------------------------------------------ views
 
@@ -185,7 +186,7 @@ class ContinuousStack(Generic[Key]):
     def __len__(self) -> int:
         return self.live + self.waiting
 
-    def keys(self) -> list[Key]:
+    def members(self) -> list[Key]:
         """Every member's and waiting unit's key."""
         return [s.key for s in self._members] + [s.key for s in self._waiting]
 
@@ -226,6 +227,7 @@ class ContinuousStack(Generic[Key]):
         took = time.perf_counter() - tick
         self.rounds += 1
         self.seconds += took
+        self.last = (took, len(self._members))
         share = took / len(self._members)
         frames = family.net.flat().to("cpu") if any(s.snapshots for s in self._members) else None
         stay = []

@@ -298,6 +298,11 @@ class LeaseBook:
         self._paused = value
 
     @property
+    def pending(self) -> int:
+        """Units pending now."""
+        return self._counts[_PENDING]
+
+    @property
     def finished(self) -> bool:
         """Nothing pending or leased: every unit succeeded or failed."""
         return self._counts[_PENDING] == 0 and self._counts[_LEASED] == 0

@@ -56,6 +56,7 @@ from mlds_contract.lease import (
 from mlds_contract.plan import Target, UnitSpec, campaign_targets, unit_spec
 
 from mlds_operator.leases.book import BookStats, CheckpointError, Clock, LeaseBook
+from mlds_operator.leases.occupancy import PoolOccupancy, StackOccupancy
 from mlds_operator.storage import manifest as mf
 from mlds_operator.storage.store import Store
 
@@ -104,6 +105,7 @@ class Snapshot:
     eta: datetime | None
     training_seconds: float  # summed over verified networks
     rejected: dict[str, int]  # rejected completions by reason
+    occupancy: dict[str, PoolOccupancy] = field(default_factory=dict)  # continuous stacks, by pool (issue 14)
 
 
 class ServiceObserver(Protocol):
@@ -176,6 +178,8 @@ class CampaignService:
     _presign_inline: bool = field(init=False, default=False)  # see grant()
     #: Told of leases, results and failures as they happen (the metrics layer: mlds_operator.leases.metrics.instrument).
     observer: ServiceObserver | None = None
+    #: What continuous-stack workers report of their stacks (issue 14).
+    occupancy: StackOccupancy = field(init=False, default_factory=StackOccupancy)
 
     def __post_init__(self) -> None:
         self._targets = campaign_targets(self.spec)
@@ -292,6 +296,8 @@ class CampaignService:
         return f"{STAGING}/{unit}/{attempt}-{worker}"
 
     async def grant(self, req: LeaseRequest) -> LeaseGrant | NoLease:
+        if req.stack is not None:
+            self.occupancy.report(req.worker, req.pool, req.stack, pending=self.book.pending)
         if self.book.finished:
             return NoLease(reason=NoLeaseReason.finished, retry_after_seconds=0)
         self._expire()  # the grant would expire overdue leases itself, unseen by the observer
@@ -341,6 +347,8 @@ class CampaignService:
 
     def heartbeat(self, lease_id: str, req: HeartbeatRequest) -> HeartbeatReply:
         units = {u.unit: u.attempt for u in req.units}
+        if req.stack is not None:
+            self.occupancy.report(req.worker, req.pool, req.stack, pending=self.book.pending)
         result = self.book.heartbeat(lease_id, req.worker, pool=req.pool, units=units)
         if self.observer is not None:
             self.observer.lease_extended(req.pool)
@@ -565,6 +573,7 @@ class CampaignService:
             eta=eta,
             training_seconds=self._training_seconds,
             rejected=dict(self._rejected),
+            occupancy=self.occupancy.pools(),
         )
 
 

@@ -94,6 +94,8 @@ class RunOptions:
     progress: bool = True
     restarts: int | None = None  # worker restarts allowed in total; default 3 per worker
     settings: ServiceSettings | None = None
+    #: Workers train each lease as one stack that drains (before issue 14), not a continuous stack; for benchmarks.
+    fixed_stacks: bool = False
 
 
 @dataclass
@@ -112,6 +114,16 @@ class RunSummary:
         if capacity <= 0 or self.snapshot.training_seconds <= 0:
             return None
         return max(0.0, 1.0 - self.snapshot.training_seconds / capacity)
+
+
+def occupancy_lines(snap: Snapshot) -> list[str]:
+    """The summary's line on continuous stacks (issue 14): mean occupancy per pool; none without stacks."""
+    return [
+        f"  stacks ({pool}): mean occupancy {o.mean:.1%}"
+        + (f", {o.mean_while_pending:.1%} while units were pending" if o.mean_while_pending is not None else "")
+        for pool, o in snap.occupancy.items()
+        if o.mean is not None
+    ]
 
 
 def _free_port(host: str, preferred: int | None) -> int:
@@ -277,13 +289,14 @@ async def _open_server(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
     return _Server(service=service, store=store, runner=runner, url=url, token_file=token_file, state=state)
 
 
-def _worker_argv(server: _Server, units_per_lease: int) -> list[str]:
+def _worker_argv(server: _Server, units_per_lease: int, *, fixed_stacks: bool = False) -> list[str]:
     return [
         *(sys.executable, "-m", "mlds_cli", "worker"),
         *("--url", server.url, "--token-file", str(server.token_file), "--pool", LOCAL_POOL),
         *("--units-per-lease", str(units_per_lease), "--device", "cpu"),
         # Outlive a crash of this process only to deliver the lease in hand (see the module docstring).
         *("--parent-pid", str(os.getpid())),
+        *(("--fixed-stacks",) if fixed_stacks else ()),
     ]
 
 
@@ -315,7 +328,11 @@ async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     restarts = opts.restarts if opts.restarts is not None else 3 * opts.workers
     sup = _Supervisor(
-        _worker_argv(server, campaign.spec.pools[0].units_per_lease), opts.workers, server.state / "logs", restarts, env
+        _worker_argv(server, campaign.spec.pools[0].units_per_lease, fixed_stacks=opts.fixed_stacks),
+        opts.workers,
+        server.state / "logs",
+        restarts,
+        env,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -460,6 +477,7 @@ def run_command(
         f"  wall {summary.wall_seconds:,.1f} s with {summary.workers} workers; "
         f"training {summary.snapshot.training_seconds:,.1f} s"
         + (f"; overhead {summary.overhead:.1%}" if summary.overhead is not None else ""),
+        *occupancy_lines(summary.snapshot),
         f"  dataset: {summary.dataset}",
     ]
     if summary.manifest:
