@@ -56,6 +56,7 @@ from mlds_contract.lease import (
 from mlds_contract.plan import Target, UnitSpec, campaign_targets, unit_spec
 
 from mlds_operator.leases.book import BookStats, CheckpointError, Clock, LeaseBook
+from mlds_operator.leases.costs import reference_costs
 from mlds_operator.leases.occupancy import PoolOccupancy, StackOccupancy
 from mlds_operator.storage import manifest as mf
 from mlds_operator.storage.store import Store
@@ -233,6 +234,8 @@ class CampaignService:
             settings=settings or ServiceSettings(),
         )
         service.book.paused = spec.suspend
+        # Longest expected first (issue 14): slow targets start early, the campaign does not end on them.
+        service.book.set_costs(spec.networks_per_target, reference_costs(spec, service._targets))
         service._part_seq = await asyncio.to_thread(mf.next_part_seq, store)
         recovered = await service.recover()
         if saved is not None or recovered:
@@ -413,6 +416,8 @@ class CampaignService:
         outcome = self.book.complete(
             req.unit, worker=req.worker, pool=req.pool, attempt=req.attempt, converged=req.converged
         )
+        if outcome is Outcome.accepted:  # converged or capped: what a unit of its target costs (issue 14)
+            self.book.observe_cost(req.unit, epochs=req.epochs, seconds=req.training_seconds)
         if outcome is Outcome.accepted and req.converged:
             self._rows.append(mf.manifest_row(verified.meta, spec.key))
             self._recent.append(self.wall())
