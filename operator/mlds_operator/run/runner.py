@@ -96,6 +96,8 @@ class RunOptions:
     settings: ServiceSettings | None = None
     #: Workers train each lease as one stack that drains (before issue 14), not a continuous stack; for benchmarks.
     fixed_stacks: bool = False
+    #: When set, (monotonic seconds, networks succeeded) is appended twice a second (`mlds bench campaign`'s tail).
+    progress_log: list[tuple[float, int]] | None = None
 
 
 @dataclass
@@ -300,7 +302,13 @@ def _worker_argv(server: _Server, units_per_lease: int, *, fixed_stacks: bool = 
     ]
 
 
-async def _supervise(server: _Server, sup: _Supervisor, display: _Display, stop: asyncio.Event) -> bool:
+async def _supervise(
+    server: _Server,
+    sup: _Supervisor,
+    display: _Display,
+    stop: asyncio.Event,
+    progress_log: list[tuple[float, int]] | None = None,
+) -> bool:
     """Drive the service and the workers until the campaign is finalized; True when interrupted."""
     service = server.service
     if not service.book.finished:
@@ -309,6 +317,8 @@ async def _supervise(server: _Server, sup: _Supervisor, display: _Display, stop:
         while True:
             await service.tick()
             display.update(service.snapshot(), sup.alive())
+            if progress_log is not None:
+                progress_log.append((time.monotonic(), service.book.stats(failed_max_chars=0).succeeded))
             if service.finalized:
                 await sup.wait_drained(timeout=10.0)
                 return False
@@ -341,7 +351,8 @@ async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
             loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
     try:
-        interrupted = await _supervise(server, sup, _Display(campaign.name, enabled=opts.progress), stop)
+        display = _Display(campaign.name, enabled=opts.progress)
+        interrupted = await _supervise(server, sup, display, stop, opts.progress_log)
     finally:
         await sup.stop()
         await server.close()
