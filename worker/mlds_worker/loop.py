@@ -69,7 +69,7 @@ from .batched import train_batch
 from .client import LeaseApiError, LeaseClient, NotHeld, Rejected, Unauthorized, Unreachable, upload
 from .device import describe_device, resolve_device
 from .results import result_files, sha256_hex
-from .stack import ContinuousStack
+from .stack import ContinuousStack, fit_width
 from .train import EpochRecord, TrainResult, train_unit
 
 __all__ = ["WorkerConfig", "run_worker", "worker_command"]
@@ -240,8 +240,9 @@ class Worker:
 
     async def _continuous(self, client: LeaseClient) -> int:
         """Keep a stack of ``max_units`` slots full (issue 14; :class:`_StackRun`); returns the exit status."""
-        self._log(logging.INFO, "training a continuous stack", slots=self.cfg.max_units)
-        return await _StackRun(self, client).run()
+        run = _StackRun(self, client)
+        self._log(logging.INFO, "training a continuous stack", slots=run.slots, device_name=self._device_name)
+        return await run.run()
 
     async def _heartbeats(
         self, client: LeaseClient, state: _LeaseState, stack: Callable[[], StackReport] | None = None
@@ -454,7 +455,7 @@ class _StackRun:
 
     def __init__(self, worker: Worker, client: LeaseClient) -> None:
         self.w, self.client = worker, client
-        self.slots = worker.cfg.max_units
+        self.slots = fit_width(worker._device, worker.cfg.max_units)  # a GPU's memory caps S
         self.stack: ContinuousStack[int] = ContinuousStack(worker._device)
         self.owner: dict[int, tuple[_LeaseState, LeasedUnit]] = {}  # unit -> its lease and grant entry
         self.leases: dict[str, tuple[_LeaseState, asyncio.Task[None]]] = {}

@@ -43,7 +43,22 @@ from .batched import _Family, _group_key, _ImageFamily, _resolve_data, _result, 
 from .device import describe_device
 from .train import EpochRecord, ImageArrays, SequenceArrays, TrainResult
 
-__all__ = ["ContinuousStack", "Finished", "MemberAdam"]
+__all__ = ["MEMBER_BYTES", "ContinuousStack", "Finished", "MemberAdam", "fit_width"]
+
+#: Device memory one ds1/ds2-sized member of a stack needs while it trains, with room to spare: its
+#: parameters, gradients and Adam moments (4,364 floats each) are small; the GRU's saved activations
+#: (4 layers x 50 steps x batch 32 x 3 gates x 12 hidden, forward and backward) and its evaluation
+#: chunk dominate, a few MB.
+MEMBER_BYTES = 8 << 20
+
+
+def fit_width(device: torch.device, requested: int, *, fraction: float = 0.8) -> int:
+    """The stack width S for ``device``: ``requested`` on the CPU; on a GPU at most what fits in its free memory."""
+    if device.type != "cuda":
+        return requested
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(1, min(requested, int(free * fraction) // MEMBER_BYTES))
+
 
 Key = TypeVar("Key", bound=Hashable)
 

@@ -276,7 +276,7 @@ async def _open_server(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
     service = await CampaignService.open(
         campaign.name, spec, store, token=token, pools=[LOCAL_POOL], settings=opts.settings
     )
-    instrument(service, LOCAL_NAMESPACE, {LOCAL_POOL: "cpu"})  # the workers run with --device cpu
+    instrument(service, LOCAL_NAMESPACE, {LOCAL_POOL: spec.pools[0].accelerator.value})
     campaigns = Campaigns()
     campaigns.add(LOCAL_NAMESPACE, campaign.name, service)
     server_metrics = ServerMetrics(campaigns, component="run")
@@ -291,11 +291,15 @@ async def _open_server(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
     return _Server(service=service, store=store, runner=runner, url=url, token_file=token_file, state=state)
 
 
-def _worker_argv(server: _Server, units_per_lease: int, *, fixed_stacks: bool = False) -> list[str]:
+def _worker_argv(
+    server: _Server, units_per_lease: int, *, fixed_stacks: bool = False, accelerator: str = "cpu"
+) -> list[str]:
+    # A GPU pool trains on the GPU when one is visible (`auto`; the worker logs which device it uses).
+    device = "cpu" if accelerator == "cpu" else "auto"
     return [
         *(sys.executable, "-m", "mlds_cli", "worker"),
         *("--url", server.url, "--token-file", str(server.token_file), "--pool", LOCAL_POOL),
-        *("--units-per-lease", str(units_per_lease), "--device", "cpu"),
+        *("--units-per-lease", str(units_per_lease), "--device", device, "--accelerator", accelerator),
         # Outlive a crash of this process only to deliver the lease in hand (see the module docstring).
         *("--parent-pid", str(os.getpid())),
         *(("--fixed-stacks",) if fixed_stacks else ()),
@@ -338,7 +342,12 @@ async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     restarts = opts.restarts if opts.restarts is not None else 3 * opts.workers
     sup = _Supervisor(
-        _worker_argv(server, campaign.spec.pools[0].units_per_lease, fixed_stacks=opts.fixed_stacks),
+        _worker_argv(
+            server,
+            campaign.spec.pools[0].units_per_lease,
+            fixed_stacks=opts.fixed_stacks,
+            accelerator=campaign.spec.pools[0].accelerator.value,
+        ),
         opts.workers,
         server.state / "logs",
         restarts,
