@@ -921,16 +921,16 @@ def _scan_pending(state: npt.NDArray[np.uint8], lo: int, hi: int, need: int) -> 
     return (np.concatenate(found).astype(np.int64, copy=False) if found else np.empty(0, dtype=np.int64)), lo
 
 
-def _by_octave(costs: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+def _by_octave(costs: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """Blocks by expected cost, highest first, costs within one octave (a factor of 2) counted as equal.
 
     Order only pays where costs differ a lot (EightBit's 1,300 epochs against SingleDirect's 70); within an
     octave the blocks keep index order, so units of one target stay together (members of a stack share
     their target's data) and noise in the learned costs does not reshuffle the campaign.
     """
-    octave = np.floor(np.log2(np.maximum(costs, 1e-9)))
+    octave: npt.NDArray[np.float64] = np.floor(np.log2(np.maximum(costs, 1e-9)))
     order: npt.NDArray[np.int64] = np.argsort(-octave, kind="stable").astype(np.int64)
-    return order
+    return order, octave
 
 
 class _CostOrder:
@@ -940,14 +940,14 @@ class _CostOrder:
     epochs (the reference figure, counted as two observations, averaged with the epochs of its finished
     attempts) times its seconds per epoch (its own finished attempts', else the campaign's, else 1), so
     before anything finishes the order is the reference epochs', and afterwards the campaign's own
-    measurements take over. The order is re-sorted after each observation when there are at most 1,024
-    blocks, else after every ``_RESORT`` observations (the book must stay fast). Per block a scan pointer
+    measurements take over. The order is re-sorted when an observation moves its block's cost to another
+    octave, and after every ``_RESORT`` observations (the book must stay fast). Per block a scan pointer
     skips units already taken; when a unit comes back
     (expiry, failure, release), a grant that finds fewer units than are pending rescans from the start.
     """
 
     _PRIOR = 2.0  # observations the reference figure counts for
-    _RESORT = 32
+    _RESORT = 1024
 
     def __init__(self, total: int, block: int, costs: Iterable[float]) -> None:
         reference = np.asarray(list(costs), dtype=np.float64)
@@ -961,7 +961,7 @@ class _CostOrder:
         self._count = np.zeros(blocks)
         self._starts = np.arange(blocks, dtype=np.int64) * block
         self._low = self._starts.copy()  # per block: no pending unit below this
-        self._order = _by_octave(reference)
+        self._order, self._octave = _by_octave(reference)
         self._pos = 0  # blocks before this position in the order have nothing pending
         self._unsorted = 0
 
@@ -979,10 +979,13 @@ class _CostOrder:
         self._seconds[b] += max(0.0, seconds)
         self._count[b] += 1
         self._unsorted += 1
-        # Few blocks (targets): re-sort at once (microseconds); many: every _RESORT observations.
-        if self._order.size <= 1024 or self._unsorted >= self._RESORT:
+        # Re-sort when this block's cost left its octave (cheap to check), or now and then for the rest
+        # (blocks without finished units follow the campaign's seconds per epoch).
+        mine = (self._reference[b] * self._PRIOR + self._epochs[b]) / (self._PRIOR + self._count[b])
+        mine *= self._seconds[b] / self._epochs[b] if self._epochs[b] > 0 else 1.0
+        if np.floor(np.log2(max(mine, 1e-9))) != self._octave[b] or self._unsorted >= self._RESORT:
             self._unsorted = 0
-            self._order = _by_octave(self.expected())
+            self._order, self._octave = _by_octave(self.expected())
             self._pos = 0
 
     def rewind(self) -> None:
