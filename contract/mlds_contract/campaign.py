@@ -249,7 +249,17 @@ class Pool(Model):
     )
     accelerator: Accelerator = Field(Accelerator.cpu, description="cpu, nvidia or rocm.")
     replicas: int = Field(1, ge=0, le=10_000, description="Worker pods in this pool (Job parallelism).")
-    units_per_lease: int = Field(16, ge=1, le=4096, description="Networks leased, and trained together, per lease.")
+    units_per_lease: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description=(
+            "Stack width S: networks a worker trains at once as one stacked model, its slots refilled from "
+            "top-up leases as members finish (1: one network at a time). The name is kept for compatibility. "
+            "CPU: 32-64 is best (`mlds bench train`); GPU: set it high (e.g. 4096), the worker caps S to what "
+            "fits in the device's memory."
+        ),
+    )
     image: str | None = Field(None, description="Worker image; default: the operator's image for the accelerator.")
     resources: dict[str, Any] | None = Field(
         None,

@@ -51,6 +51,7 @@ __all__ = [
     "RejectReason",
     "ReleaseReply",
     "ReleaseRequest",
+    "StackReport",
     "UnitAttempt",
     "UnitState",
     "WorkerId",
@@ -115,6 +116,24 @@ class NoLeaseReason(enum.StrEnum):
     finished = "finished"  # every unit succeeded or failed: the worker exits
 
 
+class StackReport(Model):
+    """How full a worker's stack of networks is (issue 14): slots, live members, and time-weighted totals.
+
+    A worker training S networks as one stacked model reports it with every lease request and heartbeat;
+    the server exports occupancy (live / slots) per pool and the mean over the campaign
+    (``memberSeconds / slotSeconds``). Workers that train one network at a time send nothing.
+    """
+
+    slots: int = Field(ge=1, le=1_048_576, description="Networks the worker's stack holds when full (its width S).")
+    live: int = Field(ge=0, le=1_048_576, description="Networks training in the stack now.")
+    member_seconds: float = Field(
+        0.0, ge=0, description="Since the worker started: the sum over its training rounds of seconds x live members."
+    )
+    slot_seconds: float = Field(
+        0.0, ge=0, description="Since the worker started: the sum over its training rounds of seconds x slots."
+    )
+
+
 class LeaseRequest(Model):
     """A worker asks for work."""
 
@@ -132,6 +151,13 @@ class LeaseRequest(Model):
         description=(
             "When nothing is pending, accept a speculative copy of units other workers are training "
             "(the first verified completion wins)."
+        ),
+    )
+    stack: StackReport | None = Field(
+        None,
+        description=(
+            "A worker training a continuous stack: its occupancy. Such a worker holds several leases at once, "
+            "asking for a small top-up lease (maxUnits = free slots) whenever members finish."
         ),
     )
 
@@ -187,6 +213,7 @@ class HeartbeatRequest(Model):
     units: list[UnitAttempt] = Field(
         description="Units of the lease the worker is still training (not yet completed or failed), with attempts."
     )
+    stack: StackReport | None = Field(None, description="A worker training a continuous stack: its occupancy.")
 
     @model_validator(mode="after")
     def _units_unique(self) -> Self:

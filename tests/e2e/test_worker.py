@@ -188,18 +188,21 @@ async def test_an_orphaned_worker_delivers_the_lease_in_hand_then_exits(tmp_path
 
 
 @pytest.mark.usefixtures("no_leftovers")
+@pytest.mark.parametrize("mode", ["continuous", "fixed"])
 async def test_a_lease_of_several_units_is_trained_as_one_stack_with_the_same_weights_as_alone(
-    tmp_path: Path,
+    tmp_path: Path, mode: str
 ) -> None:
     campaign = write_campaign(tmp_path / "c.yaml", networks_per_target=2, units_per_lease=4)
     async with serve_campaign(campaign, tmp_path / "store", port=free_port()) as served:
-        worker = start_worker(tmp_path, served.url, served.token_file, "--units-per-lease", 4)
+        flags = ["--fixed-stacks"] if mode == "fixed" else []
+        worker = start_worker(tmp_path, served.url, served.token_file, "--units-per-lease", 4, *flags)
 
         code = await exit_status(worker, START_TIMEOUT + 120)
 
         assert code == 0, worker.describe()
         events = worker_events([worker.stderr_path])
-        assert [e.message for e in events].count("training a stack") == 1  # one lease, one stacked model
+        started = "training a stack" if mode == "fixed" else "training a continuous stack"
+        assert [e.message for e in events].count(started) == 1  # one stacked model
         assert sorted(units_with(events, "completed (accepted)")) == [0, 1, 2, 3]
         await wait_for_async(lambda: served.service.finalized, timeout=10, what="the campaign to be finalized")
         stats = served.service.snapshot().stats
@@ -218,7 +221,7 @@ async def test_sigterm_mid_stack_releases_every_unit_of_the_lease_uncounted(tmp_
     )
     async with serve_campaign(campaign, tmp_path / "store", port=free_port()) as served:
         worker = start_worker(tmp_path, served.url, served.token_file, "--units-per-lease", 4)
-        await wait_for_async(lambda: said(worker, "training a stack"), timeout=START_TIMEOUT, what="a stack")
+        await wait_for_async(lambda: said(worker, "leased"), timeout=START_TIMEOUT, what="a stack")
         await asyncio.sleep(2.0)  # a few epochs into training
 
         worker.send(signal.SIGTERM)

@@ -40,6 +40,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ from mlds_contract.lease import (
     NoLease,
     NoLeaseReason,
     ReleaseRequest,
+    StackReport,
     UnitAttempt,
 )
 from mlds_contract.plan import UnitSpec
@@ -67,6 +69,7 @@ from .batched import train_batch
 from .client import LeaseApiError, LeaseClient, NotHeld, Rejected, Unauthorized, Unreachable, upload
 from .device import describe_device, resolve_device
 from .results import result_files, sha256_hex
+from .stack import ContinuousStack, fit_width
 from .train import EpochRecord, TrainResult, train_unit
 
 __all__ = ["WorkerConfig", "run_worker", "worker_command"]
@@ -101,6 +104,9 @@ class WorkerConfig:
     exit_when_idle: bool = False
     #: Take no new lease once this process (the `mlds run` that started the worker) is no longer our parent.
     parent_pid: int | None = None
+    #: With max_units > 1: train each lease as one fixed stack that drains (before issue 14; kept for
+    #: `mlds bench campaign`'s comparison) instead of a continuous stack of max_units slots.
+    fixed_stacks: bool = False
 
 
 @dataclass
@@ -151,43 +157,49 @@ class Worker:
         """The loop. Returns the process exit status (the Job's podFailurePolicy reads it)."""
         await asyncio.to_thread(self._setup_device)
         async with LeaseClient(self.cfg.url, self.cfg.token) as client:
+            if self.cfg.max_units > 1 and not self.cfg.fixed_stacks:
+                return await self._continuous(client)
+            return await self._lease_loop(client)
+
+    async def _lease_loop(self, client: LeaseClient) -> ExitCode:
+        """One lease at a time: one network, or a fixed stack of the lease's units (``--fixed-stacks``)."""
+        failures = 0
+        while not self.stop.is_set():
+            if self._orphaned():
+                self._log(logging.WARNING, "the process that started this worker is gone; exiting")
+                return ExitCode.ok
+            request = LeaseRequest(
+                worker=self.cfg.worker_id,
+                pool=self.cfg.pool,
+                accelerator=self.cfg.accelerator,
+                device_name=self._device_name[:200],
+                max_units=self.cfg.max_units,
+                allow_speculative=self.cfg.speculative,
+            )
+            try:
+                reply = await client.lease(request)
+            except Unauthorized as exc:
+                self._log(logging.ERROR, "lease refused; check the token and campaign", error=exc)
+                return ExitCode.unauthorized
+            except Unreachable as exc:
+                self._log(logging.WARNING, "lease server unreachable; retrying", error=exc)
+                await self._backoff(failures, exc.retry_after)
+                failures += 1
+                continue
+            except Rejected as exc:
+                self._log(logging.ERROR, "lease request rejected", error=exc)
+                return ExitCode.config
             failures = 0
-            while not self.stop.is_set():
-                if self._orphaned():
-                    self._log(logging.WARNING, "the process that started this worker is gone; exiting")
+            if isinstance(reply, NoLease):
+                if reply.reason is NoLeaseReason.finished:
+                    self._log(logging.INFO, "campaign finished; exiting")
                     return ExitCode.ok
-                request = LeaseRequest(
-                    worker=self.cfg.worker_id,
-                    pool=self.cfg.pool,
-                    accelerator=self.cfg.accelerator,
-                    device_name=self._device_name[:200],
-                    max_units=self.cfg.max_units,
-                    allow_speculative=self.cfg.speculative,
-                )
-                try:
-                    reply = await client.lease(request)
-                except Unauthorized as exc:
-                    self._log(logging.ERROR, "lease refused; check the token and campaign", error=exc)
-                    return ExitCode.unauthorized
-                except Unreachable as exc:
-                    self._log(logging.WARNING, "lease server unreachable; retrying", error=exc)
-                    await self._backoff(failures, exc.retry_after)
-                    failures += 1
-                    continue
-                except Rejected as exc:
-                    self._log(logging.ERROR, "lease request rejected", error=exc)
-                    return ExitCode.config
-                failures = 0
-                if isinstance(reply, NoLease):
-                    if reply.reason is NoLeaseReason.finished:
-                        self._log(logging.INFO, "campaign finished; exiting")
-                        return ExitCode.ok
-                    if self.cfg.exit_when_idle:
-                        return ExitCode.ok
-                    await self._backoff(0, reply.retry_after_seconds)
-                    continue
-                await self._work(client, reply)
-            return ExitCode.ok
+                if self.cfg.exit_when_idle:
+                    return ExitCode.ok
+                await self._backoff(0, reply.retry_after_seconds)
+                continue
+            await self._work(client, reply)
+        return ExitCode.ok
 
     # ------------------------------------------------------------------------------------------ a lease
 
@@ -224,7 +236,17 @@ class Worker:
             except LeaseApiError as exc:
                 self._log(logging.WARNING, "release failed; the lease will expire", lease=grant.lease_id, error=exc)
 
-    async def _heartbeats(self, client: LeaseClient, state: _LeaseState) -> None:
+    # ------------------------------------------------------------------------------------------ continuous
+
+    async def _continuous(self, client: LeaseClient) -> ExitCode:
+        """Keep a stack of ``max_units`` slots full (issue 14; :class:`_StackRun`); returns the exit status."""
+        run = _StackRun(self, client)
+        self._log(logging.INFO, "training a continuous stack", slots=run.slots, device_name=self._device_name)
+        return await run.run()
+
+    async def _heartbeats(
+        self, client: LeaseClient, state: _LeaseState, stack: Callable[[], StackReport] | None = None
+    ) -> None:
         interval = state.grant.heartbeat_seconds
         while True:
             await asyncio.sleep(interval * random.uniform(0.9, 1.0))
@@ -234,6 +256,7 @@ class Worker:
                 worker=self.cfg.worker_id,
                 pool=self.cfg.pool,
                 units=[UnitAttempt(unit=u, attempt=a) for u, a in sorted(state.remaining.items())],
+                stack=stack() if stack is not None else None,
             )
             try:
                 reply = await client.heartbeat(state.grant.lease_id, body)
@@ -418,6 +441,184 @@ class Worker:
         state.remaining.pop(unit, None)
 
 
+class _StackRun:
+    """A worker's continuous stack (issue 14): ``max_units`` slots, refilled from top-up leases.
+
+    Between training rounds (one epoch of every member, in a thread) the worker delivers the members
+    that stopped and asks for a top-up lease of as many units as slots are free, so a new unit starts
+    while the others train on. It holds several leases at once, each heartbeated (with the stack's
+    occupancy) until its last unit is delivered; SIGTERM, a lost lease, a cancellation or an orphaned
+    worker's patience drop members at the next round, and what is still held is released at the end.
+    """
+
+    def __init__(self, worker: Worker, client: LeaseClient) -> None:
+        self.w, self.client = worker, client
+        self.slots = fit_width(worker._device, worker.cfg.max_units)  # a GPU's memory caps S
+        self.stack: ContinuousStack[int] = ContinuousStack(worker._device)
+        self.owner: dict[int, tuple[_LeaseState, LeasedUnit]] = {}  # unit -> its lease and grant entry
+        self.leases: dict[str, tuple[_LeaseState, asyncio.Task[None]]] = {}
+        self.deliveries: set[asyncio.Task[None]] = set()
+        self.member_seconds = self.slot_seconds = 0.0
+        self.status: ExitCode = ExitCode.ok
+        self.finished, self.failures, self.idle_until = False, 0, 0.0
+
+    def report(self) -> StackReport:
+        return StackReport(
+            slots=self.slots, live=self.stack.live, member_seconds=self.member_seconds, slot_seconds=self.slot_seconds
+        )
+
+    def should_stop(self, unit: int) -> bool:
+        state = self.owner[unit][0]
+        return self.w.stop.is_set() or state.lost or unit in state.cancelled or self.w._orphan_gave_up()
+
+    async def run(self) -> ExitCode:
+        try:
+            while self.status is ExitCode.ok:
+                again = await self.top_up()
+                if again:
+                    continue
+                if not len(self.stack):
+                    if self.finished or self.w.stop.is_set() or self.w._orphaned() or self.w.cfg.exit_when_idle:
+                        break
+                    continue
+                await self.train_round()
+                await self.end_leases()
+        finally:
+            await asyncio.gather(*self.deliveries, return_exceptions=True)
+            await self.end_leases(closing=True)
+        return self.status
+
+    async def top_up(self) -> bool:
+        """Ask for units for the free slots; True to go round again (granted, or waited for an idle server)."""
+        w = self.w
+        free = self.slots - len(self.stack)
+        if free <= 0 or w.stop.is_set() or self.finished or w._orphaned() or time.monotonic() < self.idle_until:
+            return False
+        reply = await self.ask(free)
+        if reply is None:
+            return not len(self.stack) and self.status is ExitCode.ok  # unreachable: waited already when idle
+        if isinstance(reply, LeaseGrant):
+            await self.admit(reply)
+            return True  # the grant may have had fewer units than slots are free
+        self.finished = reply.reason is NoLeaseReason.finished
+        self.idle_until = time.monotonic() + reply.retry_after_seconds
+        if self.finished:
+            w._log(logging.INFO, "campaign finished; finishing the stack")
+        if len(self.stack) or self.finished or w.cfg.exit_when_idle:
+            return False
+        await w._backoff(0, reply.retry_after_seconds)
+        return True
+
+    async def ask(self, free: int) -> LeaseGrant | NoLease | None:
+        """One top-up request; None when it failed (``status`` set for a fatal answer, else retried later)."""
+        w = self.w
+        request = LeaseRequest(
+            worker=w.cfg.worker_id,
+            pool=w.cfg.pool,
+            accelerator=w.cfg.accelerator,
+            device_name=w._device_name[:200],
+            max_units=free,
+            allow_speculative=w.cfg.speculative,
+            stack=self.report(),
+        )
+        try:
+            reply = await self.client.lease(request)
+        except Unauthorized as exc:
+            w._log(logging.ERROR, "lease refused; check the token and campaign", error=exc)
+            self.status = ExitCode.unauthorized
+            return None
+        except Rejected as exc:
+            w._log(logging.ERROR, "lease request rejected", error=exc)
+            self.status = ExitCode.config
+            return None
+        except Unreachable as exc:
+            w._log(logging.WARNING, "lease server unreachable; retrying", error=exc)
+            self.idle_until = time.monotonic() + min(BACKOFF_CAP, BACKOFF_FIRST * 2**self.failures)
+            self.failures += 1
+            if not len(self.stack):
+                await w._backoff(self.failures - 1, exc.retry_after)
+            return None
+        self.failures = 0
+        return reply
+
+    async def admit(self, grant: LeaseGrant) -> None:
+        """A top-up lease: its units join the stack at the next round; its heartbeats start."""
+        w = self.w
+        state = _LeaseState(grant, {u.spec.unit: u.spec.attempt for u in grant.units})
+        beats = asyncio.create_task(w._heartbeats(self.client, state, self.report))
+        self.leases[grant.lease_id] = (state, beats)
+        w._log(
+            logging.INFO,
+            "leased",
+            campaign=grant.units[0].spec.campaign,
+            lease=grant.lease_id,
+            units=len(grant.units),
+            speculative=grant.speculative,
+        )
+        for leased in grant.units:
+            spec = leased.spec
+            try:
+                await asyncio.to_thread(self.stack.add, spec.unit, spec)  # may generate the target's data
+            except Exception as exc:
+                w._log(logging.ERROR, "training failed", **_unit_fields(state, spec), error=repr(exc))
+                await w._report_fail(self.client, state, spec.unit, spec.attempt, FailKind.fail, f"{exc!r}")
+                continue
+            self.owner[spec.unit] = (state, leased)
+
+    async def train_round(self) -> None:
+        """One epoch of every member; members that stopped are delivered (in the background) or given back."""
+        w = self.w
+        try:
+            done = await asyncio.to_thread(self.stack.round, self.should_stop)
+        except Exception as exc:
+            w._log(logging.ERROR, "training failed", units=len(self.stack), error=repr(exc))
+            for unit in self.stack.members():
+                state, leased = self.owner.pop(unit)
+                reason = f"training failed: {exc!r}"
+                await w._report_fail(self.client, state, unit, leased.spec.attempt, FailKind.fail, reason)
+            self.stack = ContinuousStack(w._device)
+            return
+        seconds, members = self.stack.last
+        self.member_seconds += seconds * members
+        self.slot_seconds += seconds * self.slots
+        for f in done:
+            state, leased = self.owner.pop(f.key)
+            kv = _unit_fields(state, leased.spec)
+            if f.error is not None:
+                w._log(logging.ERROR, "training failed", **kv, error=repr(f.error))
+                reason = f"training failed: {f.error!r}"
+                await w._report_fail(self.client, state, f.key, leased.spec.attempt, FailKind.fail, reason)
+            elif f.result is None:
+                if f.key in state.cancelled:
+                    state.remaining.pop(f.key, None)
+                    w._log(logging.INFO, "unit cancelled (completed elsewhere)", **kv)
+                # else shutting down: the unit stays in `remaining` and is released
+            else:
+                task = asyncio.create_task(w._finish(self.client, state, leased, f.result, f.result.seconds))
+                self.deliveries.add(task)
+                task.add_done_callback(self.deliveries.discard)
+
+    async def end_leases(self, *, closing: bool = False) -> None:
+        """Stop heartbeating leases with nothing left; when ``closing``, release what is still held."""
+        training = {id(state) for state, _ in self.owner.values()}
+        for lease_id, (state, beats) in list(self.leases.items()):
+            if not closing and (state.remaining or id(state) in training):
+                continue
+            beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beats
+            del self.leases[lease_id]
+            if state.remaining and not state.lost:
+                # Shutting down (or cancelled): give the rest back so nobody waits for the lease to expire.
+                try:
+                    released = await self.client.release(
+                        lease_id, ReleaseRequest(worker=self.w.cfg.worker_id, reason="worker stopping")
+                    )
+                    self.w._log(logging.INFO, "released", lease=lease_id, units=len(released.released))
+                except LeaseApiError as exc:
+                    self.w._log(logging.WARNING, "release failed; the lease will expire", lease=lease_id, error=exc)
+
+
 def _unit_fields(state: _LeaseState, spec: UnitSpec) -> dict[str, object]:
     """The identifiers every log line about one unit carries."""
     return {
@@ -476,7 +677,16 @@ def _default_worker_id() -> str:
     type=click.IntRange(1, 4096),
     default=1,
     show_default=True,
-    help="Units to ask for per lease.",
+    help="Stack width S: networks trained at once as one stacked model (1: one network at a time).",
+)
+@click.option(
+    "--fixed-stacks",
+    envvar="MLDS_FIXED_STACKS",
+    is_flag=True,
+    help=(
+        "Train each lease's units as one stack that drains before the next lease (the behaviour before "
+        "continuous stacks; for comparison). Default: a continuous stack of --units-per-lease slots."
+    ),
 )
 @click.option("--worker-id", envvar="MLDS_WORKER_ID", default=None, help="Default: the pod name, or host-pid.")
 @click.option("--no-speculative", is_flag=True, help="Never take speculative copies of other workers' units.")
@@ -494,6 +704,7 @@ def worker_command(
     accelerator: str,
     device: str,
     units_per_lease: int,
+    fixed_stacks: bool,
     worker_id: str | None,
     no_speculative: bool,
     parent_pid: int | None,
@@ -520,5 +731,6 @@ def worker_command(
         max_units=units_per_lease,
         speculative=not no_speculative,
         parent_pid=parent_pid,
+        fixed_stacks=fixed_stacks,
     )
     sys.exit(asyncio.run(run_worker(cfg)))

@@ -120,6 +120,25 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
         "Throughput",
         (
             PanelSpec(
+                "Stack occupancy by pool",
+                "Live networks / slots of the pool's continuous stacks (issue 14): below 1 while units are "
+                "pending means slots wait for refills; the tail of a campaign empties them by design.",
+                "timeseries",
+                "percentunit",
+                (
+                    Target(
+                        f"sum by (pool, accelerator) (mlds_campaign_stack_live{{{S}}})\n"
+                        f"/ sum by (pool, accelerator) (mlds_campaign_stack_slots{{{S}}})",
+                        "{{pool}} ({{accelerator}})",
+                    ),
+                    Target(
+                        f"avg by (pool, accelerator) (mlds_campaign_stack_occupancy_mean{{{S}}})",
+                        "{{pool}} mean",
+                    ),
+                ),
+                width=12,
+            ),
+            PanelSpec(
                 "Networks per hour by pool and accelerator",
                 "Verified networks per hour, from the verified-results counter.",
                 "timeseries",

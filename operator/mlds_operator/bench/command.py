@@ -25,6 +25,14 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "mlds_operator.bench.campaign_run:bench_run_command",
         "End to end: `mlds run` of a fixed ds1 campaign against the sum of its training times (overhead).",
     ),
+    "campaign": (
+        "mlds_operator.bench.campaign:bench_campaign_command",
+        "One realistic campaign three ways: one network at a time, fixed stacks, continuous stacks.",
+    ),
+    "simulate": (
+        "mlds_operator.bench.simulate:bench_simulate_command",
+        "Fixed against continuous stacks, simulated from a step-time curve and the reference study's epochs.",
+    ),
     "load": (
         "mlds_operator.bench.load:bench_load_command",
         "Seconds to load 10,000 pulled networks into a weights matrix (a synthetic dataset in the real layout).",

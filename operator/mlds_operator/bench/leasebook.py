@@ -11,6 +11,7 @@ expiry and checkpoints of the pure book, single-threaded, with a fake clock (no 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import subprocess
@@ -97,9 +98,14 @@ def bench_grants(units: int, clock: Clock) -> list[Row]:
     return rows
 
 
-def bench_steady_state(units: int, clock: Clock) -> list[Row]:
-    """1,000 workers, K=16: each round every worker heartbeats, completes its lease and takes the next."""
+def bench_steady_state(units: int, clock: Clock, *, costs: bool = False) -> list[Row]:
+    """1,000 workers, K=16: each round every worker heartbeats, completes its lease and takes the next.
+
+    ``costs``: the book orders five targets by expected cost (issue 14) and learns from every completion.
+    """
     book = LeaseBook(units, lease_seconds=600, clock=clock)
+    if costs:
+        book.set_costs(-(-units // 5), [70, 76, 119, 175, 1300])
     held = {f"w{w}": book.grant(f"w{w}", "cpu", 16) for w in range(1000)}
     ops = 0
     t0 = time.perf_counter()
@@ -111,11 +117,14 @@ def bench_steady_state(units: int, clock: Clock) -> list[Row]:
             book.heartbeat(lease.lease_id, worker, pool="cpu")
             for u in lease.units:
                 book.complete(u, worker=worker, pool="cpu", attempt=0, converged=True)
+                if costs:
+                    book.observe_cost(u, epochs=100 + u % 7, seconds=1.0)
             held[worker] = book.grant(worker, "cpu", 16)
             ops += 1
         clock.t += 1
     dt = time.perf_counter() - t0
-    return [("steady state: heartbeat + 16 completes + grant", ops / dt, f"leases/s ({ops * 16 / dt:,.0f} units/s)")]
+    label = "steady state, cost-aware (5 targets)" if costs else "steady state: heartbeat + 16 completes + grant"
+    return [(label, ops / dt, f"leases/s ({ops * 16 / dt:,.0f} units/s)")]
 
 
 def bench_expiry_and_stats(units: int, clock: Clock) -> list[Row]:
@@ -144,7 +153,13 @@ def bench_expiry_and_stats(units: int, clock: Clock) -> list[Row]:
 
 def throughput(units: int) -> None:
     clock = Clock()
-    for bench in (bench_grants, bench_steady_state, bench_expiry_and_stats):
+    benches = (
+        bench_grants,
+        bench_steady_state,
+        functools.partial(bench_steady_state, costs=True),
+        bench_expiry_and_stats,
+    )
+    for bench in benches:
         for name, value, unit in bench(units, clock):
             print(f"  {name:<58} {value:>12,.1f} {unit}", flush=True)
 

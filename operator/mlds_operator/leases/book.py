@@ -9,8 +9,11 @@ failed) and an attempt counter in numpy arrays (11 bytes a unit: a million units
 leases are Python objects. The rules:
 
 - **Grant**: up to K lowest-index pending units per lease, each with its attempt number (the counter;
-  seeds derive from it). A lease has an unguessable id and a deadline ``now + lease_seconds``. Grants
-  first expire overdue leases. A paused book grants nothing.
+  seeds derive from it). With expected costs (``costs``: one per block of ``block`` consecutive units,
+  i.e. per target), the units come from the block of the highest expected cost first, lowest index
+  within it, so slow targets start early and a campaign does not end on them (issue 14); the costs
+  are learned from finished units (:meth:`LeaseBook.observe_cost`). A lease has an unguessable id and
+  a deadline ``now + lease_seconds``. Grants first expire overdue leases. A paused book grants nothing.
 - **Heartbeat** extends the lease to ``now + lease_seconds``; only its worker may (else :class:`NotHolder`).
   A lease is expired by :meth:`LeaseBook.expire` (which grants call), never by time alone, so a heartbeat
   that arrives a little late but before the sweep still saves its lease.
@@ -224,8 +227,14 @@ class LeaseBook:
         lease_seconds: float = 600.0,
         clock: Clock = time.monotonic,
         pools: Iterable[str] = (),
+        block: int = 0,
+        costs: Iterable[float] | None = None,
     ) -> None:
-        """A book of ``total`` pending units. ``pools`` are listed in stats even before any worker shows up."""
+        """A book of ``total`` pending units. ``pools`` are listed in stats even before any worker shows up.
+
+        ``costs`` (with ``block``): the expected cost (epochs to converge, say) of a unit of each block of
+        ``block`` consecutive units; grants hand out the most expensive blocks first (see the module docstring).
+        """
         if total < 0:
             raise ValueError(f"total must be >= 0, got {total}")
         self._check_settings(max_attempts, lease_seconds)
@@ -248,6 +257,10 @@ class LeaseBook:
         self._workers: dict[str, tuple[str, float]] = {}  # worker -> (pool, last seen)
         self._orphan_deadline: float | None = None
         self._paused = False
+        self._cost: _CostOrder | None = None
+        self._pending_mark = total  # pending units after the last cost-ordered take (more: some came back)
+        if costs is not None:
+            self.set_costs(block, costs)
 
     # ----------------------------------------------------------------------------------------- settings
 
@@ -296,6 +309,11 @@ class LeaseBook:
     @paused.setter
     def paused(self, value: bool) -> None:
         self._paused = value
+
+    @property
+    def pending(self) -> int:
+        """Units pending now."""
+        return self._counts[_PENDING]
 
     @property
     def finished(self) -> bool:
@@ -586,8 +604,31 @@ class LeaseBook:
         if pool not in self._pools:
             self._pools[pool] = _PoolCounter()
 
+    def set_costs(self, block: int, costs: Iterable[float]) -> None:
+        """Hand out the most expensive blocks of ``block`` units first; ``costs`` are their expected costs."""
+        self._cost = _CostOrder(self._n, block, costs)
+        self._pending_mark = self._counts[_PENDING]
+
+    def observe_cost(self, unit: int, *, epochs: int, seconds: float) -> None:
+        """A finished attempt of ``unit`` took ``epochs`` epochs and ``seconds`` of training: learn its block's cost."""
+        if self._cost is not None and 0 <= unit < self._n:
+            self._cost.observe(unit, epochs, seconds)
+
+    def expected_costs(self) -> npt.NDArray[np.float64] | None:
+        """Expected cost of a unit of each block (seconds once units finished, else reference); None without costs."""
+        return None if self._cost is None else self._cost.expected()
+
     def _take_pending(self, k: int) -> npt.NDArray[np.int64]:
-        """The ``k`` lowest pending units (fewer if fewer are pending); advances ``_low`` past them."""
+        """The ``k`` lowest pending units (fewer if fewer are pending); advances ``_low`` past them.
+
+        With costs: from the most expensive blocks first (:class:`_CostOrder`).
+        """
+        if self._cost is not None:
+            if self._counts[_PENDING] > self._pending_mark:
+                self._cost.rewind()  # units came back (expiry, failure, release): look at every block again
+            units = self._cost.take(self._state, min(k, self._counts[_PENDING]))
+            self._pending_mark = self._counts[_PENDING] - units.size
+            return units
         need = min(k, self._counts[_PENDING])
         found: list[npt.NDArray[np.int64]] = []
         lo = self._low
@@ -859,3 +900,118 @@ class LeaseBook:
         self._holder[unit] = _NOBODY  # clears an orphan mark
         self._set_state(unit, _DONE)
         self._pools[pool].succeeded += 1
+
+
+def _scan_pending(state: npt.NDArray[np.uint8], lo: int, hi: int, need: int) -> tuple[npt.NDArray[np.int64], int]:
+    """Up to ``need`` pending units in ``[lo, hi)``, ascending, and where the next scan may start."""
+    found: list[npt.NDArray[np.int64]] = []
+    chunk = 4096  # grows geometrically, as in LeaseBook._take_pending
+    while need > 0 and lo < hi:
+        top = min(hi, lo + chunk)
+        idx = np.flatnonzero(state[lo:top] == _PENDING)
+        if idx.size >= need:
+            idx = idx[:need]
+            found.append(idx + lo)
+            return np.concatenate(found).astype(np.int64, copy=False), lo + int(idx[-1]) + 1
+        if idx.size:
+            found.append(idx + lo)
+            need -= idx.size
+        lo = top
+        chunk = min(chunk * 4, 1 << 20)
+    return (np.concatenate(found).astype(np.int64, copy=False) if found else np.empty(0, dtype=np.int64)), lo
+
+
+def _by_octave(costs: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """Blocks by expected cost, highest first, costs within one octave (a factor of 2) counted as equal.
+
+    Order only pays where costs differ a lot (EightBit's 1,300 epochs against SingleDirect's 70); within an
+    octave the blocks keep index order, so units of one target stay together (members of a stack share
+    their target's data) and noise in the learned costs does not reshuffle the campaign.
+    """
+    octave: npt.NDArray[np.float64] = np.floor(np.log2(np.maximum(costs, 1e-9)))
+    order: npt.NDArray[np.int64] = np.argsort(-octave, kind="stable").astype(np.int64)
+    return order, octave
+
+
+class _CostOrder:
+    """Which pending units a grant takes when targets differ in cost: most expensive block first.
+
+    Blocks are ``block`` consecutive units (a target's replicas). A block's expected cost is its expected
+    epochs (the reference figure, counted as two observations, averaged with the epochs of its finished
+    attempts) times its seconds per epoch (its own finished attempts', else the campaign's, else 1), so
+    before anything finishes the order is the reference epochs', and afterwards the campaign's own
+    measurements take over. The order is re-sorted when an observation moves its block's cost to another
+    octave, and after every ``_RESORT`` observations (the book must stay fast). Per block a scan pointer
+    skips units already taken; when a unit comes back
+    (expiry, failure, release), a grant that finds fewer units than are pending rescans from the start.
+    """
+
+    _PRIOR = 2.0  # observations the reference figure counts for
+    _RESORT = 1024
+
+    def __init__(self, total: int, block: int, costs: Iterable[float]) -> None:
+        reference = np.asarray(list(costs), dtype=np.float64)
+        blocks = -(-total // block) if block > 0 else 0
+        if block <= 0 or reference.size != blocks or not np.all(np.isfinite(reference)) or np.any(reference < 0):
+            raise ValueError(f"costs must be {blocks} finite non-negative numbers, one per block of {block} units")
+        self._n, self._block = total, block
+        self._reference = reference
+        self._epochs = np.zeros(blocks)  # summed over finished attempts
+        self._seconds = np.zeros(blocks)
+        self._count = np.zeros(blocks)
+        self._starts = np.arange(blocks, dtype=np.int64) * block
+        self._low = self._starts.copy()  # per block: no pending unit below this
+        self._order, self._octave = _by_octave(reference)
+        self._pos = 0  # blocks before this position in the order have nothing pending
+        self._unsorted = 0
+
+    def expected(self) -> npt.NDArray[np.float64]:
+        epochs = (self._reference * self._PRIOR + self._epochs) / (self._PRIOR + self._count)
+        total_epochs = float(self._epochs.sum())
+        overall = float(self._seconds.sum()) / total_epochs if total_epochs > 0 else 1.0
+        own = np.divide(self._seconds, self._epochs, out=np.full_like(self._seconds, overall), where=self._epochs > 0)
+        expected: npt.NDArray[np.float64] = epochs * own
+        return expected
+
+    def observe(self, unit: int, epochs: int, seconds: float) -> None:
+        b = unit // self._block
+        self._epochs[b] += max(0, epochs)
+        self._seconds[b] += max(0.0, seconds)
+        self._count[b] += 1
+        self._unsorted += 1
+        # Re-sort when this block's cost left its octave (cheap to check), or now and then for the rest
+        # (blocks without finished units follow the campaign's seconds per epoch).
+        mine = (self._reference[b] * self._PRIOR + self._epochs[b]) / (self._PRIOR + self._count[b])
+        mine *= self._seconds[b] / self._epochs[b] if self._epochs[b] > 0 else 1.0
+        if np.floor(np.log2(max(mine, 1e-9))) != self._octave[b] or self._unsorted >= self._RESORT:
+            self._unsorted = 0
+            self._order, self._octave = _by_octave(self.expected())
+            self._pos = 0
+
+    def rewind(self) -> None:
+        """Scan every block from its start again (units came back to pending somewhere)."""
+        self._low = self._starts.copy()
+        self._pos = 0
+
+    def take(self, state: npt.NDArray[np.uint8], need: int) -> npt.NDArray[np.int64]:
+        got = self._walk(state, need)
+        if got.size < need:
+            # Units came back below the scan pointers unnoticed: rescan every block once, in order.
+            self.rewind()
+            more = self._walk(state, need - got.size)
+            got = np.concatenate([got, more]) if got.size else more
+        return np.sort(got)
+
+    def _walk(self, state: npt.NDArray[np.uint8], need: int) -> npt.NDArray[np.int64]:
+        found: list[npt.NDArray[np.int64]] = []
+        order = self._order
+        while need > 0 and self._pos < order.size:
+            b = int(order[self._pos])
+            hi = min(self._n, int(self._starts[b]) + self._block)
+            units, self._low[b] = _scan_pending(state, int(self._low[b]), hi, need)
+            if units.size:
+                found.append(units)
+                need -= units.size
+            if need > 0:
+                self._pos += 1  # the block is exhausted
+        return np.concatenate(found) if found else np.empty(0, dtype=np.int64)

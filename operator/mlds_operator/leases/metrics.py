@@ -284,6 +284,21 @@ class _CampaignCollector(Collector):
             "arrived since. Labels: namespace, campaign.",
             labels=CAMPAIGN_LABELS,
         )
+        stack_live = GaugeMetricFamily(
+            f"{PREFIX}_campaign_stack_live",
+            _pool_help("Networks training in the pool's continuous stacks now (workers heard from recently)."),
+            labels=POOL_LABELS,
+        )
+        stack_slots = GaugeMetricFamily(
+            f"{PREFIX}_campaign_stack_slots",
+            _pool_help("Slots of the pool's continuous stacks (occupancy = stack_live / stack_slots)."),
+            labels=POOL_LABELS,
+        )
+        stack_mean = GaugeMetricFamily(
+            f"{PREFIX}_campaign_stack_occupancy_mean",
+            _pool_help("Mean stack occupancy over the campaign so far, time-weighted (0..1)."),
+            labels=POOL_LABELS,
+        )
         families: dict[str, Metric] = {}
         for (ns, name), service in sorted(self._campaigns.items(), key=lambda kv: kv[0]):
             snap = service.snapshot()
@@ -304,13 +319,19 @@ class _CampaignCollector(Collector):
                 workers.add_metric(labels, float(figures.workers))
                 pool_units.add_metric([*labels, "succeeded"], float(figures.succeeded))
                 pool_units.add_metric([*labels, "leased"], float(leased.get(figures.name, 0)))
+            for pool, occupancy in snap.occupancy.items():
+                labels = [*key, pool, accelerator(pool)]
+                stack_live.add_metric(labels, float(occupancy.live))
+                stack_slots.add_metric(labels, float(occupancy.slots))
+                if occupancy.mean is not None:
+                    stack_mean.add_metric(labels, occupancy.mean)
             if snap.eta is not None:
                 eta.add_metric(key, snap.eta.timestamp())
             if isinstance(observer, CampaignMetrics):
                 last.add_metric(key, observer.last_verified)
                 for metric in observer.collect():
                     _merge(families, metric)
-        yield from (units, phase, leases, workers, pool_units, eta, last)
+        yield from (units, phase, leases, workers, pool_units, eta, last, stack_live, stack_slots, stack_mean)
         yield from families.values()
 
 
@@ -382,6 +403,9 @@ METRIC_NAMES = (
     "mlds_campaign_leases",
     "mlds_campaign_workers",
     "mlds_campaign_pool_units",
+    "mlds_campaign_stack_live",
+    "mlds_campaign_stack_slots",
+    "mlds_campaign_stack_occupancy_mean",
     "mlds_campaign_eta_timestamp_seconds",
     "mlds_campaign_last_verified_timestamp_seconds",
     "mlds_leases_granted",

@@ -59,6 +59,8 @@ from mlds_contract.results import META_FILE, MODEL_FILE, result_files_for
 from mlds_workloads import save_data, target_data
 
 from mlds_operator.leases.book import BookStats, CheckpointError, Clock, LeaseBook
+from mlds_operator.leases.costs import reference_costs
+from mlds_operator.leases.occupancy import PoolOccupancy, StackOccupancy
 from mlds_operator.storage import manifest as mf
 from mlds_operator.storage.store import Store
 
@@ -105,6 +107,7 @@ class Snapshot:
     eta: datetime | None
     training_seconds: float  # summed over verified networks
     rejected: dict[RejectReason, int]  # rejected completions by reason
+    occupancy: dict[str, PoolOccupancy] = field(default_factory=dict)  # continuous stacks, by pool (issue 14)
 
 
 class ServiceObserver(Protocol):
@@ -168,6 +171,8 @@ class CampaignService:
     _presign_inline: bool = field(init=False, default=False)  # see grant()
     #: Told of leases, results and failures as they happen (the metrics layer: mlds_operator.leases.metrics.instrument).
     observer: ServiceObserver | None = None
+    #: What continuous-stack workers report of their stacks (issue 14).
+    occupancy: StackOccupancy = field(init=False, default_factory=StackOccupancy)
 
     def __post_init__(self) -> None:
         self._targets = campaign_targets(self.spec)
@@ -221,6 +226,8 @@ class CampaignService:
             settings=settings or ServiceSettings(),
         )
         service.book.paused = spec.suspend
+        # Longest expected first (issue 14): slow targets start early, the campaign does not end on them.
+        service.book.set_costs(spec.networks_per_target, reference_costs(spec, service._targets))
         service._part_seq = await asyncio.to_thread(mf.next_part_seq, store)
         recovered = await service.recover()
         if saved is not None or recovered:
@@ -284,6 +291,8 @@ class CampaignService:
         return f"{STAGING}/{unit}/{attempt}-{worker}"
 
     async def grant(self, req: LeaseRequest) -> LeaseGrant | NoLease:
+        if req.stack is not None:
+            self.occupancy.report(req.worker, req.pool, req.stack, pending=self.book.pending)
         if self.book.finished:
             return NoLease(reason=NoLeaseReason.finished, retry_after_seconds=0)
         self._expire()  # the grant would expire overdue leases itself, unseen by the observer
@@ -333,6 +342,8 @@ class CampaignService:
 
     def heartbeat(self, lease_id: str, req: HeartbeatRequest) -> HeartbeatReply:
         units = {u.unit: u.attempt for u in req.units}
+        if req.stack is not None:
+            self.occupancy.report(req.worker, req.pool, req.stack, pending=self.book.pending)
         result = self.book.heartbeat(lease_id, req.worker, pool=req.pool, units=units)
         if self.observer is not None:
             self.observer.lease_extended(req.pool)
@@ -397,6 +408,8 @@ class CampaignService:
         outcome = self.book.complete(
             req.unit, worker=req.worker, pool=req.pool, attempt=req.attempt, converged=req.converged
         )
+        if outcome is Outcome.accepted:  # converged or capped: what a unit of its target costs (issue 14)
+            self.book.observe_cost(req.unit, epochs=req.epochs, seconds=req.training_seconds)
         if outcome is Outcome.accepted and req.converged:
             self._rows.append(mf.manifest_row(verified.meta, spec.key))
             self._recent.append(self.wall())
@@ -542,6 +555,7 @@ class CampaignService:
             eta=eta,
             training_seconds=self._training_seconds,
             rejected=dict(self._rejected),
+            occupancy=self.occupancy.pools(),
         )
 
 

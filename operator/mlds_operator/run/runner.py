@@ -62,6 +62,10 @@ class RunOptions:
     progress: bool = True
     restarts: int | None = None  # worker restarts allowed in total; default 3 per worker
     settings: ServiceSettings | None = None
+    #: Workers train each lease as one stack that drains (before issue 14), not a continuous stack; for benchmarks.
+    fixed_stacks: bool = False
+    #: When set, (monotonic seconds, networks succeeded) is appended twice a second (`mlds bench campaign`'s tail).
+    progress_log: list[tuple[float, int]] | None = None
 
 
 @dataclass
@@ -80,6 +84,16 @@ class RunSummary:
         if capacity <= 0 or self.snapshot.training_seconds <= 0:
             return None
         return max(0.0, 1.0 - self.snapshot.training_seconds / capacity)
+
+
+def occupancy_lines(snap: Snapshot) -> list[str]:
+    """The summary's line on continuous stacks (issue 14): mean occupancy per pool; none without stacks."""
+    return [
+        f"  stacks ({pool}): mean occupancy {o.mean:.1%}"
+        + (f", {o.mean_while_pending:.1%} while units were pending" if o.mean_while_pending is not None else "")
+        for pool, o in snap.occupancy.items()
+        if o.mean is not None
+    ]
 
 
 def _free_port(host: str, preferred: int | None) -> int:
@@ -228,7 +242,7 @@ async def _open_server(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
         # The upload-signing secret derives from the token, so URLs handed out before a restart stay valid.
         upload_secret=hashlib.sha256(b"mlds-uploads/" + token.encode()).digest(),
         pools=[LOCAL_POOL],
-        accelerators={LOCAL_POOL: "cpu"},  # the workers run with --device cpu
+        accelerators={LOCAL_POOL: spec.pools[0].accelerator.value},
         settings=opts.settings,
     )
     store = service.store
@@ -245,17 +259,28 @@ async def _open_server(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
     return _Server(service=service, store=store, runner=runner, url=url, token_file=token_file, state=state)
 
 
-def _worker_argv(server: _Server, units_per_lease: int) -> list[str]:
+def _worker_argv(
+    server: _Server, units_per_lease: int, *, fixed_stacks: bool = False, accelerator: str = "cpu"
+) -> list[str]:
+    # A GPU pool trains on the GPU when one is visible (`auto`; the worker logs which device it uses).
+    device = "cpu" if accelerator == "cpu" else "auto"
     return [
         *(sys.executable, "-m", "mlds_cli", "worker"),
         *("--url", server.url, "--token-file", str(server.token_file), "--pool", LOCAL_POOL),
-        *("--units-per-lease", str(units_per_lease), "--device", "cpu"),
+        *("--units-per-lease", str(units_per_lease), "--device", device, "--accelerator", accelerator),
         # Outlive a crash of this process only to deliver the lease in hand (see the module docstring).
         *("--parent-pid", str(os.getpid())),
+        *(("--fixed-stacks",) if fixed_stacks else ()),
     ]
 
 
-async def _supervise(server: _Server, sup: _Supervisor, display: _Display, stop: asyncio.Event) -> bool:
+async def _supervise(
+    server: _Server,
+    sup: _Supervisor,
+    display: _Display,
+    stop: asyncio.Event,
+    progress_log: list[tuple[float, int]] | None = None,
+) -> bool:
     """Drive the service and the workers until the campaign is finalized; True when interrupted."""
     service = server.service
     if not service.book.finished:
@@ -264,6 +289,8 @@ async def _supervise(server: _Server, sup: _Supervisor, display: _Display, stop:
         while True:
             await service.tick()
             display.update(service.snapshot(), sup.alive())
+            if progress_log is not None:
+                progress_log.append((time.monotonic(), service.book.stats(failed_max_chars=0).succeeded))
             if service.finalized:
                 await sup.wait_drained(timeout=10.0)
                 return False
@@ -283,7 +310,16 @@ async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     restarts = opts.restarts if opts.restarts is not None else 3 * opts.workers
     sup = _Supervisor(
-        _worker_argv(server, campaign.spec.pools[0].units_per_lease), opts.workers, server.state / "logs", restarts, env
+        _worker_argv(
+            server,
+            campaign.spec.pools[0].units_per_lease,
+            fixed_stacks=opts.fixed_stacks,
+            accelerator=campaign.spec.pools[0].accelerator.value,
+        ),
+        opts.workers,
+        server.state / "logs",
+        restarts,
+        env,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -292,7 +328,8 @@ async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
             loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
     try:
-        interrupted = await _supervise(server, sup, _Display(campaign.name, enabled=opts.progress), stop)
+        display = _Display(campaign.name, enabled=opts.progress)
+        interrupted = await _supervise(server, sup, display, stop, opts.progress_log)
     finally:
         await sup.stop()
         await server.close()
@@ -428,6 +465,7 @@ def run_command(
         f"  wall {summary.wall_seconds:,.1f} s with {summary.workers} workers; "
         f"training {summary.snapshot.training_seconds:,.1f} s"
         + (f"; overhead {summary.overhead:.1%}" if summary.overhead is not None else ""),
+        *occupancy_lines(summary.snapshot),
         f"  dataset: {summary.dataset}",
     ]
     if summary.manifest:

@@ -28,6 +28,7 @@ from mlds_contract.lease import (
     Outcome,
     ReleaseReply,
     ReleaseRequest,
+    StackReport,
     UnitAttempt,
     UnitState,
 )
@@ -49,6 +50,14 @@ def a_unit(unit: int = 3, attempt: int = 1) -> LeasedUnit:
 EXAMPLES: list[Model] = [
     LeaseRequest(
         worker="parity-cpu-0-x7k2p", pool="cpu", accelerator="nvidia", device_name="NVIDIA H100", max_units=16
+    ),
+    LeaseRequest(
+        worker="parity-cpu-0-x7k2p",
+        pool="cpu",
+        accelerator="cpu",
+        device_name="cpu",
+        max_units=3,
+        stack=StackReport(slots=64, live=61, member_seconds=3050.5, slot_seconds=3200.0),
     ),
     LeaseGrant(
         lease_id="Z3c9xQk1_-aaaaaaaaaa",
@@ -96,7 +105,7 @@ def test_every_wire_type_has_an_example_here() -> None:
         for name, obj in vars(wire).items()
         if inspect.isclass(obj) and issubclass(obj, Model) and obj.__module__ == wire.__name__
     }
-    assert models - {"LeasedUnit", "UnitAttempt", "FileDigest"} == {type(m).__name__ for m in EXAMPLES}
+    assert models - {"LeasedUnit", "UnitAttempt", "FileDigest", "StackReport"} == {type(m).__name__ for m in EXAMPLES}
 
 
 def _all_models(model: type[BaseModel], seen: set[type[BaseModel]]) -> set[type[BaseModel]]:
@@ -119,7 +128,7 @@ def test_every_field_says_what_it_is(message: Model) -> None:
 
 
 def test_keys_are_camel_case_on_the_wire() -> None:
-    grant = EXAMPLES[1].wire()
+    grant = EXAMPLES[2].wire()
     assert set(grant) == {"leaseId", "deadline", "leaseSeconds", "heartbeatSeconds", "speculative", "units"}
     assert grant["deadline"] == "2026-01-01T12:00:00Z"
     assert set(grant["units"][0]) == {"spec", "uploads"}
@@ -127,7 +136,7 @@ def test_keys_are_camel_case_on_the_wire() -> None:
     assert grant["units"][0]["spec"]["attempt"] == 1
     request = EXAMPLES[0].wire()
     assert {"deviceName", "maxUnits", "allowSpeculative"} <= set(request)
-    complete = EXAMPLES[5].wire()
+    complete = EXAMPLES[6].wire()
     assert {"trainingSeconds", "files"} <= set(complete)
     assert "meta" not in complete  # meta.json travels as an uploaded file the server reads, never inline
     assert set(complete["files"]["model.safetensors"]) == {"sha256", "size"}

@@ -402,7 +402,7 @@ async def test_a_unit_that_never_converges_fails_after_max_attempts(store: Recor
     assert (stats.failed, stats.failed_units, stats.succeeded) == (1, "0", 0)
     assert service.book.unit(0).state is UnitState.failed
     assert len(store.tree("unconverged/SingleDirectMachine/00000/")) == 6  # both attempts kept for research
-    assert (await lease(service)).units[0].spec.unit == 1  # the failed unit is not handed out again
+    assert (await lease(service)).units[0].spec.unit != 0  # the failed unit is not handed out again
 
 
 # ------------------------------------------------------------------------------------- checkpoints
