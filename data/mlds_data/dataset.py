@@ -70,6 +70,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from mlds_contract.campaign import Storage
 from mlds_contract.errors import StorageUnavailable, UserError
+from mlds_contract.files import load_campaign
 from mlds_operator.storage.manifest import DATA_PREFIX, MANIFEST_KEY, README_KEY, read_parts
 from mlds_operator.storage.store import LocalStore, ObjectInfo, Store, open_store
 
@@ -142,8 +143,6 @@ def open_source(
         storage = Storage(endpoint=endpoint, bucket=bucket, prefix=prefix.strip("/"), secure=secure, region=region)
         return open_store(storage, create_bucket=False)
     if _is_campaign_file(source):
-        from mlds_operator.run.runner import load_campaign  # noqa: PLC0415 - only for this form of source; it imports the server
-
         campaign = load_campaign(Path(source))
         if campaign.spec.storage is None:
             raise UserError(
