@@ -264,8 +264,11 @@ def _check_document(name: str, body: Any, positions: dict[Loc, int]) -> tuple[Tr
     problems: list[Problem] = []
     kind = body.get("kind")
     if kind != KIND:
-        hint = f"; did you mean {KIND}?" if isinstance(kind, str) else ""
-        problems.append(problem(("kind",), f"is {kind!r}, expected {KIND}{hint}" if kind else f"missing: {KIND}"))
+        problems.append(
+            problem(
+                ("kind",), f"{kind!r} is not a kind of this API; did you mean {KIND}?" if kind else f"missing: {KIND}"
+            )
+        )
     version = body.get("apiVersion")
     if version is None:
         problems.append(problem(("apiVersion",), f"missing: {EXPECTED_API_VERSION}"))

@@ -155,7 +155,7 @@ BAD_FILES = {
     "a misspelt field": (GOOD.replace("networksPerTarget", "networksPerTargets"), "spec.networksPerTarget"),
     "a lease shorter than allowed": (GOOD + "  leases: {durationSeconds: 1}\n", "spec.leases.durationSeconds"),
     "not YAML": ("spec: [unclosed\n", "is not valid YAML"),
-    "no TrainingCampaign in it": ("kind: ConfigMap\n", "exactly one TrainingCampaign"),
+    "no TrainingCampaign in it": ("kind: ConfigMap\n", "holds no TrainingCampaign document"),
     "a missing file": (None, "cannot read"),
 }
 
