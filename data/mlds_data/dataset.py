@@ -48,6 +48,7 @@ file is one read and one header comparison, in a thread pool: 10,000 networks lo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -802,6 +803,7 @@ def summarize(store: Store) -> dict[str, Any]:
     return {
         "source": store.url,
         "final": final,
+        "state": "complete" if final else run_state(store),
         "campaigns": sorted({str(r.get("campaign")) for r in rows}),
         "datasets": sorted({str(r.get("dataset")) for r in rows}),
         "shapes": sorted({str(r.get("shape")) for r in rows}),
@@ -816,10 +818,40 @@ def summarize(store: Store) -> dict[str, Any]:
     }
 
 
+def run_state(store: Store) -> str:
+    """What a dataset without a final manifest is doing, as far as can be told truthfully.
+
+    A local store that `mlds run` wrote has its run's ``_mlds/run.json``: it says when the run was
+    interrupted, and names the process serving it, which is either alive (running) or gone (stopped
+    without saying so: killed, or the machine went down). An S3 dataset's runner is elsewhere.
+    """
+    run: Any = None
+    if isinstance(store, LocalStore):
+        with contextlib.suppress(OSError, ValueError):
+            run = json.loads((store.root / "_mlds" / "run.json").read_text())
+    if not isinstance(run, dict):
+        return "not finished"
+    if run.get("stopped") == "interrupted":
+        return f"interrupted at {run.get('stopped_at', 'an unknown time')}; run `mlds run` again to resume"
+    pid = run.get("pid")
+    alive = isinstance(pid, int) and pid > 0 and _process_alive(pid)
+    return "running" if alive else "stopped: the mlds run that served it is gone; run `mlds run` again to resume"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 def _format_info(info: dict[str, Any]) -> str:
     lines = [
         f"{info['source']}: {', '.join(info['datasets'])} ({', '.join(info['campaigns'])})"
-        + ("" if info["final"] else "  [still running: rows from the manifest parts]"),
+        + ("" if info["final"] else f"  [{info['state']}: rows from the manifest parts]"),
         f"  {info['networks']:,} networks, {len(info['targets'])} targets, shape {', '.join(info['shapes'])}, "
         f"{', '.join(f'{p:,}' for p in info['parameters'])} parameters; "
         f"{info['unconverged_attempts']:,} unconverged attempts kept aside",
@@ -918,7 +950,10 @@ def pull_command(
         f"{report.retried:,} fetches failed verification and were retried"
     )
     if not report.final:
-        click.echo("note: the campaign is still running; this is the part of the dataset verified so far", err=True)
+        click.echo(
+            f"note: the campaign is not finished ({run_state(store)}); this is the part of the dataset verified so far",
+            err=True,
+        )
     if report.failed:
         for key, why in sorted(report.failed.items())[:20]:
             click.echo(f"failed: {key}: {why}", err=True)
