@@ -223,7 +223,7 @@ class CompleteRequest(Model):
     files: dict[FileName, FileDigest] = Field(
         min_length=1, description="Uploaded file name -> its sha256 and size (model.safetensors, meta.json, ...)."
     )
-    meta: dict[str, Any] = Field(description="The content of the unit's meta.json (MLDS-SPEC §9).")
+    meta: dict[str, Any] = Field(description="The content of the unit's meta.json (docs/workloads.md §9).")
     training_seconds: float = Field(ge=0, description="Wall-clock seconds spent training this unit.")
     epochs: int = Field(ge=0, description="Epochs run.")
 

@@ -1,10 +1,10 @@
-"""`mlds analyze`: the analysis the datasets exist for (MLDS-SPEC §10), as a report with figures.
+"""`mlds analyze`: the analysis the datasets exist for (docs/workloads.md §10), as a report with figures.
 
 Registered in :data:`mlds_cli.main.COMMANDS` as ``analyze``. Reads one or more dataset folders through
 :func:`mlds_data.dataset.load` (pull an S3 dataset first), and writes ``report.md``, ``report.json``
 and three PNGs (matplotlib, Agg backend) to ``--out``.
 
-Protocol (MLDS-SPEC §10, with the choices below):
+Protocol (docs/workloads.md §10, with the choices below):
 
 - **Features**: the flattened weights, one row per network (4,364 values for the ds1 network),
   standardised (a ``StandardScaler`` fitted on the training part of each split only).
@@ -50,7 +50,7 @@ predictions; the number of such fits is recorded in the report rather than raise
 
 Threads: BLAS and OpenMP are held to one thread while classifiers fit (``threadpool_limits``). The
 matrices are tiny (tens of networks); with default threads, logistic regression fitted 25 times slower
-on a shared 2-core machine (spin-waiting threads, as MLDS-SPEC §4 notes for training).
+on a shared 2-core machine (spin-waiting threads, as docs/workloads.md §4 notes for training).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def _base_machine(target: str) -> str:
 
 
 def tasks_for(nets: Networks) -> list[Task]:
-    """The tasks MLDS-SPEC §10 asks for, as far as the datasets at hand allow (see module docs)."""
+    """The tasks docs/workloads.md §10 asks for, as far as the datasets at hand allow (see module docs)."""
     targets = nets.labels
     datasets = np.asarray([str(d) for d in nets.table.column("dataset").to_pylist()])
     tasks: list[Task] = []
@@ -989,7 +989,7 @@ def analyze_command(
     notes: Path | None,
     quiet: bool,
 ) -> None:
-    """Classify networks by their weights (MLDS-SPEC §10) and write report.md, report.json and figures.
+    """Classify networks by their weights (docs/workloads.md §10) and write report.md, report.json and figures.
 
     SOURCES are dataset folders (pulled, or `mlds run --store` folders) or subset .parquet files; several
     combine (ds1 and ds2 give the 10-way and clean-vs-modified tasks).

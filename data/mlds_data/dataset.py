@@ -26,7 +26,7 @@ fetched again. A fetched object that fails verification is fetched again up to `
 then reported; the pull then exits non-zero without writing the manifest. Files land through a
 temporary name and a rename, so an interrupted pull never leaves a partial file under a real name.
 
-**subset** writes views of the manifest (MLDS-SPEC §9): ``subsets/first-00100.parquet`` holds the rows
+**subset** writes views of the manifest (docs/workloads.md §9): ``subsets/first-00100.parquet`` holds the rows
 of the first 100 networks (by replica) of each target; the weights are not copied. :func:`load` reads a
 subset file as it reads a whole dataset.
 
@@ -102,7 +102,7 @@ SUMS_FILE = "SHA256SUMS"
 JOURNAL_FILE = ".mlds-pull.journal"
 #: Parquet schema metadata of a subset file: the dataset root, relative to the file's folder.
 _ROOT_META = b"mlds.root"
-#: Release sizes of the original project (MLDS-SPEC §9).
+#: Release sizes of the original project (docs/workloads.md §9).
 RELEASE_SIZES = (100, 500, 1_000, 5_000, 10_000)
 
 #: Parallel reads. Objects are ~20 kB, so a pull is latency-bound: 8 requests in flight keep a loopback or
@@ -214,7 +214,7 @@ def _parse_header(blob: bytes, path: Path) -> _Header:
     layout, offsets, col = [], [], 0
     for name, info in entries:
         if info.get("dtype") != "F32":
-            raise ValueError(f"{path}: tensor {name} is {info.get('dtype')}, expected F32 (MLDS-SPEC §9)")
+            raise ValueError(f"{path}: tensor {name} is {info.get('dtype')}, expected F32 (docs/workloads.md §9)")
         shape = tuple(int(s) for s in info["shape"])
         count = int(np.prod(shape)) if shape else 1
         begin, end = (int(x) for x in info["data_offsets"])

@@ -92,6 +92,16 @@ def test_a_campaign_runs_to_the_end_and_prints_its_summary(finished: Finished) -
 
 
 @pytest.mark.slow
+def test_a_pulled_copy_s_readme_does_not_name_the_original_folder(finished: Finished, tmp_path: Path) -> None:
+    pull = start_mlds(["dataset", "pull", finished.store, tmp_path / "copy", "-q"], cwd=tmp_path, tag="pull")
+    assert pull.wait(120.0) == 0, pull.describe()
+    readme = (tmp_path / "copy" / "README.md").read_text()
+    assert readme.startswith("# quick: an MLDS ds1 dataset")
+    assert str(finished.store) not in readme
+    assert finished.store.as_uri() not in readme
+
+
+@pytest.mark.slow
 def test_running_a_finished_campaign_again_trains_nothing_and_exits_at_once(finished: Finished) -> None:
     before = log_sizes(finished.logs)
     rows_before = manifest_rows(finished.store / "manifest.parquet")

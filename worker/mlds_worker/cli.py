@@ -185,7 +185,7 @@ def train_command(
       mlds train --dataset ds1 --target SingleDirectMachine --seed 7 --out runs/sd
       mlds train --campaign examples/quick.yaml --unit 3
     """
-    # One OpenMP thread per process (MLDS-SPEC §4); must happen before torch is imported.
+    # One OpenMP thread per process (docs/workloads.md §4); must happen before torch is imported.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if campaign_file is not None:
         if dataset is not None or seed is not None:

@@ -1,4 +1,4 @@
-"""A trained network as files: ``model.safetensors``, ``meta.json``, ``history.csv`` (MLDS-SPEC §9).
+"""A trained network as files: ``model.safetensors``, ``meta.json``, ``history.csv`` (docs/workloads.md §9).
 
 Called by `mlds train` (writes them to a folder) and by the worker loop (uploads the same bytes to
 presigned URLs under ``<target>/<replica as 5 digits>/``). The bytes are built in memory first so that
