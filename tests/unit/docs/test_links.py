@@ -1,7 +1,8 @@
 """The repository's documents link only to files inside it.
 
-The README once linked the workload specification at a path outside the repository (``../shared/``), while `--help`, the README and every dataset README cited its sections; the specification
-is now ``docs/workloads.md``. Checked: every relative Markdown link of every tracked ``.md`` file resolves
+The README once linked the workload specification at a path outside the repository (``../shared/``),
+while `--help`, the README and every dataset README cited its sections; the specification is now
+``docs/workloads.md``. Checked: every relative Markdown link of every tracked ``.md`` file resolves
 to a file in the checkout, and nothing tracked names the old document.
 """
 
