@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.run_fixtures import worker_env
+from tests.run_fixtures import reap, worker_env
 
 pytestmark = pytest.mark.e2e
 
@@ -110,7 +110,9 @@ def test_every_command_reads_a_file_the_same_way(tmp_path: Path, command: str) -
     proc = mlds(*command.split(), bad, cwd=tmp_path)
     assert proc.returncode == (1 if command == "validate" else 2)
     assert f"{bad}:3: apiVersion: 'mlds.dev/v1' is not served" in proc.stderr
+    leftovers = reap(str(tmp_path))  # had it started a campaign (as it once did), its workers end here
     assert "Traceback" not in proc.stderr
+    assert leftovers == []
     assert not any(tmp_path.iterdir())  # nothing trained, nothing stored
 
 
