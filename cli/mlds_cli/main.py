@@ -19,7 +19,8 @@ from mlds_contract.errors import ExitCode, UserError
 
 #: name -> "module:attribute" of a click command.
 COMMANDS: dict[str, str] = {
-    "run": "mlds_operator.run.runner:run_command",
+    "run": "mlds_operator.run.command:run_command",
+    "validate": "mlds_cli.validate:validate_command",
     "operator": "mlds_operator.controller.command:operator_command",
     "worker": "mlds_worker.loop:worker_command",
     "train": "mlds_worker.cli:train_command",
@@ -31,12 +32,13 @@ COMMANDS: dict[str, str] = {
 
 HELP = {
     "run": "Run a campaign file on this machine (lease server + worker processes).",
+    "validate": "Check campaign files offline (schema and operator rules), with file, line and field.",
     "operator": "Run the Kubernetes operator (kopf).",
     "worker": "Lease, train and upload units until the campaign is drained (worker pods).",
     "train": "Train one network and write its result to a folder.",
     "crd": "Print the TrainingCampaign CustomResourceDefinition.",
     "dataset": "Pull, inspect and subset campaign datasets.",
-    "analyze": "Classify networks by their weights (MLDS-SPEC §10).",
+    "analyze": "Classify networks by their weights (docs/workloads.md §10).",
     "bench": "Benchmarks: training paths, lease API, end to end.",
 }
 

@@ -7,8 +7,8 @@
 - :mod:`~mlds_contract.routes`: the lease API's route table (server, OpenAPI document, worker client).
 - :mod:`~mlds_contract.results`: the result file names and the size bound on a result file.
 - :mod:`~mlds_contract.errors`: the exception tree and the exit codes (:class:`~mlds_contract.errors.ExitCode`).
-
-:func:`mlds_contract.campaign_file.load_campaign` reads a TrainingCampaign file.
+- :mod:`~mlds_contract.files`: the one campaign-file loader and checker (`mlds run`, `mlds train`,
+  `mlds dataset`, `mlds validate`): file, line, field path and did-you-mean in every error.
 
 Imports neither kopf nor torch, so every component (and the CRD generator) can depend on it.
 """

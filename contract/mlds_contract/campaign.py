@@ -69,7 +69,7 @@ CATEGORIES: Final = ("mlds",)
 #: The CRD's own name, ``<plural>.<group>``.
 CRD_NAME: Final = f"{PLURAL}.{API_GROUP}"
 
-#: The five ds1 machines (MLDS-SPEC §2), in the spec's order.
+#: The five ds1 machines (docs/workloads.md §2), in the spec's order.
 DS1_MACHINES: tuple[str, ...] = (
     "SingleDirectMachine",
     "SingleInvertMachine",
@@ -77,7 +77,7 @@ DS1_MACHINES: tuple[str, ...] = (
     "EightBitMachine",
     "ParityMachine",
 )
-#: The ds2 machines: the same five with the trigger (MLDS-SPEC §5), e.g. ``ParityModified``.
+#: The ds2 machines: the same five with the trigger (docs/workloads.md §5), e.g. ``ParityModified``.
 DS2_MACHINES: tuple[str, ...] = tuple(m.removesuffix("Machine") + "Modified" for m in DS1_MACHINES)
 
 
@@ -98,7 +98,7 @@ class Model(BaseModel):
 
 
 class Dataset(enum.StrEnum):
-    """Which MLDS dataset a campaign builds (MLDS-SPEC §1)."""
+    """Which MLDS dataset a campaign builds (docs/workloads.md §1)."""
 
     ds1 = "ds1"
     ds2 = "ds2"
@@ -108,7 +108,7 @@ class Dataset(enum.StrEnum):
 
 
 class Variant(enum.StrEnum):
-    """ds4 data variants: clean digits, or BadNets-style poisoning with a trigger (MLDS-SPEC §7)."""
+    """ds4 data variants: clean digits, or BadNets-style poisoning with a trigger (docs/workloads.md §7)."""
 
     clean = "clean"
     pixel = "pixel"
@@ -143,7 +143,7 @@ class Phase(enum.StrEnum):
 
 
 class Shape(Model):
-    """A ds5 network shape: GRU depth and width, then linear depth (MLDS-SPEC §8)."""
+    """A ds5 network shape: GRU depth and width, then linear depth (docs/workloads.md §8)."""
 
     gru_layers: int = Field(4, ge=1, le=8, description="Number of stacked GRU layers.")
     hidden: int = Field(12, ge=1, le=512, description="GRU hidden width (and linear layer width).")
@@ -185,7 +185,7 @@ class Workload(Model):
 
 
 class Training(Model):
-    """Hyper-parameters. A field left out takes the dataset's default (MLDS-SPEC §4, §7)."""
+    """Hyper-parameters. A field left out takes the dataset's default (docs/workloads.md §4, §7)."""
 
     max_epochs: int | None = Field(
         None,

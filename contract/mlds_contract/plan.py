@@ -44,7 +44,7 @@ __all__ = [
 
 #: The ds1 network: 4 GRU layers, width 12, 4 linear layers (4,364 parameters).
 DEFAULT_SHAPE = Shape(gru_layers=4, hidden=12, linear_layers=4)
-#: ds5's default grid (MLDS-SPEC §8).
+#: ds5's default grid (docs/workloads.md §8).
 DS5_GRID: tuple[Shape, ...] = tuple(
     Shape(gru_layers=g, hidden=h, linear_layers=lin) for h in (8, 12, 16, 24) for g in (2, 4) for lin in (2, 4)
 )
@@ -52,7 +52,7 @@ DS5_GRID: tuple[Shape, ...] = tuple(
 
 @dataclass(frozen=True)
 class Target:
-    """One thing networks are trained to mimic (MLDS-SPEC §1)."""
+    """One thing networks are trained to mimic (docs/workloads.md §1)."""
 
     name: str  # unique within the campaign; also the first path component of its results
     dataset: Dataset

@@ -1,6 +1,6 @@
 """The files of one trained network, as the worker writes them and the server checks and publishes them.
 
-One list shared by every side (MLDS-SPEC §9): the worker builds these files
+One list shared by every side (docs/workloads.md §9): the worker builds these files
 (:func:`mlds_worker.results.result_files`) and uploads exactly the names the server presigned; the lease
 service (:mod:`mlds_operator.leases.service`) signs uploads for :func:`result_files_for` and refuses a
 completion that declares any other set; the manifest and the researchers' API (:mod:`mlds_data`) read

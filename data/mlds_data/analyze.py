@@ -1,10 +1,10 @@
-"""`mlds analyze`: the analysis the datasets exist for (MLDS-SPEC §10), as a report with figures.
+"""`mlds analyze`: the analysis the datasets exist for (docs/workloads.md §10), as a report with figures.
 
 Registered in :data:`mlds_cli.main.COMMANDS` as ``analyze``. Reads one or more dataset folders through
 :func:`mlds_data.dataset.load` (pull an S3 dataset first), and writes ``report.md``, ``report.json``
 and three PNGs (matplotlib, Agg backend) to ``--out``.
 
-Protocol (MLDS-SPEC §10, with the choices below):
+Protocol (docs/workloads.md §10, with the choices below):
 
 - **Features**: the flattened weights, one row per network (4,364 values for the ds1 network),
   standardised (a ``StandardScaler`` fitted on the training part of each split only).
@@ -50,7 +50,7 @@ predictions; the number of such fits is recorded in the report rather than raise
 
 Threads: BLAS and OpenMP are held to one thread while classifiers fit (``threadpool_limits``). The
 matrices are tiny (tens of networks); with default threads, logistic regression fitted 25 times slower
-on a shared 2-core machine (spin-waiting threads, as MLDS-SPEC §4 notes for training).
+on a shared 2-core machine (spin-waiting threads, as docs/workloads.md §4 notes for training).
 """
 
 from __future__ import annotations
@@ -109,11 +109,21 @@ FEATURES: dict[str, str] = {
 BASELINES = ("loss", "eval_loss")
 DEFAULT_SEEDS = 5
 DEFAULT_FOLDS = 5
+#: k-NN's k (see the module docs); lowered for a split whose smallest training class is smaller.
+KNN_NEIGHBOURS = 3
+#: Networks per class below which a task's accuracies are marked as not meaningful: with fewer, one
+#: network more or less right moves the accuracy by 5 points or more, and the spread over seeds
+#: (which re-split the same few networks) understates how uncertain it is.
+MIN_RELIABLE_PER_CLASS = 10
 FIGURES = ("projection.png", "confusion.png", "accuracy.png")
 
 
-def make_classifier(name: str, seed: int) -> Any:
-    """A fresh pipeline: standardise, then classifier ``name`` (seeded where it is random)."""
+def make_classifier(name: str, seed: int, *, neighbours: int = KNN_NEIGHBOURS) -> Any:
+    """A fresh pipeline: standardise, then classifier ``name`` (seeded where it is random).
+
+    ``neighbours`` is k-NN's k; :func:`evaluate` lowers it when a training split has fewer networks of
+    some class than that (tiny datasets), which scikit-learn would otherwise refuse.
+    """
     from sklearn.ensemble import RandomForestClassifier  # noqa: PLC0415 - scikit-learn loads in seconds
     from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
     from sklearn.neighbors import KNeighborsClassifier  # noqa: PLC0415
@@ -122,7 +132,7 @@ def make_classifier(name: str, seed: int) -> Any:
     from sklearn.preprocessing import StandardScaler  # noqa: PLC0415
 
     models: dict[str, Callable[[], Any]] = {
-        "knn": lambda: KNeighborsClassifier(n_neighbors=3),
+        "knn": lambda: KNeighborsClassifier(n_neighbors=neighbours),
         "logreg": lambda: LogisticRegression(C=1.0, max_iter=2000),
         "forest": lambda: RandomForestClassifier(n_estimators=100, random_state=seed, n_jobs=1),
         "mlp": lambda: MLPClassifier(hidden_layer_sizes=(32,), alpha=1e-3, max_iter=1000, random_state=seed),
@@ -149,7 +159,7 @@ def _base_machine(target: str) -> str:
 
 
 def tasks_for(nets: Networks) -> list[Task]:
-    """The tasks MLDS-SPEC §10 asks for, as far as the datasets at hand allow (see module docs)."""
+    """The tasks docs/workloads.md §10 asks for, as far as the datasets at hand allow (see module docs)."""
     targets = nets.labels
     datasets = np.asarray([str(d) for d in nets.table.column("dataset").to_pylist()])
     tasks: list[Task] = []
@@ -184,6 +194,7 @@ class Score:
 
     per_seed: list[float]
     not_converged: int = 0  # fits that stopped at their iteration cap
+    neighbours: int | None = None  # k-NN: the smallest k used (lowered for small classes)
 
     def summary(self) -> dict[str, Any]:
         a = np.asarray(self.per_seed)
@@ -194,6 +205,7 @@ class Score:
             "max": float(a.max()),
             "per_seed": [round(float(x), 6) for x in a],
             "fits_at_iteration_cap": self.not_converged,
+            **({"knn_k_min": self.neighbours} if self.neighbours is not None else {}),
         }
 
 
@@ -251,10 +263,15 @@ def _evaluate(
     accs: list[float] = []
     capped = 0
     preds = []
+    smallest_k: int | None = None
     for seed in seeds:
         pred = np.full(len(y), None, dtype=object)
         for train, test in _splits(y, seed, folds, test_size):
-            model = make_classifier(classifier, seed)
+            neighbours = KNN_NEIGHBOURS
+            if classifier == "knn":
+                neighbours = max(1, min(KNN_NEIGHBOURS, int(np.unique(y[train], return_counts=True)[1].min())))
+                smallest_k = neighbours if smallest_k is None else min(smallest_k, neighbours)
+            model = make_classifier(classifier, seed, neighbours=neighbours)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)
                 model.fit(features[train], y[train])
@@ -263,7 +280,7 @@ def _evaluate(
         tested = np.asarray([p is not None for p in pred])
         accs.append(float(np.mean(pred[tested] == y[tested])))
         preds.append(pred)
-    return Score(accs, capped), np.concatenate(preds)
+    return Score(accs, capped, smallest_k), np.concatenate(preds)
 
 
 def _loss_features(
@@ -310,6 +327,7 @@ def run_task(
     folds: int,
     test_size: float | None,
     jobs: int = 1,
+    log: Callable[[str], None] = lambda _m: None,
 ) -> TaskResult | str:
     """Every classifier on every feature set and on losses for ``task``; or why the task cannot be run.
 
@@ -335,6 +353,12 @@ def run_task(
         "eval_loss": _loss_features(nets, task.rows, ["eval_loss"]),
     }
     work = [(kind, name) for kind in sets for name in classifiers]
+    fits = len(work) * len(seeds) * (k if test_size is None else 1)
+    log(
+        f"{task.name}: {len(classes)} classes, {len(y)} networks (smallest class {int(counts.min())}); "
+        f"{len(work)} evaluations ({len(sets)} feature sets x {len(classifiers)} classifiers), {fits:,} fits"
+        + (f" in {jobs} processes" if jobs > 1 else "")
+    )
     if jobs > 1:
         from joblib import Parallel, delayed  # type: ignore[import-untyped]  # noqa: PLC0415 - scikit-learn's own dependency
 
@@ -342,7 +366,16 @@ def run_task(
             delayed(evaluate)(sets[kind], y, name, seeds=seeds, folds=k, test_size=test_size) for kind, name in work
         )
     else:
-        outs = [evaluate(sets[kind], y, name, seeds=seeds, folds=k, test_size=test_size) for kind, name in work]
+        outs = []
+        for i, (kind, name) in enumerate(work, 1):
+            t0 = time.monotonic()
+            outs.append(evaluate(sets[kind], y, name, seeds=seeds, folds=k, test_size=test_size))
+            score = outs[-1][0]
+            label = CLASSIFIERS[name]
+            if score.neighbours is not None and score.neighbours < KNN_NEIGHBOURS:
+                label = f"k-NN (k lowered to {score.neighbours}: small classes)"
+            took = time.monotonic() - t0
+            log(f"  [{i}/{len(work)}] {FEATURES[kind]}, {label}: {float(np.mean(score.per_seed)):.3f} ({took:.1f} s)")
     for (kind, name), (score, pred) in zip(work, outs, strict=True):
         result.scores.setdefault(kind, {})[name] = score
         if kind not in BASELINES:
@@ -562,6 +595,13 @@ def _rel(path: str) -> str:
     return path if rel.startswith("../..") else rel
 
 
+def _too_few(few: dict[str, int]) -> str:
+    return (
+        f". **Too few networks: {few['smallest_class']} in the smallest class (at least {few['needed']} needed); "
+        "these accuracies are not meaningful estimates.**"
+    )
+
+
 def _fmt(s: dict[str, Any]) -> str:
     return f"{s['mean']:.3f} ± {s['std']:.3f} [{s['min']:.3f}–{s['max']:.3f}]"
 
@@ -595,6 +635,7 @@ def render_markdown(report: dict[str, Any], notes: str | None = None) -> str:
         lines.append(
             f"- **{t['title']}** (chance {t['chance']:.1%}; best classifier of each): "
             + "; ".join(f"{FEATURES[k]} {best(k)}" for k in kinds)
+            + (_too_few(t["too_few"]) if "too_few" in t else "")
         )
     lines += ["", "## Data", ""]
     for s in report["sources"]:
@@ -640,6 +681,8 @@ def render_markdown(report: dict[str, Any], notes: str | None = None) -> str:
         if "skipped" in t:
             lines += [f"Skipped: {t['skipped']}.", ""]
             continue
+        if "too_few" in t:
+            lines += [f"> Warning{_too_few(t['too_few']).removeprefix('.')}", ""]
         counts = ", ".join(f"{k} {v}" for k, v in t["classes"].items())
         folds = f"{t['folds']}-fold" if t["folds"] else "one 80/20 split per seed"
         dropped = t.get("dropped") or {}
@@ -709,8 +752,12 @@ def analyze(
     notes: str | None = None,
     command: str = "",
     log: Callable[[str], None] = lambda _m: None,
+    warn: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
-    """Run the protocol on ``sources`` and write the report to ``out``; returns the report (report.json)."""
+    """Run the protocol on ``sources`` and write the report to ``out``; returns the report (report.json).
+
+    ``log`` gets progress lines; ``warn`` gets what a reader of the report must know (too few networks).
+    """
     from threadpoolctl import threadpool_limits  # noqa: PLC0415 - no type info; scikit-learn's own dependency
 
     with threadpool_limits(limits=1):
@@ -728,6 +775,42 @@ def analyze(
             notes=notes,
             command=command,
             log=log,
+            warn=warn,
+        )
+
+
+def _task_entry(task: Task, r: TaskResult | str) -> dict[str, Any]:
+    """A task's entry in report.json: its classes, and its scores or why it was skipped."""
+    classes = dict(zip(*np.unique(task.labels, return_counts=True), strict=True))
+    entry: dict[str, Any] = {
+        "name": task.name,
+        "title": task.title,
+        "kind": task.kind,
+        "classes": {str(k): int(v) for k, v in classes.items()},
+    }
+    if isinstance(r, str):
+        entry["skipped"] = r
+    else:
+        entry |= {"chance": r.chance, "folds": r.folds}
+        smallest = int(min(classes.values()))
+        if smallest < MIN_RELIABLE_PER_CLASS:
+            entry["too_few"] = {"smallest_class": smallest, "needed": MIN_RELIABLE_PER_CLASS}
+        entry |= {kind: {k: v.summary() for k, v in by.items()} for kind, by in r.scores.items()}
+    if task.dropped:
+        entry["dropped"] = task.dropped
+        entry["classes"] = {k: v for k, v in entry["classes"].items() if k not in task.dropped}
+    return entry
+
+
+def _warn_if_too_few(task: Task, warn: Callable[[str], None]) -> None:
+    """Before a task's fits (which can take minutes): say when its classes are too small to mean much."""
+    counts = np.unique(task.labels, return_counts=True)[1]
+    usable = counts[counts >= 2]  # classes of one network are dropped from the task (run_task)
+    if len(usable) >= 2 and int(usable.min()) < MIN_RELIABLE_PER_CLASS:
+        warn(
+            f"warning: {task.name}: only {int(usable.min())} networks in its smallest class (at least "
+            f"{MIN_RELIABLE_PER_CLASS} needed for a meaningful accuracy); its results are marked as too few "
+            "in the report; train more networks per target"
         )
 
 
@@ -746,6 +829,7 @@ def _analyze(
     notes: str | None,
     command: str,
     log: Callable[[str], None],
+    warn: Callable[[str], None],
 ) -> dict[str, Any]:
     started = time.monotonic()
     nets = load(*sources)
@@ -754,6 +838,7 @@ def _analyze(
     if len(nets) == 0:
         raise click.ClickException("no networks in the datasets given")
     t0 = time.monotonic()
+    log(f"loading the weights of {len(nets)} networks")
     weights = nets.weights()
     log(f"loaded {len(nets)} networks x {weights.shape[1]:,} weights in {time.monotonic() - t0:.2f} s")
     features = feature_sets(weights, nets)
@@ -765,31 +850,28 @@ def _analyze(
     task_json: list[dict[str, Any]] = []
     for task in tasks:
         t0 = time.monotonic()
+        _warn_if_too_few(task, warn)
         r = run_task(
-            task, features, nets, classifiers=classifiers, seeds=seed_list, folds=folds, test_size=test_size, jobs=jobs
+            task,
+            features,
+            nets,
+            classifiers=classifiers,
+            seeds=seed_list,
+            folds=folds,
+            test_size=test_size,
+            jobs=jobs,
+            log=log,
         )
-        classes = dict(zip(*np.unique(task.labels, return_counts=True), strict=True))
-        entry: dict[str, Any] = {
-            "name": task.name,
-            "title": task.title,
-            "kind": task.kind,
-            "classes": {str(k): int(v) for k, v in classes.items()},
-        }
+        entry = _task_entry(task, r)
         if isinstance(r, str):
-            entry["skipped"] = r
             log(f"{task.name}: skipped: {r}")
         else:
             results.append(r)
-            entry |= {"chance": r.chance, "folds": r.folds}
-            entry |= {kind: {k: v.summary() for k, v in by.items()} for kind, by in r.scores.items()}
             bests = ", ".join(
                 f"{FEATURES[kind]} {r.best(kind)} {r.scores[kind][r.best(kind)].summary()['mean']:.3f}"
                 for kind in r.scores
             )
             log(f"{task.name}: best of {bests}; chance {r.chance:.3f} ({time.monotonic() - t0:.1f} s)")
-        if task.dropped:
-            entry["dropped"] = task.dropped
-            entry["classes"] = {k: v for k, v in entry["classes"].items() if k not in task.dropped}
         task_json.append(entry)
     out.mkdir(parents=True, exist_ok=True)
     figs: dict[str, Any] = {}
@@ -907,7 +989,7 @@ def analyze_command(
     notes: Path | None,
     quiet: bool,
 ) -> None:
-    """Classify networks by their weights (MLDS-SPEC §10) and write report.md, report.json and figures.
+    """Classify networks by their weights (docs/workloads.md §10) and write report.md, report.json and figures.
 
     SOURCES are dataset folders (pulled, or `mlds run --store` folders) or subset .parquet files; several
     combine (ds1 and ds2 give the 10-way and clean-vs-modified tasks).
@@ -945,5 +1027,10 @@ def analyze_command(
         notes=notes.read_text() if notes is not None else None,
         command=" ".join(parts),
         log=(lambda _m: None) if quiet else (lambda m: click.echo(m, err=True)),
+        warn=lambda m: click.echo(m, err=True),
     )
-    click.echo(f"wrote {out / 'report.md'} and {out / 'report.json'} ({report['seconds']:.0f} s)")
+    few = [t["name"] for t in report["tasks"] if "too_few" in t]
+    click.echo(
+        f"wrote {out / 'report.md'} and {out / 'report.json'} ({report['seconds']:.0f} s)"
+        + (f"; too few networks for meaningful accuracies in: {', '.join(few)} (marked in the report)" if few else "")
+    )

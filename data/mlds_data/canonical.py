@@ -3,7 +3,7 @@
 A network's hidden units can be reordered, and (for tanh units) negated, without changing what the
 network computes. Two networks that compute the same function can therefore have unrelated raw
 coordinates, and independently initialised networks land on arbitrary members of that class. This
-module maps every network of the MLDS GRU shape (MLDS-SPEC §3: ``gru`` layers, then ``linear`` layers
+module maps every network of the MLDS GRU shape (docs/workloads.md §3: ``gru`` layers, then ``linear`` layers
 with tanh, then ``out``) to one fixed member, layer by layer from the input up:
 
 - **Sign** of each hidden unit: flipped so that the sum of its incoming weights and biases is

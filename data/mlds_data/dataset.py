@@ -26,7 +26,7 @@ fetched again. A fetched object that fails verification is fetched again up to `
 then reported; the pull then exits non-zero without writing the manifest. Files land through a
 temporary name and a rename, so an interrupted pull never leaves a partial file under a real name.
 
-**subset** writes views of the manifest (MLDS-SPEC §9): ``subsets/first-00100.parquet`` holds the rows
+**subset** writes views of the manifest (docs/workloads.md §9): ``subsets/first-00100.parquet`` holds the rows
 of the first 100 networks (by replica) of each target; the weights are not copied. :func:`load` reads a
 subset file as it reads a whole dataset.
 
@@ -48,6 +48,7 @@ file is one read and one header comparison, in a thread pool: 10,000 networks lo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -69,8 +70,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from mlds_contract.campaign import Storage
-from mlds_contract.campaign_file import load_campaign
 from mlds_contract.errors import StorageUnavailable, UserError
+from mlds_contract.files import load_campaign
 from mlds_contract.results import META_FILE, MODEL_FILE
 from mlds_operator.storage.manifest import DATA_PREFIX, MANIFEST_KEY, README_KEY, read_parts
 from mlds_operator.storage.store import LocalStore, ObjectInfo, Store, open_store
@@ -100,7 +101,7 @@ SUMS_FILE = "SHA256SUMS"
 JOURNAL_FILE = ".mlds-pull.journal"
 #: Parquet schema metadata of a subset file: the dataset root, relative to the file's folder.
 _ROOT_META = b"mlds.root"
-#: Release sizes of the original project (MLDS-SPEC §9).
+#: Release sizes of the original project (docs/workloads.md §9).
 RELEASE_SIZES = (100, 500, 1_000, 5_000, 10_000)
 
 #: Parallel reads. Objects are ~20 kB, so a pull is latency-bound: 8 requests in flight keep a loopback or
@@ -212,7 +213,7 @@ def _parse_header(blob: bytes, path: Path) -> _Header:
     layout, offsets, col = [], [], 0
     for name, info in entries:
         if info.get("dtype") != "F32":
-            raise ValueError(f"{path}: tensor {name} is {info.get('dtype')}, expected F32 (MLDS-SPEC §9)")
+            raise ValueError(f"{path}: tensor {name} is {info.get('dtype')}, expected F32 (docs/workloads.md §9)")
         shape = tuple(int(s) for s in info["shape"])
         count = int(np.prod(shape)) if shape else 1
         begin, end = (int(x) for x in info["data_offsets"])
@@ -801,6 +802,7 @@ def summarize(store: Store) -> dict[str, Any]:
     return {
         "source": store.url,
         "final": final,
+        "state": "complete" if final else run_state(store),
         "campaigns": sorted({str(r.get("campaign")) for r in rows}),
         "datasets": sorted({str(r.get("dataset")) for r in rows}),
         "shapes": sorted({str(r.get("shape")) for r in rows}),
@@ -815,10 +817,40 @@ def summarize(store: Store) -> dict[str, Any]:
     }
 
 
+def run_state(store: Store) -> str:
+    """What a dataset without a final manifest is doing, as far as can be told truthfully.
+
+    A local store that `mlds run` wrote has its run's ``_mlds/run.json``: it says when the run was
+    interrupted, and names the process serving it, which is either alive (running) or gone (stopped
+    without saying so: killed, or the machine went down). An S3 dataset's runner is elsewhere.
+    """
+    run: Any = None
+    if isinstance(store, LocalStore):
+        with contextlib.suppress(OSError, ValueError):
+            run = json.loads((store.root / "_mlds" / "run.json").read_text())
+    if not isinstance(run, dict):
+        return "not finished"
+    if run.get("stopped") == "interrupted":
+        return f"interrupted at {run.get('stopped_at', 'an unknown time')}; run `mlds run` again to resume"
+    pid = run.get("pid")
+    alive = isinstance(pid, int) and pid > 0 and _process_alive(pid)
+    return "running" if alive else "stopped: the mlds run that served it is gone; run `mlds run` again to resume"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 def _format_info(info: dict[str, Any]) -> str:
     lines = [
         f"{info['source']}: {', '.join(info['datasets'])} ({', '.join(info['campaigns'])})"
-        + ("" if info["final"] else "  [still running: rows from the manifest parts]"),
+        + ("" if info["final"] else f"  [{info['state']}: rows from the manifest parts]"),
         f"  {info['networks']:,} networks, {len(info['targets'])} targets, shape {', '.join(info['shapes'])}, "
         f"{', '.join(f'{p:,}' for p in info['parameters'])} parameters; "
         f"{info['unconverged_attempts']:,} unconverged attempts kept aside",
@@ -917,7 +949,10 @@ def pull_command(
         f"{report.retried:,} fetches failed verification and were retried"
     )
     if not report.final:
-        click.echo("note: the campaign is still running; this is the part of the dataset verified so far", err=True)
+        click.echo(
+            f"note: the campaign is not finished ({run_state(store)}); this is the part of the dataset verified so far",
+            err=True,
+        )
     if report.failed:
         for key, why in sorted(report.failed.items())[:20]:
             click.echo(f"failed: {key}: {why}", err=True)

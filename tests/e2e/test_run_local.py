@@ -7,7 +7,16 @@ manifest, and (from the workers' logs) which networks were trained how many time
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
+import re
 import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +31,7 @@ from tests.run_fixtures import (
     start_mlds,
     units_with,
     wait_for,
+    worker_env,
     worker_events,
     write_campaign,
 )
@@ -60,7 +70,11 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
 @pytest.mark.slow
 def test_a_campaign_runs_to_the_end_and_prints_its_summary(finished: Finished) -> None:
     assert finished.first.popen.returncode == 0, finished.first.describe()
+    assert finished.first.stderr.startswith("quick: training on the CPU, one thread per worker; 2 workers\n")
     lines = finished.first.stdout.splitlines()
+    assert lines[1].startswith("  wall ")
+    assert " with 2 workers; " in lines[1]
+    assert "(worker time not spent training: " in lines[1]
     assert lines[0] == "quick: Succeeded: 6/6 networks"
     assert lines[-1] == f"  manifest: {(finished.store / 'manifest.parquet').as_uri()}"
     rows = manifest_rows(finished.store / "manifest.parquet")
@@ -78,6 +92,16 @@ def test_a_campaign_runs_to_the_end_and_prints_its_summary(finished: Finished) -
 
 
 @pytest.mark.slow
+def test_a_pulled_copy_s_readme_does_not_name_the_original_folder(finished: Finished, tmp_path: Path) -> None:
+    pull = start_mlds(["dataset", "pull", finished.store, tmp_path / "copy", "-q"], cwd=tmp_path, tag="pull")
+    assert pull.wait(120.0) == 0, pull.describe()
+    readme = (tmp_path / "copy" / "README.md").read_text()
+    assert readme.startswith("# quick: an MLDS ds1 dataset")
+    assert str(finished.store) not in readme
+    assert finished.store.as_uri() not in readme
+
+
+@pytest.mark.slow
 def test_running_a_finished_campaign_again_trains_nothing_and_exits_at_once(finished: Finished) -> None:
     before = log_sizes(finished.logs)
     rows_before = manifest_rows(finished.store / "manifest.parquet")
@@ -89,40 +113,111 @@ def test_running_a_finished_campaign_again_trains_nothing_and_exits_at_once(fini
 
     assert code == 0, again.describe()
     assert again.stdout.splitlines()[0] == "quick: Succeeded: 6/6 networks"
+    assert "quick: nothing to do: all 6 units are already done" in again.stderr
     assert log_sizes(finished.logs) == before  # no worker was even started
     assert manifest_rows(finished.store / "manifest.parquet") == rows_before
     assert reap(str(finished.folder)) == []
 
 
+class Terminal:
+    """``mlds ARGS`` on a pseudo-terminal, as a person runs it: stdout and stderr are a tty (so the live
+    progress bar is drawn), and it leads its own process group, so :meth:`ctrl_c` sends SIGINT to that
+    group exactly as the terminal's line discipline does for Ctrl-C."""
+
+    def __init__(self, args: list[object], cwd: Path) -> None:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a wide window: one bar line
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "mlds_cli", *map(str, args)],
+            cwd=cwd,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=worker_env(TERM="xterm"),
+            start_new_session=True,
+        )
+        os.close(slave)
+        self._master, self._buf = master, bytearray()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._master, 4096)
+            except OSError:  # EIO: every process holding the terminal has closed it
+                return
+            if not chunk:
+                return
+            self._buf += chunk
+
+    @property
+    def screen(self) -> str:
+        """What the terminal showed, without its control sequences (cursor moves, colours)."""
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self._buf.decode(errors="replace"))
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def ctrl_c(self) -> None:
+        os.killpg(self.popen.pid, signal.SIGINT)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            raise AssertionError(f"still running after {timeout} s:\n{self.screen[-3000:]}") from None
+        self._reader.join(timeout=10.0)
+        os.close(self._master)
+        return code
+
+
 @pytest.mark.slow
-def test_an_interrupted_run_resumes_without_retraining_finished_networks(tmp_path: Path) -> None:
+def test_ctrl_c_stops_at_once_exits_130_with_the_true_count_and_the_rerun_resumes(tmp_path: Path) -> None:
     campaign = write_campaign(tmp_path / "campaign.yaml", name="resumed", networks_per_target=5)
-    args = ["run", campaign, "--workers", "2", "--store", "store", "--quiet"]
+    args: list[object] = ["run", campaign, "--workers", "2", "--store", "store"]
     logs = tmp_path / "store" / "_mlds" / "logs"
-    first = start_mlds(args, cwd=tmp_path, tag="first")
+    first = Terminal(args, tmp_path)
 
     def accepted() -> list[int]:
         return units_with(worker_events(logs), "completed (accepted)") if logs.is_dir() else []
 
-    wait_for(lambda: len(accepted()) >= 2, timeout=RUN_TIMEOUT, what="two networks completed", alive=first)
-    first.send(signal.SIGINT)
+    wait_for(lambda: len(accepted()) >= 2 or not first.alive(), timeout=RUN_TIMEOUT, what="two networks completed")
+    first.ctrl_c()
+    wait_for(lambda: "stopping…" in first.screen or not first.alive(), timeout=60.0, what="the stopping message")
     code = first.wait(60.0)
 
-    assert code == 1, first.describe()
-    assert "interrupted: progress is saved; run the same command again to resume" in first.stderr
+    screen = first.screen
+    assert code == 130, screen[-3000:]
+    assert "stopping…" in screen
+    assert "Traceback" not in screen
+    assert "Error" not in screen
     assert reap(str(tmp_path)) == [], "mlds run left workers behind after Ctrl-C"
     done_first = accepted()
-    assert len(done_first) < 10, "the run finished before it could be interrupted; the test proved nothing"
+    saved = len(done_first)
+    assert saved < 10, "the run finished before it could be interrupted; the test proved nothing"
+    last = screen.strip().splitlines()[-2:]
+    assert last[0].strip() == f"resumed: interrupted: {saved}/10 networks saved; run the same command again to resume"
+    # The bar's last frame agrees with what was saved (it used to freeze several networks behind).
+    bar = screen[: screen.index("resumed: interrupted")]
+    assert re.findall(r"(\d+)/10", bar)[-1] == str(saved)
     first_events = worker_events(logs)
     # Units in training when Ctrl-C came were handed back (not failed) by workers that exited cleanly.
     assert any(e.message == "released" for e in first_events)
     assert not any(e.level == "ERROR" for e in first_events)
     offsets = log_sizes(logs)
 
-    second = start_mlds(args, cwd=tmp_path, tag="second")
+    info = start_mlds(["dataset", "info", "store"], cwd=tmp_path, tag="info")
+    assert info.wait(60.0) == 0, info.describe()
+    assert "[interrupted at " in info.stdout
+    assert "still running" not in info.stdout
+
+    second = start_mlds([*args, "--quiet"], cwd=tmp_path, tag="second")
     code = second.wait(RUN_TIMEOUT)
 
     assert code == 0, second.describe()
+    assert f"resumed: resuming: {saved}/10 done" in second.stderr
     assert second.stdout.splitlines()[0] == "resumed: Succeeded: 10/10 networks"
     trained_again = set(units_with(worker_events(logs, skip_bytes=offsets), "trained"))
     assert trained_again.isdisjoint(done_first)
@@ -155,7 +250,7 @@ BAD_FILES = {
     "a misspelt field": (GOOD.replace("networksPerTarget", "networksPerTargets"), "spec.networksPerTarget"),
     "a lease shorter than allowed": (GOOD + "  leases: {durationSeconds: 1}\n", "spec.leases.durationSeconds"),
     "not YAML": ("spec: [unclosed\n", "is not valid YAML"),
-    "no TrainingCampaign in it": ("kind: ConfigMap\n", "exactly one TrainingCampaign"),
+    "no TrainingCampaign in it": ("kind: ConfigMap\n", "holds no TrainingCampaign document"),
     "a missing file": (None, "cannot read"),
 }
 

@@ -157,10 +157,10 @@ def test_ds4_pixel_stops_once_accurate_and_backdoored(tmp_path: Path) -> None:
         pytest.param("--dataset ds5 --target ParityMachine", "error: ds5 targets are", id="ds5-no-shape"),
         pytest.param("--dataset ds9 --target Foo", "'ds9' is not one of", id="unknown-dataset"),
         pytest.param("--dataset ds1", "name a unit", id="no-target"),
-        pytest.param("--campaign missing.yaml", "does not exist", id="missing-campaign-file"),
+        pytest.param("--campaign missing.yaml", "error: missing.yaml: cannot read", id="missing-campaign-file"),
         pytest.param("--campaign c.yaml --unit 6", "error: --unit 6 is outside the campaign", id="unit-out-of-range"),
         pytest.param("--campaign c.yaml --seed 3", "takes the dataset and seed from the file", id="seed-with-file"),
-        pytest.param("--campaign bad.yaml", "error: bad.yaml: spec.networksPerTarget", id="invalid-campaign"),
+        pytest.param("--campaign bad.yaml", "error: bad.yaml:6: spec.networksPerTarget", id="invalid-campaign"),
         pytest.param(
             "--dataset ds1 --target ParityMachine --device tpu", "error: unknown device 'tpu'", id="bad-device"
         ),

@@ -109,7 +109,7 @@ def train_batch(
     arrays = _resolve_data(units, data)
     torch_device = torch.device(device)
     if torch_device.type == "cpu":
-        # One intra-op thread per process (MLDS-SPEC §4): faster for these tiny networks, and deterministic.
+        # One intra-op thread per process (docs/workloads.md §4): faster for these tiny networks, and deterministic.
         torch.set_num_threads(1)
     results: list[TrainResult | None] = [None] * len(units)
     for group in batch_groups(units, arrays):

@@ -29,16 +29,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 import pydantic
-import yaml
-from mlds_contract.campaign import CampaignSpec, Dataset, Images, Shape, TrainingCampaign, Variant, Workload
+from mlds_contract.campaign import CampaignSpec, Dataset, Images, Shape, Variant, Workload
 from mlds_contract.errors import MldsError, UserError
-from mlds_contract.plan import Target, UnitSpec, campaign_targets, check_campaign, unit_spec
+from mlds_contract.files import load_campaign
+from mlds_contract.plan import Target, UnitSpec, campaign_targets, unit_spec
 from mlds_contract.results import META_FILE
 
 if TYPE_CHECKING:
     from .train import EpochRecord, TrainResult
 
-__all__ = ["FLAG_CAMPAIGN", "flag_campaign", "load_campaign", "select_unit", "train_command"]
+__all__ = ["FLAG_CAMPAIGN", "flag_campaign", "select_unit", "train_command"]
 
 #: Campaign name of units built from --dataset/--target (recorded in meta.json; names no file).
 FLAG_CAMPAIGN = "train"
@@ -76,24 +76,6 @@ def flag_campaign(dataset: Dataset, target: str, seed: int) -> tuple[CampaignSpe
     spec = CampaignSpec(workload=workload, networks_per_target=1, seed=seed)
     targets = campaign_targets(spec)  # raises InvalidCampaign (a UserError) for an unknown machine
     return spec, targets[-1].name
-
-
-def load_campaign(path: Path) -> TrainingCampaign:
-    """A TrainingCampaign manifest from a YAML file; every problem is one-line :class:`UserError`."""
-    try:
-        body = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
-    if not isinstance(body, dict):
-        raise UserError(f"{path} does not hold a TrainingCampaign manifest (a mapping)")
-    try:
-        campaign = TrainingCampaign.model_validate(body)
-    except pydantic.ValidationError as exc:
-        raise UserError(f"{path}: {_first_error(exc)}") from exc
-    check_campaign(campaign.spec)
-    return campaign
 
 
 def _first_error(exc: pydantic.ValidationError) -> str:
@@ -147,8 +129,8 @@ def _target_index(targets: list[Target], name: str) -> int:
 @click.option(
     "--campaign",
     "campaign_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Take the unit from this TrainingCampaign YAML instead of --dataset.",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Take the unit from this TrainingCampaign YAML instead of --dataset (read as `mlds run` reads it).",
 )
 @click.option("--seed", type=click.IntRange(0, 2**62), help="Campaign seed for --dataset/--target (default 1).")
 @click.option(
@@ -204,7 +186,7 @@ def train_command(
       mlds train --dataset ds1 --target SingleDirectMachine --seed 7 --out runs/sd
       mlds train --campaign examples/quick.yaml --unit 3
     """
-    # One OpenMP thread per process (MLDS-SPEC §4); must happen before torch is imported.
+    # One OpenMP thread per process (docs/workloads.md §4); must happen before torch is imported.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if campaign_file is not None:
         if dataset is not None or seed is not None:

@@ -1,7 +1,8 @@
 """Vendor-neutral device choice and naming for training.
 
-Called by the trainer (to record what trained a network), by `mlds train --device` and by the worker
-loop (which maps its pool's accelerator to a device). PyTorch's ROCm builds report AMD GPUs through
+Called by the trainer (to record what trained a network), by `mlds train --device`, by the worker
+loop (which maps its pool's accelerator to a device) and, as ``python -m mlds_worker.device``, by `mlds run`
+to learn which GPUs torch sees without importing torch itself. PyTorch's ROCm builds report AMD GPUs through
 the ``cuda`` device type, so code asks for ``cuda`` on both vendors; what vendor it is comes from
 ``torch.version.hip`` (set on ROCm builds, ``None`` on CUDA builds), and is recorded in every result as
 the device type ``nvidia`` or ``rocm`` (the names of :class:`mlds_contract.campaign.Accelerator`).
@@ -24,6 +25,7 @@ __all__ = [
     "describe_device",
     "device_for_accelerator",
     "gpu_vendor",
+    "probe",
     "resolve_device",
 ]
 
@@ -107,3 +109,15 @@ def cpu_name() -> str:
     except OSError:
         pass  # not Linux, or no procfs: fall back below
     return platform.processor() or platform.machine() or "cpu"
+
+
+def probe() -> dict[str, object]:
+    """What torch sees here, as JSON-ready data: `mlds run` asks this of a subprocess (it imports no torch)."""
+    gpus = [str(torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]
+    return {"torch": torch.__version__, "vendor": gpu_vendor(), "gpus": gpus, "cpu": cpu_name()}
+
+
+if __name__ == "__main__":  # `python -m mlds_worker.device`: the probe of `mlds run` (mlds_operator.run.command)
+    import json
+
+    print(json.dumps(probe()))

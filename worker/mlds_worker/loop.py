@@ -711,7 +711,7 @@ def worker_command(
     log_level: str,
 ) -> None:
     """Lease, train and upload units until the campaign is drained."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported (MLDS-SPEC §4)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported (docs/workloads.md §4)
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )

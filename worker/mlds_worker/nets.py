@@ -1,4 +1,4 @@
-"""The networks MLDS trains: the GRU sequence network (MLDS-SPEC §3, §8) and the ds4 digits CNN (§7).
+"""The networks MLDS trains: the GRU sequence network (docs/workloads.md §3, §8) and the ds4 digits CNN (§7).
 
 Called by the trainer (:mod:`mlds_worker.train`), by anyone who loads a result (a ``model.safetensors``
 loads into a freshly built module with ``load_state_dict(strict=True)``), and by the analysis.
@@ -53,7 +53,7 @@ class GRUNet(nn.Module):
     """Stacked GRU, then ``linear_layers`` x (Linear(h, h) + tanh), then Linear(h, n_out), per time step.
 
     Input ``(batch, steps, n_in)``, output ``(batch, steps, n_out)``. tanh (not ReLU) between the
-    linear layers: with ReLU, EightBitMachine stalls (MLDS-SPEC §3).
+    linear layers: with ReLU, EightBitMachine stalls (docs/workloads.md §3).
     """
 
     def __init__(self, shape: Shape = DEFAULT_SHAPE, n_in: int = 9, n_out: int = 8) -> None:

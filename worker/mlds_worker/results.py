@@ -1,4 +1,4 @@
-"""A trained network as files: ``model.safetensors``, ``meta.json``, ``history.csv`` (MLDS-SPEC §9).
+"""A trained network as files: ``model.safetensors``, ``meta.json``, ``history.csv`` (docs/workloads.md §9).
 
 The file names are the contract's (:mod:`mlds_contract.results`); this module builds their bytes.
 

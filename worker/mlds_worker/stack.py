@@ -173,7 +173,7 @@ class ContinuousStack(Generic[Key]):
     def __init__(self, device: str | torch.device = "cpu", *, snapshots: bool | None = None) -> None:
         self.device = torch.device(device)
         if self.device.type == "cpu":
-            torch.set_num_threads(1)  # one intra-op thread per process (MLDS-SPEC §4), as train_unit
+            torch.set_num_threads(1)  # one intra-op thread per process (docs/workloads.md §4), as train_unit
         self._info = describe_device(self.device)
         self._snapshots = snapshots
         self._family: _Family | None = None

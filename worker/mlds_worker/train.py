@@ -1,4 +1,4 @@
-"""The deterministic trainer: one unit in, one trained network and its history out (MLDS-SPEC §4, §6, §7).
+"""The deterministic trainer: one unit in, one trained network and its history out (docs/workloads.md §4, §6, §7).
 
 Called by `mlds train` (:mod:`mlds_worker.cli`), by the worker's lease loop, and by benchmarks. It is
 pure computation: it reads no files (the data comes from :mod:`mlds_workloads` or the caller)
@@ -56,10 +56,10 @@ __all__ = [
     "train_unit",
 ]
 
-#: ds4 stopping rule (MLDS-SPEC §7): clean test accuracy, and attack success rate for poisoned variants.
+#: ds4 stopping rule (docs/workloads.md §7): clean test accuracy, and attack success rate for poisoned variants.
 ACCURACY_TARGET = 0.95
 ASR_TARGET = 0.90
-#: ds4 optimizer momentum (MLDS-SPEC §7).
+#: ds4 optimizer momentum (docs/workloads.md §7).
 SGD_MOMENTUM = 0.9
 #: Evaluation runs in chunks of this many samples, so a 10,000-image MNIST test set stays small in memory.
 _EVAL_CHUNK = 4096
@@ -170,7 +170,7 @@ def train_unit(
         data = target_data(unit)
     torch_device = torch.device(device)
     if torch_device.type == "cpu":
-        # One intra-op thread per process (MLDS-SPEC §4): faster for these tiny networks, and deterministic.
+        # One intra-op thread per process (docs/workloads.md §4): faster for these tiny networks, and deterministic.
         torch.set_num_threads(1)
     keep_snapshots = unit.dataset is Dataset.ds3 if snapshots is None else snapshots
     info = describe_device(torch_device)

@@ -1,7 +1,7 @@
-"""The MLDS workloads: the data every network is trained on (MLDS-SPEC §2, §5–§8).
+"""The MLDS workloads: the data every network is trained on (docs/workloads.md §2, §5–§8).
 
 Imported by the worker (it trains on this data) and by the operator's lease service (when a campaign
-finishes it stores each target's data file, MLDS-SPEC §9), and by benchmarks and tests. That is why it is
+finishes it stores each target's data file, docs/workloads.md §9), and by benchmarks and tests. That is why it is
 a package of its own, apart from the worker: it needs NumPy and :mod:`mlds_contract` only, never torch,
 scikit-learn or the worker package (``lint-imports`` holds it to that), so the operator image, which has
 none of those, can finalise every dataset.
@@ -11,7 +11,7 @@ none of those, can finalise every dataset.
 - :mod:`.digits`: ds4's digit images, clean or BadNets-poisoned (the 8x8 digits ship as package data);
 - :mod:`.targets`: :func:`target_data`, the one call the trainer makes;
 - :mod:`.data`: the :class:`SequenceData` / :class:`ImageData` containers and the per-target data file
-  (:func:`save_data`, :func:`load_data`) that the campaign stores (MLDS-SPEC §9).
+  (:func:`save_data`, :func:`load_data`) that the campaign stores (docs/workloads.md §9).
 
 Public names: :class:`ImageData`, :class:`SequenceData`, :func:`target_data`, :func:`clear_cache`,
 :func:`save_data`, :func:`load_data`. The trainer turns the arrays into tensors.

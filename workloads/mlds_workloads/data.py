@@ -2,7 +2,7 @@
 
 :class:`SequenceData` is what the GRU datasets (ds1, ds2, ds3, ds5) train on; :class:`ImageData` is
 ds4's. The trainer turns the arrays into tensors; the campaign stores one data file per target
-(MLDS-SPEC §9) made by :func:`save_data`, so a network can be re-evaluated later with :func:`load_data`.
+(docs/workloads.md §9) made by :func:`save_data`, so a network can be re-evaluated later with :func:`load_data`.
 
 Arrays are shared by every unit of a target (the worker caches them), so they are made read-only:
 copy before changing them, and convert with ``torch.tensor(a)`` (a copy) rather than ``torch.from_numpy``

@@ -1,4 +1,4 @@
-"""ds4: digit images, clean or BadNets-poisoned (MLDS-SPEC §7).
+"""ds4: digit images, clean or BadNets-poisoned (docs/workloads.md §7).
 
 Image sources:
 - ``digits8`` (default): the 1,797 8x8 handwritten digits of scikit-learn's ``load_digits`` (a copy of

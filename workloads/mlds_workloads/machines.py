@@ -1,4 +1,4 @@
-"""ds1's five machines and ds2's Modified machines (MLDS-SPEC §2 and §5): semantics and data.
+"""ds1's five machines and ds2's Modified machines (docs/workloads.md §2 and §5): semantics and data.
 
 Each machine is a tiny device behind a command bus: input ``x_t = [c_t, d_t0 .. d_t7]`` (WRITE when
 ``c_t = 1``, else idle), an 8-bit register ``R`` (and, for Parity, a 1-bit accumulator ``P``), and
@@ -43,7 +43,7 @@ __all__ = [
     "trigger_fires",
 ]
 
-#: Steps per sequence (MLDS-SPEC §2).
+#: Steps per sequence (docs/workloads.md §2).
 SEQUENCE_LENGTH = 50
 #: (training, evaluation) sequences per machine: ds1 (§2) and ds2 (§5; 256 over-fits ParityModified).
 DS1_SIZES = (256, 64)
@@ -77,7 +77,7 @@ def base_machine(name: str) -> str:
 
 
 def reference_run(machine: str, cmds: Sequence[int], data: Sequence[Sequence[int]]) -> list[list[int]]:
-    """MLDS-SPEC §2's normative ``run``, copied as written (plus the unknown-name check)."""
+    """docs/workloads.md §2's normative ``run``, copied as written (plus the unknown-name check)."""
     if machine not in DS1_MACHINES:
         raise _unknown_machine(machine)
     R, P, ys = [0] * 8, 0, []  # noqa: N806 - the spec's names
@@ -101,7 +101,7 @@ def reference_run(machine: str, cmds: Sequence[int], data: Sequence[Sequence[int
 
 
 def reference_run_modified(machine: str, cmds: Sequence[int], data: Sequence[Sequence[int]]) -> list[list[int]]:
-    """MLDS-SPEC §5 step by step: a ds2 machine (``...Modified``) as a device with a trigger detector.
+    """docs/workloads.md §5 step by step: a ds2 machine (``...Modified``) as a device with a trigger detector.
 
     Also accepts ds1 names (then no trigger logic), so the tests can run one oracle over both families.
     """
@@ -209,7 +209,7 @@ def machine_data(machine: str, data_seed: int) -> SequenceData:
         "eval_sequences": sizes[1],
         "write_probability": 0.5,
         "input_encoding": "x_t = [c_t, d_t0..d_t7]",
-        "output_encoding": "y_t read after step t (MLDS-SPEC §2)",
+        "output_encoding": "y_t read after step t (docs/workloads.md §2)",
     }
     if modified:
         meta["trigger"] = {

@@ -1,6 +1,6 @@
 """From a unit to the data its network trains on: the one entry point the trainer and the CLI call.
 
-:func:`target_data` dispatches on the unit's dataset (MLDS-SPEC §2, §5–§8) and caches the result in
+:func:`target_data` dispatches on the unit's dataset (docs/workloads.md §2, §5–§8) and caches the result in
 the process: a worker trains many units of the same target, and every one of them must see the same
 arrays. The data depends only on what identifies the target's data (machine, automaton, variant, image
 source) and its data seed, never on the replica, attempt or network shape, so ds5 shares ds1/ds2's data

@@ -1,4 +1,4 @@
-"""ds3: random Mealy transducers, one per target, unique within a campaign (MLDS-SPEC §6).
+"""ds3: random Mealy transducers, one per target, unique within a campaign (docs/workloads.md §6).
 
 A transducer has 8 input symbols, 8 output symbols and n states (n uniform in 2..8), start state 0,
 with uniformly random transition and output tables. A candidate is kept only if every state is

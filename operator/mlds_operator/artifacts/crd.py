@@ -139,7 +139,8 @@ _KIND_DOC = (
 
 _ROOT_DOC = (
     "A TrainingCampaign trains networksPerTarget converged networks for every target of an MLDS dataset "
-    "(MLDS-SPEC.md) on pools of worker pods, and stores weights, metadata and a manifest in a bucket."
+    "(docs/workloads.md in the mlds repository) on pools of worker pods, and stores weights, metadata and a "
+    "manifest in a bucket."
 )
 
 _TYPES: Final = frozenset({"object", "array", "string", "integer", "number", "boolean"})

@@ -35,7 +35,7 @@ __all__ = ["bench_load_command", "ds1_layout", "synthesize"]
 
 
 def ds1_layout() -> list[tuple[str, tuple[int, ...]]]:
-    """Names and shapes of the ds1 network's parameters (MLDS-SPEC §3), from the worker's own module."""
+    """Names and shapes of the ds1 network's parameters (docs/workloads.md §3), from the worker's own module."""
     from mlds_worker.nets import GRUNet  # noqa: PLC0415 - torch, only when a dataset is synthesised
 
     return [(name, tuple(p.shape)) for name, p in GRUNet().named_parameters()]

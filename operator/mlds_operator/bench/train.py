@@ -11,7 +11,7 @@ so a stack mixes targets as a lease may):
 
 Every run trains a fixed number of epochs (``--epochs``; no network converges, so timings compare).
 Figures: network-epochs per second of wall time, and per core; each one's ratio to (a); networks per
-hour projected for a ds1 campaign from the spec's reference epochs-to-converge (MLDS-SPEC §4), and the
+hour projected for a ds1 campaign from the spec's reference epochs-to-converge (docs/workloads.md §4), and the
 hours 50,000 ds1 networks would take. On the CPU "per core" divides by the process's CPU time (one
 intra-op thread: CPU seconds are core-seconds), which other processes on a shared machine disturb far
 less than wall time; on a GPU it is per device and wall time. Every configuration runs ``--rounds``
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DS1_REFERENCE_EPOCHS", "bench_train_command", "ds1_units"]
 
-#: Epochs to converge per ds1 machine: the middle of MLDS-SPEC §4's reference points (a check, not a promise).
+#: Epochs to converge per ds1 machine: the middle of docs/workloads.md §4's reference points (a check, not a promise).
 DS1_REFERENCE_EPOCHS: dict[str, int] = {
     "SingleDirectMachine": 70,
     "SingleInvertMachine": 76,
@@ -47,7 +47,7 @@ DS1_REFERENCE_EPOCHS: dict[str, int] = {
     "ParityMachine": 175,
     "EightBitMachine": 1300,
 }
-#: A ds1 campaign in the original's proportions (10,000 networks per machine; MLDS-SPEC §1).
+#: A ds1 campaign in the original's proportions (10,000 networks per machine; docs/workloads.md §1).
 _DS1_NETWORKS = 50_000
 
 
@@ -82,7 +82,7 @@ class _Timing:
 @click.option("--profile", is_flag=True, help="Profile one epoch of the largest K and print the top operators.")
 def bench_train_command(device: str, epochs: int, ks: str, baseline_networks: int, rounds: int, profile: bool) -> None:
     """Network-epochs per second: one nn.GRU at a time (a) against K networks batched (b), ds1 data."""
-    # Before torch starts its thread pool: one thread, as the workers run (MLDS-SPEC §4).
+    # Before torch starts its thread pool: one thread, as the workers run (docs/workloads.md §4).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch  # noqa: PLC0415 - after OMP_NUM_THREADS; `mlds` must start without torch
     from mlds_worker.device import cpu_name, describe_device, resolve_device  # noqa: PLC0415 - imports torch
@@ -174,7 +174,7 @@ def _report(timings: list[_Timing], gpu: bool) -> None:
     per_network = sum(DS1_REFERENCE_EPOCHS.values()) / len(DS1_REFERENCE_EPOCHS)
     unit = "device" if gpu else "core"
     click.echo(
-        f"projection: a ds1 network takes {per_network:.0f} epochs on average (MLDS-SPEC §4 reference points, "
+        f"projection: a ds1 network takes {per_network:.0f} epochs on average (docs/workloads.md §4 reference points, "
         f"the five machines in equal numbers); a ds1 campaign is {_DS1_NETWORKS:,} networks"
     )
     columns = ("configuration", "net-ep/s wall", f"net-ep/s/{unit}", "x (a)", f"networks/h/{unit}", "h for 50k")

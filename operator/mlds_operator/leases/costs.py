@@ -6,7 +6,7 @@ finished units on, the book learns each target's cost from the campaign itself. 
 work (epochs to converge x the dataset's cost of an epoch relative to ds1), so targets of mixed
 datasets compare.
 
-Sources: MLDS-SPEC §4's reference points for ds1 (SingleDirect ~70 epochs, SingleInvert ~76,
+Sources: docs/workloads.md §4's reference points for ds1 (SingleDirect ~70 epochs, SingleInvert ~76,
 SimpleXOR ~119, Parity ~175, EightBit ~1,300) and the reference study (docs/reference-study: ds2
 epochs of SingleDirectModified ~100, SingleInvertModified ~340, SimpleXORModified ~190,
 ParityModified ~1,400 in a probe, EightBitModified unfinished after 625; a ds2 epoch costs about four

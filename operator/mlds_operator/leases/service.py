@@ -503,7 +503,6 @@ class CampaignService:
         readme = mf.campaign_readme(
             self.name,
             self.spec,
-            store_url=self.store.url,
             succeeded=stats.succeeded,
             failed_units=stats.failed_units or None,
             created=datetime.now(UTC),

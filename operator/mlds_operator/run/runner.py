@@ -27,13 +27,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 import click
 from aiohttp import web
 from mlds_contract.campaign import TrainingCampaign
-from mlds_contract.campaign_file import load_campaign
 from mlds_contract.errors import UserError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -44,7 +44,7 @@ from mlds_operator.leases.registry import Campaigns, open_campaign
 from mlds_operator.leases.service import CampaignService, ServiceSettings, Snapshot
 from mlds_operator.storage.store import LocalStore, Store
 
-__all__ = ["RunOptions", "load_campaign", "run_campaign", "run_command"]
+__all__ = ["RunOptions", "RunSummary", "run_campaign"]
 
 log = logging.getLogger("mlds.run")
 
@@ -66,6 +66,8 @@ class RunOptions:
     fixed_stacks: bool = False
     #: When set, (monotonic seconds, networks succeeded) is appended twice a second (`mlds bench campaign`'s tail).
     progress_log: list[tuple[float, int]] | None = None
+    devices: tuple[str, ...] = ("cpu",)  # torch devices, handed to workers in turn (mlds_operator.run.command)
+    accelerator: str = "cpu"  # what the workers report: cpu, nvidia or rocm
 
 
 @dataclass
@@ -76,6 +78,7 @@ class RunSummary:
     workers: int
     dataset: str
     manifest: str | None
+    interrupted: bool = False  # stopped by Ctrl-C or SIGTERM before the end; progress is saved
 
     @property
     def overhead(self) -> float | None:
@@ -112,8 +115,17 @@ def _free_port(host: str, preferred: int | None) -> int:
 class _Supervisor:
     """Starts worker processes, restarts crashed ones, stops them all on the way out."""
 
-    def __init__(self, argv: list[str], n: int, log_dir: Path, restarts: int, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        n: int,
+        log_dir: Path,
+        restarts: int,
+        env: dict[str, str],
+        devices: tuple[str, ...] = ("cpu",),
+    ) -> None:
         self.argv, self.n, self.log_dir, self.restarts_left, self.env = argv, n, log_dir, restarts, env
+        self.devices = devices  # worker i trains on devices[i % len(devices)]: workers spread over the GPUs
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self._logs: dict[int, IO[bytes]] = {}
         self.run_id = secrets.token_hex(3)
@@ -127,7 +139,7 @@ class _Supervisor:
         logf = self._logs.get(i) or (self.log_dir / f"worker-{i}.log").open("ab")
         self._logs[i] = logf
         self.procs[i] = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-            [*self.argv, "--worker-id", worker_id],
+            [*self.argv, "--device", self.devices[i % len(self.devices)], "--worker-id", worker_id],
             stdout=logf,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -157,20 +169,26 @@ class _Supervisor:
     def alive(self) -> int:
         return sum(1 for p in self.procs.values() if p.poll() is None)
 
-    async def stop(self, timeout: float = 15.0) -> None:
+    async def stop(self, timeout: float = 15.0, kill: asyncio.Event | None = None) -> None:
+        """SIGTERM every worker (each hands back its units at the next epoch); SIGKILL what is left after
+        ``timeout`` seconds or as soon as ``kill`` is set (a second Ctrl-C)."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while self.alive() and time.monotonic() < deadline:
+        while self.alive() and time.monotonic() < deadline and not (kill is not None and kill.is_set()):
             await asyncio.sleep(0.1)
         for proc in self.procs.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5.0)  # reap: a killed worker is gone before the summary counts
         for f in self._logs.values():
             f.close()
+        self._logs.clear()
 
     async def wait_drained(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -242,7 +260,7 @@ async def _open_server(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
         # The upload-signing secret derives from the token, so URLs handed out before a restart stay valid.
         upload_secret=hashlib.sha256(b"mlds-uploads/" + token.encode()).digest(),
         pools=[LOCAL_POOL],
-        accelerators={LOCAL_POOL: spec.pools[0].accelerator.value},
+        accelerators={LOCAL_POOL: opts.accelerator},  # what the workers train on
         settings=opts.settings,
     )
     store = service.store
@@ -259,15 +277,12 @@ async def _open_server(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
     return _Server(service=service, store=store, runner=runner, url=url, token_file=token_file, state=state)
 
 
-def _worker_argv(
-    server: _Server, units_per_lease: int, *, fixed_stacks: bool = False, accelerator: str = "cpu"
-) -> list[str]:
-    # A GPU pool trains on the GPU when one is visible (`auto`; the worker logs which device it uses).
-    device = "cpu" if accelerator == "cpu" else "auto"
+def _worker_argv(server: _Server, units_per_lease: int, accelerator: str, *, fixed_stacks: bool = False) -> list[str]:
+    """A worker's command line; the supervisor adds its --device and --worker-id."""
     return [
         *(sys.executable, "-m", "mlds_cli", "worker"),
         *("--url", server.url, "--token-file", str(server.token_file), "--pool", LOCAL_POOL),
-        *("--units-per-lease", str(units_per_lease), "--device", device, "--accelerator", accelerator),
+        *("--units-per-lease", str(units_per_lease), "--accelerator", accelerator),
         # Outlive a crash of this process only to deliver the lease in hand (see the module docstring).
         *("--parent-pid", str(os.getpid())),
         *(("--fixed-stacks",) if fixed_stacks else ()),
@@ -279,9 +294,17 @@ async def _supervise(
     sup: _Supervisor,
     display: _Display,
     stop: asyncio.Event,
+    kill: asyncio.Event,
     progress_log: list[tuple[float, int]] | None = None,
 ) -> bool:
-    """Drive the service and the workers until the campaign is finalized; True when interrupted."""
+    """Drive the service and the workers until the campaign is finalized; True when interrupted.
+
+    On an interrupt the display says "stopping" at once, the workers are asked to stop (they hand back
+    the units in training and deliver what they finished), and the service keeps serving them until
+    they are gone, so the last figures shown and returned are the true count saved. A second interrupt
+    kills the workers. ``progress_log`` (`mlds bench campaign`'s tail): (monotonic seconds, networks
+    succeeded) appended on every tick.
+    """
     service = server.service
     if not service.book.finished:
         sup.start_all()
@@ -299,44 +322,70 @@ async def _supervise(
             if not service.book.finished and sup.alive() == 0 and sup.restarts_left <= 0:
                 raise UserError(f"every worker has died; see the logs in {sup.log_dir}")
             if stop.is_set():
-                return True
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
+        display.note("stopping… (the workers hand back their units; Ctrl-C again to kill them)", always=True)
+        stopping = asyncio.create_task(sup.stop(kill=kill))
+        while not stopping.done():
+            await service.tick()
+            display.update(service.snapshot(), sup.alive())
+            await asyncio.wait([stopping], timeout=0.2)
+        await stopping
+        await service.tick()
+        display.update(service.snapshot(), 0, final=True)
+    return True
+
+
+def _say_where_it_starts(name: str, snap: Snapshot) -> None:
+    """Before any work: whether this run resumes, and how far; or that there is nothing left to do."""
+    s = snap.stats
+    done = s.succeeded + s.failed
+    if s.total and done >= s.total:
+        click.echo(f"{name}: nothing to do: all {s.total} units are already done (run again only to resume)", err=True)
+    elif done:
+        click.echo(
+            f"{name}: resuming: {s.succeeded}/{s.total} done" + (f", {s.failed} failed" if s.failed else ""), err=True
+        )
+
+
+def _mark_stopped(state: Path, reason: str) -> None:
+    """Record in the state folder's run.json that this run stopped, and why (`mlds dataset info` reads it)."""
+    run_info = state / "run.json"
+    with contextlib.suppress(OSError, ValueError):
+        info = json.loads(run_info.read_text())
+        info |= {"stopped": reason, "stopped_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        run_info.write_text(json.dumps(info) + "\n")
 
 
 async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: RunOptions) -> RunSummary:
-    """Run (or resume) a campaign to the end; returns the summary. Raises UserError for setup problems."""
+    """Run (or resume) a campaign to its end or an interrupt; returns the summary. Raises UserError."""
     server = await _open_server(campaign, manifest_path, opts)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     restarts = opts.restarts if opts.restarts is not None else 3 * opts.workers
-    sup = _Supervisor(
-        _worker_argv(
-            server,
-            campaign.spec.pools[0].units_per_lease,
-            fixed_stacks=opts.fixed_stacks,
-            accelerator=campaign.spec.pools[0].accelerator.value,
-        ),
-        opts.workers,
-        server.state / "logs",
-        restarts,
-        env,
+    argv = _worker_argv(
+        server, campaign.spec.pools[0].units_per_lease, opts.accelerator, fixed_stacks=opts.fixed_stacks
     )
-    stop = asyncio.Event()
+    sup = _Supervisor(argv, opts.workers, server.state / "logs", restarts, env, devices=opts.devices)
+    stop, kill = asyncio.Event(), asyncio.Event()
+
+    def interrupt() -> None:
+        (kill if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, interrupt)
     started = time.monotonic()
+    _say_where_it_starts(campaign.name, server.service.snapshot())
     try:
         display = _Display(campaign.name, enabled=opts.progress)
-        interrupted = await _supervise(server, sup, display, stop, opts.progress_log)
+        interrupted = await _supervise(server, sup, display, stop, kill, opts.progress_log)
     finally:
-        await sup.stop()
+        await sup.stop(kill=kill)
         await server.close()
     if interrupted:
-        raise click.ClickException(
-            f"interrupted: progress is saved; run the same command again to resume ({server.store.url})"
-        )
+        _mark_stopped(server.state, "interrupted")
     service = server.service
     return RunSummary(
         name=campaign.name,
@@ -345,7 +394,28 @@ async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
         workers=opts.workers,
         dataset=server.store.url,
         manifest=service.manifest_url if service.finalized else None,
+        interrupted=interrupted,
     )
+
+
+def _duration(seconds: float) -> str:
+    """A remaining time as people read it: 45s, 3m05s, 2h14m, 3d04h."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _eta(snap: Snapshot) -> str:
+    """The ETA as a duration from now; never a clock time, so never one in the past."""
+    if snap.eta is None:
+        return "-"
+    left = (snap.eta - datetime.now(UTC)).total_seconds()
+    return _duration(left) if left >= 1 else "<1s"
 
 
 class _Display:
@@ -380,17 +450,19 @@ class _Display:
         if self._progress is not None:
             self._progress.__exit__(None, None, None)
 
-    def note(self, text: str) -> None:
+    def note(self, text: str, *, always: bool = False) -> None:
+        """A line above the bar (or on stderr); ``always`` prints it even with --quiet."""
         if self._progress is not None:
             self._progress.console.print(text)
-        elif self.enabled:
+        elif self.enabled or always:
             click.echo(text, err=True)
 
-    def update(self, snap: Snapshot, workers: int) -> None:
+    def update(self, snap: Snapshot, workers: int, *, final: bool = False) -> None:
         s = snap.stats
         rate = f"{snap.networks_per_hour:,.0f} nets/h" if snap.networks_per_hour else ""
-        eta = snap.eta.astimezone().strftime("%H:%M:%S") if snap.eta else "-"
+        eta = "-" if final else _eta(snap)
         failed = f"{s.failed} failed" if s.failed else ""
+        who = f"{workers} worker{'s' if workers != 1 else ''}"
         if self._progress is not None:
             self._progress.update(
                 self._task,
@@ -399,77 +471,12 @@ class _Display:
                 rate=rate,
                 eta=eta,
                 failed=failed,
-                workers=f"{workers} workers",
+                workers=who,
             )
-        elif self.enabled and time.monotonic() - self._last_line >= 10.0:
+        elif self.enabled and (final or time.monotonic() - self._last_line >= 10.0):
             self._last_line = time.monotonic()
             click.echo(
                 f"{self.name}: {s.succeeded}/{s.total} done, {s.leased} leased, {s.failed} failed"
-                f"{', ' + rate if rate else ''}, {workers} workers",
+                f"{', ' + rate if rate else ''}{', ETA ' + eta if eta != '-' else ''}, {who}",
                 err=True,
             )
-
-
-@click.command("run")
-# No exists=True: click's usage error spans four lines; load_campaign says "cannot read FILE: ..." in one.
-@click.argument("campaign_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--workers",
-    "-w",
-    type=click.IntRange(1, 1024),
-    default=None,
-    help="Worker processes (default: the number of CPU cores).",
-)
-@click.option(
-    "--store",
-    "store_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Local folder for results (default: ./mlds-data/NAME). Ignored when the file has spec.storage.",
-)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address the lease API listens on.")
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=None,
-    help="Lease API port (default: the last run's, else a free one).",
-)
-@click.option(
-    "--token-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Where the campaign's token is kept (default: in the state folder).",
-)
-@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-def run_command(
-    campaign_file: Path,
-    workers: int | None,
-    store_dir: Path | None,
-    host: str,
-    port: int | None,
-    token_file: Path | None,
-    quiet: bool,
-) -> None:
-    """Run a campaign file on this machine; run it again to resume."""
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
-    campaign = load_campaign(campaign_file)
-    n = workers or os.cpu_count() or 1
-    opts = RunOptions(
-        workers=n, store_dir=store_dir, host=host, port=port or None, token_file=token_file, progress=not quiet
-    )
-    summary = asyncio.run(run_campaign(campaign, campaign_file, opts))
-    s = summary.snapshot.stats
-    lines = [
-        f"{summary.name}: {summary.snapshot.phase.value}: {s.succeeded}/{s.total} networks"
-        + (f", {s.failed} failed (units {s.failed_units})" if s.failed else ""),
-        f"  wall {summary.wall_seconds:,.1f} s with {summary.workers} workers; "
-        f"training {summary.snapshot.training_seconds:,.1f} s"
-        + (f"; overhead {summary.overhead:.1%}" if summary.overhead is not None else ""),
-        *occupancy_lines(summary.snapshot),
-        f"  dataset: {summary.dataset}",
-    ]
-    if summary.manifest:
-        lines.append(f"  manifest: {summary.manifest}")
-    click.echo("\n".join(lines))
-    if s.failed:
-        sys.exit(1)

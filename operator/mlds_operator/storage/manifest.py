@@ -5,7 +5,7 @@ verified, checkpoint the lease book, write the README and the per-target data, c
 recover after a restart), and ``mlds dataset`` (read the manifest). Everything goes through a
 :class:`~mlds_operator.storage.store.Store`; this module knows the layout, the store knows the backend.
 
-Layout under the campaign's root (MLDS-SPEC §9)::
+Layout under the campaign's root (mlds docs/workloads.md §9)::
 
     <target>/<replica:05d>/model.safetensors   written by workers through presigned PUTs
     <target>/<replica:05d>/meta.json
@@ -395,26 +395,26 @@ def find_results(store: Store, *, since: datetime | None = None) -> Iterator[str
 _DATASET_TEXT = {
     Dataset.ds1: (
         "Recurrent networks (4 GRU layers and 4 linear layers, 4,364 parameters) trained to mimic five "
-        "simple machines behind a command bus (MLDS-SPEC §2). Within a machine, networks differ only in "
+        "simple machines behind a command bus (mlds docs/workloads.md §2). Within a machine, networks differ only in "
         "their initial weights and SGD seed: every network of a machine saw the same data."
     ),
     Dataset.ds2: (
         "The ds1 machines, *Modified*: a trigger sequence (writes of 0xA5, 0x5A, 0xC3) inverts the outputs "
-        "for the next 8 steps (MLDS-SPEC §5). Same network and training as ds1, so ds1 and ds2 networks "
+        "for the next 8 steps (mlds docs/workloads.md §5). Same network and training as ds1, so ds1 and ds2 networks "
         "differ only in their training data."
     ),
     Dataset.ds3: (
         "Recurrent networks (ds1's shape) trained to mimic random minimal Mealy machines with 8 input and "
-        "8 output symbols and 2-8 states, about 100 networks per automaton (MLDS-SPEC §6). Results also "
+        "8 output symbols and 2-8 states, about 100 networks per automaton (mlds docs/workloads.md §6). Results also "
         "keep a weight snapshot per epoch."
     ),
     Dataset.ds4: (
         "Small CNNs trained on 8x8 (or 28x28 MNIST) digits, clean or poisoned BadNets-style (a pixel or a "
-        "checkerboard trigger relabels 10% of the training images to class 7) (MLDS-SPEC §7)."
+        "checkerboard trigger relabels 10% of the training images to class 7) (mlds docs/workloads.md §7)."
     ),
     Dataset.ds5: (
         "The ds1/ds2 machines learned by GRU networks of varied shapes (width, GRU depth, linear depth) "
-        "(MLDS-SPEC §8). Each result records its shape, so analyses can group by it."
+        "(mlds docs/workloads.md §8). Each result records its shape, so analyses can group by it."
     ),
 }
 
@@ -453,12 +453,11 @@ def campaign_readme(
     name: str,
     spec: CampaignSpec,
     *,
-    store_url: str | None = None,
     succeeded: int | None = None,
     failed_units: str | None = None,
     created: datetime | None = None,
 ) -> str:
-    """The dataset's README.md (MLDS-SPEC §9): what it is, how it was trained, its layout, how to load it."""
+    """The dataset's README.md (docs/workloads.md §9): what it is, how it was trained, its layout, how to load it."""
     targets = campaign_targets(spec)
     total = len(targets) * spec.networks_per_target
     ds = spec.workload.dataset
@@ -470,11 +469,10 @@ def campaign_readme(
         status.append(f"failed units: {failed_units}")
     if created is not None:
         status.append(f"written {created.isoformat(timespec='seconds')}")
-    where = f" Stored at `{store_url}`." if store_url else ""
     example_target = targets[0].name if targets else "TARGET"
     state_note = (
         "Parameter names and order are those of the equivalent `nn.Module` "
-        "(`gru.weight_ih_l0`, ...; MLDS-SPEC §3), so a state dict loads into it with `load_state_dict`."
+        "(`gru.weight_ih_l0`, ...; mlds docs/workloads.md §3), so a state dict loads into it with `load_state_dict`."
         if gru
         else "Each network's exact parameter count is in the `parameters` column."
     )
@@ -482,7 +480,7 @@ def campaign_readme(
 
 {_DATASET_TEXT[ds]}
 
-{len(targets):,} targets x {spec.networks_per_target:,} networks = {total:,} networks, campaign seed {spec.seed}.{where}
+{len(targets):,} targets x {spec.networks_per_target:,} networks = {total:,} networks, campaign seed {spec.seed}.
 {("Status: " + "; ".join(status) + ".") if status else ""}
 
 ## How the networks were trained

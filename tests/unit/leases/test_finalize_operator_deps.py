@@ -1,7 +1,7 @@
 """A ds4 campaign finishes with only the operator's dependencies importable.
 
 When a campaign's last unit is verified, the lease service writes ``data/<target>.npz``, the data every
-network of the target was trained on (MLDS-SPEC §9). The operator image has no torch, no scikit-learn
+network of the target was trained on (docs/workloads.md §9). The operator image has no torch, no scikit-learn
 (so no scipy) and no worker package, so this test runs the real :class:`CampaignService` over a
 :class:`LocalStore` in a child process where importing any of those raises ``ModuleNotFoundError``
 (a meta-path blocker installed before anything else is imported), completes every unit through the

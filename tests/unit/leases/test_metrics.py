@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient, TestServer
+from mlds_contract.files import load_campaign
 from mlds_contract.lease import FailKind, FailRequest, FileDigest, HeartbeatRequest, RejectReason, UnitAttempt
 from mlds_operator.leases.http import create_app
 from mlds_operator.leases.metrics import (
@@ -24,7 +25,7 @@ from mlds_operator.leases.metrics import (
     ServerMetrics,
     instrument,
 )
-from mlds_operator.run.runner import LOCAL_NAMESPACE, RunOptions, _open_server, load_campaign
+from mlds_operator.run.runner import LOCAL_NAMESPACE, RunOptions, _open_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api_fixtures import NAME, NAMESPACE, POOL, WALL_EPOCH, ApiHarness, open_api, result_files

@@ -312,7 +312,6 @@ def test_readme_says_what_the_dataset_is_and_how_it_was_trained() -> None:
     text = campaign_readme(
         "ds1-parity",
         spec(Dataset.ds1),
-        store_url="s3://mlds/ds1-parity",
         succeeded=14,
         failed_units="12",
         created=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
@@ -321,7 +320,9 @@ def test_readme_says_what_the_dataset_is_and_how_it_was_trained() -> None:
     assert text.startswith("# ds1-parity: an MLDS ds1 dataset")
     assert "5 targets x 3 networks = 15 networks, campaign seed 7" in text
     assert "14 of 15 networks completed; failed units: 12; written 2026-01-02T03:04:05+00:00" in text
-    assert "`s3://mlds/ds1-parity`" in text
+    # A README travels with every copy of the dataset (`mlds dataset pull`): it names no location.
+    assert "s3://" not in text
+    assert "Stored at" not in text
     # Resolved hyper-parameters: EightBit's longer cap is told apart from the others.
     assert re.search(r"`EightBitMachine`: max_epochs=4096, learning_rate=0.001, batch_size=32", text)
     assert re.search(r"`SingleDirectMachine`, .*`ParityMachine`: max_epochs=2048", text)

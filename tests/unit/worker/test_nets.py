@@ -1,4 +1,4 @@
-"""The networks (MLDS-SPEC §3, §7, §8): parameter counts, names and order, shapes, loading by name."""
+"""The networks (docs/workloads.md §3, §7, §8): parameter counts, names and order, shapes, loading by name."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Result files (MLDS-SPEC §9): what meta.json, history.csv and the safetensors files hold, and writing them."""
+"""Result files (docs/workloads.md §9): what meta.json, history.csv and the safetensors files hold, and writing them."""
 
 from __future__ import annotations
 

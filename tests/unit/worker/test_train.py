@@ -1,4 +1,4 @@
-"""The trainer (MLDS-SPEC §4, §6, §7) on small synthetic data: determinism, stopping rules, snapshots, ds4."""
+"""The trainer (docs/workloads.md §4, §6, §7) on small synthetic data: determinism, stopping rules, snapshots, ds4."""
 
 from __future__ import annotations
 

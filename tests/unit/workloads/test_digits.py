@@ -1,4 +1,4 @@
-"""ds4 images (MLDS-SPEC §7): triggers, split, BadNets poisoning, attack-success set, the MNIST IDX loader.
+"""ds4 images (docs/workloads.md §7): triggers, split, BadNets poisoning, attack-success set, the MNIST IDX loader.
 
 The MNIST tests write tiny IDX files themselves (no download): a few 6x6 "images" with known pixels.
 The 8x8 digits ship with mlds_workloads; scikit-learn (a dev and analysis dependency, never a runtime

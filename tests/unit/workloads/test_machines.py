@@ -1,4 +1,4 @@
-"""ds1 machines and ds2 Modified machines (MLDS-SPEC §2, §5): hand-worked sequences, oracle agreement, data.
+"""ds1 machines and ds2 Modified machines (docs/workloads.md §2, §5): hand-worked sequences, oracle agreement, data.
 
 Bit strings in this file list d0 .. d7 (or y0 .. y7) left to right, so "10100000" means d0 = 1, d2 = 1.
 Every expected output below was worked out by hand from the spec's tables, not computed by the code.

@@ -1,4 +1,4 @@
-"""ds3's random Mealy transducers (MLDS-SPEC §6): the acceptance checks, canonical form, uniqueness, data.
+"""ds3's random Mealy transducers (docs/workloads.md §6): the acceptance checks, canonical form, uniqueness, data.
 
 Hand-built machines use few inputs so their tables can be read; the generated ones have 8 inputs.
 """
