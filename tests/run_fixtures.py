@@ -68,6 +68,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+Middleware = Callable[
+    [web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[web.StreamResponse]
+]
 
 #: Evaluation MSE counted as converged in e2e tests. Measured (``mlds train``, CPU, one thread, busy
 #: 2-core machine): SingleDirectMachine needs 4-5 epochs, SingleInvertMachine 1-3, about 0.3-0.6 s an
@@ -372,11 +375,19 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serve_campaign(
-    campaign_file: Path, store_dir: Path, *, port: int, token: str = "e2e-token"
+    campaign_file: Path,
+    store_dir: Path,
+    *,
+    port: int,
+    token: str = "e2e-token",
+    clock: Callable[[], float] = time.monotonic,
+    middlewares: Sequence[Middleware] = (),
 ) -> AsyncIterator[Served]:
     """Serve ``campaign_file``'s lease API on ``port`` with a local-folder store, as ``mlds run`` does.
 
     A background task ticks the service twice a second (lease expiry, flushes, finalization).
+    ``clock`` is the lease book's (the event loop's clock under looptime); ``middlewares`` run before
+    the app's own, e.g. to play an outage.
     """
     doc = yaml.safe_load(campaign_file.read_text())
     name = doc["metadata"]["name"]
@@ -386,11 +397,13 @@ async def serve_campaign(
     token_file = store_dir.parent / f"{name}.token"
     token_file.write_text(token + "\n")
     service = await CampaignService.open(
-        name, spec, store, token=token, pools=["cpu"], settings=ServiceSettings(checkpoint_seconds=2.0)
+        name, spec, store, token=token, pools=["cpu"], clock=clock, settings=ServiceSettings(checkpoint_seconds=2.0)
     )
     campaigns = Campaigns()
     campaigns.add("local", name, service)
-    runner = web.AppRunner(create_app(campaigns, local_store=store), access_log=None)
+    app = create_app(campaigns, local_store=store)
+    app.middlewares[:0] = middlewares
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
 
