@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 import yaml
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from mlds_contract.campaign import CampaignSpec, Storage, TrainingCampaign
 from mlds_operator.leases.http import Campaigns, create_app
 from mlds_operator.leases.service import CampaignService, ServiceSettings
@@ -68,9 +69,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-Middleware = Callable[
-    [web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[web.StreamResponse]
-]
 
 #: Evaluation MSE counted as converged in e2e tests. Measured (``mlds train``, CPU, one thread, busy
 #: 2-core machine): SingleDirectMachine needs 4-5 epochs, SingleInvertMachine 1-3, about 0.3-0.6 s an
