@@ -51,6 +51,7 @@ from mlds_operator.storage.store import LocalStore
 from pydantic import BaseModel, TypeAdapter
 
 from tests.clock import WALL_EPOCH, FakeClock
+from tests.waiting import HANG_GUARD_SECONDS
 
 __all__ = [
     "NAME",
@@ -343,7 +344,7 @@ def serve_in_thread(tmp_path: Path, *, spec: CampaignSpec | None = None, network
     thread = threading.Thread(target=run, name="lease-api", daemon=True)
     thread.start()
     try:
-        yield ready.result(timeout=30)
+        yield ready.result(timeout=HANG_GUARD_SECONDS)  # a safety net; the thread reports a failed start
     finally:
         loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=30)
+        thread.join(timeout=HANG_GUARD_SECONDS)

@@ -21,15 +21,12 @@ from tests.run_fixtures import (
     reap,
     start_mlds,
     units_with,
-    wait_for,
     worker_events,
     write_campaign,
 )
+from tests.waiting import file_sizes, wait_until
 
 pytestmark = pytest.mark.e2e
-
-#: Seconds a small campaign may take on a busy 2-core machine (it needs about 20-30 s).
-RUN_TIMEOUT = 240.0
 
 
 @dataclass
@@ -51,8 +48,8 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
     folder = tmp_path_factory.mktemp("run-local")
     campaign = write_campaign(folder / "campaign.yaml", name="quick", networks_per_target=3)
     proc = start_mlds(["run", campaign, "--workers", "2", "--store", "store", "--quiet"], cwd=folder, tag="first")
-    proc.wait(RUN_TIMEOUT)
-    leftovers = reap(str(folder), grace=10.0)
+    proc.wait(what="mlds run to finish the campaign")
+    leftovers = reap(str(folder), wait=True)
     assert leftovers == [], f"worker processes outlived mlds run: {leftovers}"
     return Finished(folder, campaign, folder / "store", proc)
 
@@ -85,7 +82,7 @@ def test_running_a_finished_campaign_again_trains_nothing_and_exits_at_once(fini
     again = start_mlds(
         ["run", finished.campaign, "--workers", "2", "--store", "store", "--quiet"], cwd=finished.folder, tag="again"
     )
-    code = again.wait(60.0)
+    code = again.wait()
 
     assert code == 0, again.describe()
     assert again.stdout.splitlines()[0] == "quick: Succeeded: 6/6 networks"
@@ -104,9 +101,14 @@ def test_an_interrupted_run_resumes_without_retraining_finished_networks(tmp_pat
     def accepted() -> list[int]:
         return units_with(worker_events(logs), "completed (accepted)") if logs.is_dir() else []
 
-    wait_for(lambda: len(accepted()) >= 2, timeout=RUN_TIMEOUT, what="two networks completed", alive=first)
+    wait_until(
+        lambda: len(accepted()) >= 2,
+        what="two networks completed",
+        progress=lambda: file_sizes(tmp_path),
+        alive=first.ended,
+    )
     first.send(signal.SIGINT)
-    code = first.wait(60.0)
+    code = first.wait(what="mlds run to stop after Ctrl-C")
 
     assert code == 1, first.describe()
     assert "interrupted: progress is saved; run the same command again to resume" in first.stderr
@@ -120,7 +122,7 @@ def test_an_interrupted_run_resumes_without_retraining_finished_networks(tmp_pat
     offsets = log_sizes(logs)
 
     second = start_mlds(args, cwd=tmp_path, tag="second")
-    code = second.wait(RUN_TIMEOUT)
+    code = second.wait(what="the resumed run to finish")
 
     assert code == 0, second.describe()
     assert second.stdout.splitlines()[0] == "resumed: Succeeded: 10/10 networks"
@@ -134,7 +136,7 @@ def test_an_interrupted_run_resumes_without_retraining_finished_networks(tmp_pat
     assert [row["unit"] for row in rows] == list(range(10))
     # Released units were not charged an attempt: every network is its unit's first attempt.
     assert {row["attempt"] for row in rows} == {0}
-    assert reap(str(tmp_path), grace=10.0) == []
+    assert reap(str(tmp_path), wait=True) == []
 
 
 GOOD = """\
@@ -169,7 +171,7 @@ def test_a_bad_campaign_file_is_one_line_on_stderr_and_exit_status_2(
         path.write_text(text)
 
     proc = start_mlds(["run", path, "--store", "store"], cwd=tmp_path, tag="bad")
-    code = proc.wait(60.0)
+    code = proc.wait()
 
     assert code == 2, proc.describe()
     lines = proc.stderr.splitlines()
