@@ -42,7 +42,7 @@ from mlds_operator.leases.http import Campaigns, create_app
 from mlds_operator.leases.service import CampaignService, ServiceSettings
 from mlds_operator.storage.store import LocalStore
 
-from tests.waiting import Progress, file_sizes, wait_exit, wait_until
+from tests.waiting import Progress, cpu_seconds, file_sizes, wait_exit, wait_until
 
 __all__ = [
     "MACHINES",
@@ -51,6 +51,7 @@ __all__ = [
     "Event",
     "Proc",
     "Served",
+    "activity",
     "cmdline",
     "free_port",
     "live_children",
@@ -165,10 +166,10 @@ class Proc:
     def wait(self, *, what: str = "the process to exit", progress: Progress | None = None) -> int:
         """The exit status, once it ends; fails (killing it) if nothing moves for minutes.
 
-        The progress signal is by default every byte written under :attr:`folder`.
+        The progress signal is by default :func:`activity` in :attr:`folder`.
         """
         try:
-            return wait_exit(self.popen, what=what, progress=progress or (lambda: file_sizes(self.folder)))
+            return wait_exit(self.popen, what=what, progress=progress or (lambda: activity(self.folder, self.pid)))
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.describe()}") from None
 
@@ -253,6 +254,16 @@ def processes_mentioning(text: str) -> list[int]:
     return sorted(out)
 
 
+def activity(folder: Path, *pids: int) -> dict[str, object]:
+    """What the processes of a test folder have done so far: bytes written under it, CPU seconds used.
+
+    The progress signal of waits on ``mlds`` processes: those running in or naming ``folder`` (and
+    ``pids``) count, so a worker that trains silently for minutes is still seen to move.
+    """
+    running = [*pids, *processes_mentioning(str(folder))]
+    return {"bytes": sum(file_sizes(folder).values()), "cpu s": cpu_seconds(running), "processes": len(running)}
+
+
 def reap(text: str, *, wait: bool = False) -> list[int]:
     """SIGKILL the processes mentioning ``text``; with ``wait``, first let them exit on their own.
 
@@ -262,12 +273,12 @@ def reap(text: str, *, wait: bool = False) -> list[int]:
     """
     folder = Path(text)
     if wait:
-
-        def progress() -> object:
-            return processes_mentioning(text), file_sizes(folder) if folder.is_dir() else {}
-
         with contextlib.suppress(AssertionError):  # they did not all go: killed below, and returned
-            wait_until(lambda: not processes_mentioning(text), what=f"processes of {text} to exit", progress=progress)
+            wait_until(
+                lambda: not processes_mentioning(text),
+                what=f"processes of {text} to exit",
+                progress=lambda: activity(folder),
+            )
     left = processes_mentioning(text)
     for pid in left:
         with contextlib.suppress(ProcessLookupError):

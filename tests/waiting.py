@@ -12,13 +12,16 @@ ever getting there (a livelock); it is far above any honest run and is never the
 
 - :func:`wait_until` / :func:`wait_until_async` poll a condition (the async one keeps the event loop
   running, for tests that serve something in it); they return the condition's first truthy value.
-- :func:`file_sizes` is the usual progress signal: how much the processes under test have written.
+- :func:`file_sizes` and :func:`cpu_seconds` are the usual progress signals: how much the processes
+  under test have written, and how much CPU they have used (a worker training a network writes nothing
+  for minutes on a busy machine, but it computes).
 - :func:`wait_exit` waits for a subprocess to end, its output (or another signal) as progress.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -29,6 +32,7 @@ __all__ = [
     "HANG_GUARD_SECONDS",
     "STALL_SECONDS",
     "Progress",
+    "cpu_seconds",
     "file_sizes",
     "wait_exit",
     "wait_until",
@@ -146,7 +150,7 @@ async def wait_until_async(
         if isinstance(value, Awaitable):
             value = await value
         if value:
-            return value  # type: ignore[return-value]  # the overloads say what the condition returns
+            return value
         watch.check()
         await asyncio.sleep(interval)
 
@@ -165,6 +169,19 @@ def file_sizes(*places: Path | Iterable[Path]) -> dict[str, int]:
                 except OSError:  # it went away meanwhile: nothing to count
                     continue
     return sizes
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU seconds (user and system) the live processes among ``pids`` have used so far, to 0.1 s."""
+    ticks = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:  # gone: it no longer counts
+            continue
+        fields = text[text.rindex(")") + 2 :].split()  # from field 3 (state) on; the name may hold spaces
+        ticks += int(fields[11]) + int(fields[12])  # fields 14 and 15: utime and stime, in clock ticks
+    return round(ticks / os.sysconf("SC_CLK_TCK"), 1)
 
 
 def wait_exit(

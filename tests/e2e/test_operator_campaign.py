@@ -45,7 +45,7 @@ from tests.operator_fixtures import (
     free_port,
 )
 from tests.s3_fixtures import S3Server
-from tests.waiting import file_sizes, wait_until_async
+from tests.waiting import cpu_seconds, file_sizes, wait_until_async
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 pytest_plugins = ["tests.s3_fixtures", "tests.operator_fixtures"]
@@ -161,10 +161,19 @@ class Kubelet:
             pod.log.close()
 
     def progress(self) -> dict[str, object]:
-        """What the pods have done so far (a wait's progress signal): started, ended, bytes of log."""
-        ended = sum(p.proc.poll() is not None for p in self.every_pod)
+        """What the pods have done so far (a wait's progress signal): started, ended, bytes of log, CPU used.
+
+        CPU seconds count because a worker training a network writes nothing until it is trained, which
+        on a busy machine can take minutes.
+        """
+        running = [p.proc.pid for p in self.every_pod if p.proc.poll() is None]
         logs = file_sizes([Path(p.log.name) for p in self.every_pod])
-        return {"pods": len(self.every_pod), "ended": ended, "log bytes": sum(logs.values())}
+        return {
+            "pods": len(self.every_pod),
+            "ended": len(self.every_pod) - len(running),
+            "log bytes": sum(logs.values()),
+            "cpu s": cpu_seconds(running),
+        }
 
     def alive(self) -> list[Pod]:
         return [p for run in self.runs.values() for p in run.pods if p.proc.poll() is None]

@@ -16,6 +16,7 @@ import pytest
 
 from tests.run_fixtures import (
     Proc,
+    activity,
     log_sizes,
     manifest_rows,
     reap,
@@ -24,7 +25,7 @@ from tests.run_fixtures import (
     worker_events,
     write_campaign,
 )
-from tests.waiting import file_sizes, wait_until
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -104,7 +105,7 @@ def test_an_interrupted_run_resumes_without_retraining_finished_networks(tmp_pat
     wait_until(
         lambda: len(accepted()) >= 2,
         what="two networks completed",
-        progress=lambda: file_sizes(tmp_path),
+        progress=lambda: activity(tmp_path),
         alive=first.ended,
     )
     first.send(signal.SIGINT)

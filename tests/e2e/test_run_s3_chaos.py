@@ -31,6 +31,7 @@ from mlds_operator.storage import manifest as mf
 from tests.run_fixtures import (
     Event,
     Proc,
+    activity,
     cmdline,
     free_port,
     live_children,
@@ -42,7 +43,7 @@ from tests.run_fixtures import (
     write_campaign,
 )
 from tests.s3_fixtures import S3Server
-from tests.waiting import file_sizes, wait_until
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 pytest_plugins = ["tests.s3_fixtures"]
@@ -91,8 +92,8 @@ def test_killing_a_worker_and_the_server_mid_lease_loses_and_double_counts_nothi
     logs = tmp_path / ".mlds" / NAME / "logs"  # the state folder of an S3 campaign: beside its file
     run1 = start_mlds(args, cwd=tmp_path, tag="run1")
 
-    def written() -> dict[str, int]:  # the progress signal: the runs' and workers' output, the state folder
-        return file_sizes(tmp_path)
+    def written() -> dict[str, object]:  # the progress signal: what the run and its workers wrote and computed
+        return activity(tmp_path)
 
     try:
         # 1. SIGKILL a worker that holds a lease.

@@ -22,6 +22,7 @@ from mlds_worker.train import train_unit
 
 from tests.run_fixtures import (
     Proc,
+    activity,
     free_port,
     processes_mentioning,
     reap,
@@ -31,7 +32,7 @@ from tests.run_fixtures import (
     worker_events,
     write_campaign,
 )
-from tests.waiting import file_sizes, wait_until_async
+from tests.waiting import wait_until_async
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -68,7 +69,7 @@ async def test_sigterm_mid_training_releases_the_lease_uncounted_and_exits_0(tmp
     campaign = write_campaign(tmp_path / "c.yaml", machines=["SingleDirectMachine"], target_loss=UNREACHABLE_LOSS)
     async with serve_campaign(campaign, tmp_path / "store", port=free_port()) as served:
         worker = start_worker(tmp_path, served.url, served.token_file)
-        await wait_until_async(lambda: said(worker, "leased"), what="a lease", progress=lambda: file_sizes(tmp_path))
+        await wait_until_async(lambda: said(worker, "leased"), what="a lease", progress=lambda: activity(tmp_path))
         assert served.service.book.unit(0).state is UnitState.leased
         await asyncio.sleep(2.0)  # a few epochs into training
 
@@ -116,7 +117,7 @@ async def test_a_worker_started_before_its_server_keeps_retrying_then_completes(
         return sum(e.message == "lease server unreachable; retrying" for e in worker_events([worker.stderr_path]))
 
     await wait_until_async(
-        lambda: retries() >= 3, what="the worker retrying a dead server", progress=lambda: file_sizes(tmp_path)
+        lambda: retries() >= 3, what="the worker retrying a dead server", progress=lambda: activity(tmp_path)
     )
     assert worker.alive()
 
@@ -135,7 +136,7 @@ async def test_sigterm_while_the_server_is_down_does_not_wait_for_it(tmp_path: P
     port = free_port()
     async with serve_campaign(campaign, tmp_path / "store", port=port) as served:
         worker = start_worker(tmp_path, served.url, served.token_file)
-        await wait_until_async(lambda: said(worker, "leased"), what="a lease", progress=lambda: file_sizes(tmp_path))
+        await wait_until_async(lambda: said(worker, "leased"), what="a lease", progress=lambda: activity(tmp_path))
     # The server is gone while the worker trains; its result cannot be delivered.
     await wait_until_async(lambda: said(worker, "delivery failed; retrying"), what="a failed delivery")
 
@@ -148,7 +149,7 @@ async def test_sigterm_while_the_server_is_down_does_not_wait_for_it(tmp_path: P
     await wait_until_async(
         lambda: not worker.alive() or failed_deliveries() > before + 1,
         what="the worker to exit or retry again",
-        progress=lambda: file_sizes(tmp_path),
+        progress=lambda: activity(tmp_path),
     )
     assert failed_deliveries() <= before + 1, "the worker went on retrying after SIGTERM"
     code = await exit_status(worker)
@@ -180,14 +181,14 @@ async def test_an_orphaned_worker_delivers_the_lease_in_hand_then_exits(tmp_path
             return units_with(worker_events([log]), "completed (accepted)")
 
         await wait_until_async(
-            lambda: len(completed()) >= 1, what="a first completion", progress=lambda: file_sizes(tmp_path)
+            lambda: len(completed()) >= 1, what="a first completion", progress=lambda: activity(tmp_path)
         )
         parent.kill()
         parent.wait()
         await wait_until_async(
             lambda: processes_mentioning(str(tmp_path)) == [],
             what="the orphaned worker to exit",
-            progress=lambda: file_sizes(tmp_path),
+            progress=lambda: activity(tmp_path),
         )
 
         events = worker_events([log])
@@ -233,7 +234,7 @@ async def test_sigterm_mid_stack_releases_every_unit_of_the_lease_uncounted(tmp_
     async with serve_campaign(campaign, tmp_path / "store", port=free_port()) as served:
         worker = start_worker(tmp_path, served.url, served.token_file, "--units-per-lease", 4)
         await wait_until_async(
-            lambda: said(worker, "training a stack"), what="a stack", progress=lambda: file_sizes(tmp_path)
+            lambda: said(worker, "training a stack"), what="a stack", progress=lambda: activity(tmp_path)
         )
         await asyncio.sleep(2.0)  # a few epochs into training
 
