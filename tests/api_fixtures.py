@@ -6,7 +6,7 @@ aiohttp's own :class:`~aiohttp.test_utils.TestServer` (a real server on 127.0.0.
 talks to it through :class:`~aiohttp.test_utils.TestClient`; :func:`serve_in_thread` serves it from a
 background thread for synchronous clients such as schemathesis.
 
-Time is a :class:`FakeClock`: the lease book reads it as its monotonic clock, and the service's wall
+Time is a :class:`tests.clock.FakeClock`: the lease book reads it as its monotonic clock, and the service's wall
 clock and the store's URL-expiry clock read ``WALL_EPOCH + clock()``, so one ``clock.advance(s)`` moves
 deadlines, lease expiry and presigned-URL expiry together and no test sleeps.
 
@@ -52,6 +52,9 @@ from mlds_operator.leases.service import CampaignService, ServiceSettings
 from mlds_operator.storage.store import LocalStore
 from pydantic import BaseModel, TypeAdapter
 
+from tests.clock import WALL_EPOCH, FakeClock
+from tests.waiting import HANG_GUARD_SECONDS
+
 __all__ = [
     "NAME",
     "NAMESPACE",
@@ -72,27 +75,8 @@ NAMESPACE = "research"
 NAME = "parity"
 POOL = "cpu"
 TOKEN = "campaign-token-0123456789abcdef"  # a test value, never a real credential
-#: Unix seconds the fake wall clock starts from (2026-01-01T00:00:00Z): wall = WALL_EPOCH + clock().
-WALL_EPOCH = 1_767_225_600.0
 
 _GRANT_OR_NONE: TypeAdapter[LeaseGrant | NoLease] = TypeAdapter(LeaseGrant | NoLease)
-
-
-class FakeClock:
-    """A clock tests move by hand; starts at 1,000 s (any origin works: only differences matter)."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def wall(self) -> float:
-        """Unix seconds on the same time line (the service's and the store's wall clock)."""
-        return WALL_EPOCH + self.now
 
 
 def a_campaign(
@@ -360,7 +344,7 @@ def serve_in_thread(tmp_path: Path, *, spec: CampaignSpec | None = None, network
     thread = threading.Thread(target=run, name="lease-api", daemon=True)
     thread.start()
     try:
-        yield ready.result(timeout=30)
+        yield ready.result(timeout=HANG_GUARD_SECONDS)  # a safety net; the thread reports a failed start
     finally:
         loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=30)
+        thread.join(timeout=HANG_GUARD_SECONDS)

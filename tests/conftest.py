@@ -1,5 +1,9 @@
 """Suite-wide test plumbing (fixtures of one area live in its ``*_fixtures.py`` module).
 
+looptime (fake event-loop time, ``@pytest.mark.looptime``) is what lets tests/unit/worker/test_loop.py
+run the worker's backoff and heartbeat timers, minutes of them, in no real time against a real lease
+server; this module exists only to undo a side effect of its pytest plugin.
+
 One thing belongs to every test: looptime 0.9's ``pytest_pyfunc_call`` asks the event-loop policy for
 its loop on *every* test, synchronous ones included, and on Python 3.11 that creates a loop nobody
 closes. As soon as something replaces it (``asyncio.run`` in the test, or the next async test's loop),

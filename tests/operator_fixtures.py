@@ -41,9 +41,8 @@ import itertools
 import json
 import socket
 import threading
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,6 +70,8 @@ from mlds_operator.controller.command import OperatorConfig, run_operator
 from mlds_operator.controller.sync import OperatorSettings
 from mlds_operator.leases.service import ServiceSettings
 
+from tests.waiting import HANG_GUARD_SECONDS, wait_until_async
+
 __all__ = [
     "CAMPAIGNS",
     "EVENTS",
@@ -88,7 +89,6 @@ __all__ = [
     "free_port",
     "human_duration",
     "running_operator",
-    "wait_for",
 ]
 
 CAMPAIGNS = f"{API_GROUP}/{API_VERSION}/{PLURAL}"
@@ -294,26 +294,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-async def wait_for(
-    check: Callable[[], T | None] | Callable[[], Awaitable[T | None]],
-    *,
-    timeout: float,
-    what: str,
-    interval: float = 0.1,
-) -> T:
-    """Poll ``check`` until it returns something truthy; fail the test with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value  # type: ignore[return-value]
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 @dataclass
@@ -576,21 +556,22 @@ async def running_operator(config: OperatorConfig) -> AsyncIterator[RunningOpera
 
     thread = threading.Thread(target=main, name="operator", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not ready.is_set() and thread.is_alive() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    try:
+        await wait_until_async(
+            lambda: ready.is_set() or not thread.is_alive(), what="the operator to start watching", interval=0.05
+        )
+    finally:
+        if not ready.is_set():
+            stop.set()
+            await asyncio.to_thread(thread.join, HANG_GUARD_SECONDS)  # a safety net, not a verdict
     if not ready.is_set():
-        stop.set()
-        await asyncio.to_thread(thread.join, 30)
         if failure:
             raise failure[0]
-        pytest.fail("the operator did not become ready in 30 s")
+        pytest.fail("the operator ended before it was ready")
     try:
         yield RunningOperator(config=config, thread=thread, stop=stop)
     finally:
         stop.set()
-        await asyncio.to_thread(thread.join, 60)
-        if thread.is_alive():
-            pytest.fail("the operator did not stop within 60 s")
+        await wait_until_async(lambda: not thread.is_alive(), what="the operator to stop", interval=0.05)
         if failure:
             raise failure[0]

@@ -13,7 +13,6 @@ import contextlib
 import json
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.waiting import file_sizes, wait_until
 
 __all__ = ["PROMETHEUS", "PrometheusServer", "prometheus_server", "requires_prometheus"]
 
@@ -105,14 +106,17 @@ def prometheus_server(
         )
     server = PrometheusServer(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path)
     try:
-        deadline = time.monotonic() + 30
-        while True:
+
+        def ready() -> bool:
             with contextlib.suppress(OSError), urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prometheus did not start:\n{server.log()}")
-            time.sleep(0.1)
+                return bool(resp.status == 200)
+            return False
+
+        def ended() -> str | None:
+            return None if proc.poll() is None else f"prometheus exited:\n{server.log()}"
+
+        # Progress: its log (warnings and up) and its data folder, which it writes while it starts.
+        wait_until(ready, what="prometheus to be ready", progress=lambda: file_sizes(folder), alive=ended, interval=0.1)
         yield server
     finally:
         proc.terminate()

@@ -13,8 +13,8 @@ Import the helpers explicitly (``from tests.run_fixtures import ...``); nothing 
   was trained, completed and released, and prove that a kill happened while a lease was held.
 - :func:`serve_campaign` serves one campaign's lease API in the test's own event loop (for worker
   tests that need to look inside the lease book, or start the server after the worker).
-- :func:`wait_for` polls a condition against a deadline. End-to-end tests do sleep for real (they
-  wait for real processes); unit tests never use this.
+- Waiting is :mod:`tests.waiting`'s (on progress, never on a wall-clock budget); :meth:`Proc.wait` and
+  :func:`reap` use it with what the processes write under their folder as the progress signal.
 """
 
 from __future__ import annotations
@@ -29,18 +29,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from mlds_contract.campaign import CampaignSpec, Storage, TrainingCampaign
 from mlds_operator.leases.http import create_app
 from mlds_operator.leases.registry import Campaigns
 from mlds_operator.leases.service import CampaignService, ServiceSettings
 from mlds_operator.storage.store import LocalStore
+
+from tests.waiting import Progress, cpu_seconds, file_sizes, wait_exit, wait_until
 
 __all__ = [
     "MACHINES",
@@ -49,6 +52,7 @@ __all__ = [
     "Event",
     "Proc",
     "Served",
+    "activity",
     "cmdline",
     "free_port",
     "live_children",
@@ -61,8 +65,6 @@ __all__ = [
     "serve_campaign",
     "start_mlds",
     "units_with",
-    "wait_for",
-    "wait_for_async",
     "worker_env",
     "worker_events",
     "write_campaign",
@@ -140,6 +142,11 @@ class Proc:
     started: float = field(default_factory=time.monotonic)
 
     @property
+    def folder(self) -> Path:
+        """Where it runs and writes (its output, and for ``mlds run`` the store and the workers' logs)."""
+        return self.stdout_path.parent
+
+    @property
     def pid(self) -> int:
         return self.popen.pid
 
@@ -157,17 +164,19 @@ class Proc:
     def send(self, sig: signal.Signals) -> None:
         self.popen.send_signal(sig)
 
-    def wait(self, timeout: float) -> int:
-        """The exit status; on timeout the process is killed and the test fails with its output."""
+    def wait(self, *, what: str = "the process to exit", progress: Progress | None = None) -> int:
+        """The exit status, once it ends; fails (killing it) if nothing moves for minutes.
+
+        The progress signal is by default :func:`activity` in :attr:`folder`.
+        """
         try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-            raise AssertionError(
-                f"{self.popen.args!r} still running after {timeout} s\n"
-                f"--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
-            ) from None
+            return wait_exit(self.popen, what=what, progress=progress or (lambda: activity(self.folder, self.pid)))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.describe()}") from None
+
+    def ended(self) -> str | None:
+        """None while it runs; its exit status and output once it has ended (``wait_until``'s ``alive``)."""
+        return None if self.alive() else f"{self.popen.args!r} ended, {self.describe()}"
 
     def describe(self) -> str:
         return f"exit {self.popen.returncode}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
@@ -246,55 +255,36 @@ def processes_mentioning(text: str) -> list[int]:
     return sorted(out)
 
 
-def reap(text: str, *, grace: float = 0.0) -> list[int]:
-    """Wait up to ``grace`` seconds for processes mentioning ``text`` to exit, then SIGKILL the rest.
+def activity(folder: Path, *pids: int) -> dict[str, object]:
+    """What the processes of a test folder have done so far: bytes written under it, CPU seconds used.
 
-    Returns the pids that had to be killed (a test asserting "no orphans" checks that it is empty).
+    The progress signal of waits on ``mlds`` processes: those running in or naming ``folder`` (and
+    ``pids``) count, so a worker that trains silently for minutes is still seen to move.
     """
-    deadline = time.monotonic() + grace
+    running = [*pids, *processes_mentioning(str(folder))]
+    return {"bytes": sum(file_sizes(folder).values()), "cpu s": cpu_seconds(running), "processes": len(running)}
+
+
+def reap(text: str, *, wait: bool = False) -> list[int]:
+    """SIGKILL the processes mentioning ``text``; with ``wait``, first let them exit on their own.
+
+    Waiting lasts as long as they keep exiting or writing (:mod:`tests.waiting`), so a slow machine only
+    makes it longer. Returns the pids that had to be killed (a test asserting "no orphans" checks that
+    it is empty).
+    """
+    folder = Path(text)
+    if wait:
+        with contextlib.suppress(AssertionError):  # they did not all go: killed below, and returned
+            wait_until(
+                lambda: not processes_mentioning(text),
+                what=f"processes of {text} to exit",
+                progress=lambda: activity(folder),
+            )
     left = processes_mentioning(text)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.2)
-        left = processes_mentioning(text)
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return left
-
-
-def wait_for(
-    probe: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.2, alive: Proc | None = None
-) -> T:
-    """Poll ``probe`` until it returns something other than None/False; fail after ``timeout`` seconds.
-
-    With ``alive``, fail at once (with its output) if that process exits meanwhile.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value is not None and value is not False:
-            return value
-        if alive is not None and not alive.alive():
-            raise AssertionError(f"gave up waiting for {what}: the process ended, {alive.describe()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what} after {timeout} s")
-        time.sleep(interval)
-
-
-async def wait_for_async(
-    probe: Callable[[], T | Awaitable[T | None] | None], *, timeout: float, what: str, interval: float = 0.2
-) -> T:
-    """:func:`wait_for` for tests whose event loop must keep running (a server in the same loop)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
-            value = await value
-        if value is not None and value is not False:
-            return value  # type: ignore[return-value]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what} after {timeout} s")
-        await asyncio.sleep(interval)
 
 
 # -------------------------------------------------------------------------------------------- worker logs
@@ -373,11 +363,19 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serve_campaign(
-    campaign_file: Path, store_dir: Path, *, port: int, token: str = "e2e-token"
+    campaign_file: Path,
+    store_dir: Path,
+    *,
+    port: int,
+    token: str = "e2e-token",
+    clock: Callable[[], float] = time.monotonic,
+    middlewares: Sequence[Middleware] = (),
 ) -> AsyncIterator[Served]:
     """Serve ``campaign_file``'s lease API on ``port`` with a local-folder store, as ``mlds run`` does.
 
     A background task ticks the service twice a second (lease expiry, flushes, finalization).
+    ``clock`` is the lease book's (the event loop's clock under looptime); ``middlewares`` run before
+    the app's own, e.g. to play an outage.
     """
     doc = yaml.safe_load(campaign_file.read_text())
     name = doc["metadata"]["name"]
@@ -387,11 +385,13 @@ async def serve_campaign(
     token_file = store_dir.parent / f"{name}.token"
     token_file.write_text(token + "\n")
     service = await CampaignService.open(
-        name, spec, store, token=token, pools=["cpu"], settings=ServiceSettings(checkpoint_seconds=2.0)
+        name, spec, store, token=token, pools=["cpu"], clock=clock, settings=ServiceSettings(checkpoint_seconds=2.0)
     )
     campaigns = Campaigns()
     campaigns.add("local", name, service)
-    runner = web.AppRunner(create_app(campaigns, local_store=store), access_log=None)
+    app = create_app(campaigns, local_store=store)
+    app.middlewares[:0] = middlewares
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
 

@@ -18,6 +18,7 @@ import pytest
 from mlds_operator.bench.load import synthesize
 
 from tests.run_fixtures import worker_env
+from tests.waiting import HANG_GUARD_SECONDS
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +43,7 @@ def test_two_networks_per_target_give_a_marked_report_not_a_traceback(tmp_path: 
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_SECONDS,  # a safety net against a hang, not a verdict
         env=worker_env(),
         check=False,
     )

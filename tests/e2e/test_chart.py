@@ -64,9 +64,9 @@ from tests.operator_fixtures import (
     credentials_secret,
     operator_config,
     running_operator,
-    wait_for,
 )
 from tests.s3_fixtures import S3Server
+from tests.waiting import HANG_GUARD_SECONDS, wait_until_async
 
 pytestmark = pytest.mark.e2e
 pytest_plugins = ["tests.s3_fixtures", "tests.operator_fixtures"]
@@ -129,7 +129,7 @@ def render_subprocess(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         check=False,
-        timeout=300,
+        timeout=HANG_GUARD_SECONDS,  # a safety net against a hang, not a verdict on speed
         cwd=ROOT,
         env={**os.environ, "HELM_DRIVER": "memory"},
     )
@@ -709,18 +709,17 @@ async def test_a_real_operator_run_calls_only_what_the_chart_grants(
     async with running_operator(operator_config(cluster)):
         manifest = campaign_manifest("rbac", "research", storage=s3_server.storage(s3_bucket, "rbac"))
         await cluster.create(CAMPAIGNS, manifest)
-        await wait_for(lambda: len(cluster.jobs("research", "rbac")) == 1, timeout=20, what="the Job")
-        await wait_for(
+        await wait_until_async(lambda: len(cluster.jobs("research", "rbac")) == 1, what="the Job")
+        await wait_until_async(
             lambda: condition(cluster.status("research", "rbac"), "Ready").get("status") == "True",
-            timeout=20,
             what="Ready=True",
         )
         await cluster.patch(CAMPAIGNS, "research", "rbac", {"spec": {"suspend": True}})
-        await wait_for(
-            lambda: cluster.jobs("research", "rbac")["cpu"]["spec"].get("suspend") is True, timeout=20, what="suspend"
+        await wait_until_async(
+            lambda: cluster.jobs("research", "rbac")["cpu"]["spec"].get("suspend") is True, what="suspend"
         )
         await cluster.delete(CAMPAIGNS, "research", "rbac")
-        await wait_for(lambda: cluster.campaign("research", "rbac") is None, timeout=20, what="the campaign to go")
+        await wait_until_async(lambda: cluster.campaign("research", "rbac") is None, what="the campaign to go")
     granted = chart_rules(rendered["default"], "mlds-campaigns") | chart_rules(rendered["default"], "mlds-discovery")
     by_operator = {rule for who, rule in seen if who != "test"}
     assert by_operator - granted == set()
@@ -823,7 +822,7 @@ def checkov_report(rendered: dict[str, Rendered], tmp_path_factory: pytest.TempP
     command += ["-o", "json", "-f", str(DOCKERFILE), "-f", str(crd)]
     for path in files:
         command += ["-f", str(path)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300, cwd=ROOT)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=HANG_GUARD_SECONDS, cwd=ROOT)
     assert done.returncode in (0, 1), done.stderr[-2000:]
     report = json.loads(done.stdout)
     reports: list[dict[str, Any]] = report if isinstance(report, list) else [report]

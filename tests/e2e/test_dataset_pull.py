@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from mlds_operator.bench.load import synthesize
 from mlds_operator.storage.manifest import MANIFEST_KEY
 
 from tests.s3_fixtures import S3Server
+from tests.waiting import HANG_GUARD_SECONDS, file_sizes, wait_until
 
 pytestmark = pytest.mark.e2e
 pytest_plugins = ["tests.s3_fixtures"]
@@ -44,7 +44,12 @@ def upload(client: Minio, bucket: str, prefix: str, folder: Path) -> int:
 
 def mlds(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mlds_cli", *args], capture_output=True, text=True, env=env, timeout=120, check=False
+        [sys.executable, "-m", "mlds_cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=HANG_GUARD_SECONDS,
+        check=False,
     )
 
 
@@ -69,14 +74,15 @@ def test_pull_from_s3_resumes_after_a_kill_and_refetches_damaged_objects(
         stderr=subprocess.PIPE,
     )
     journal = dest / JOURNAL_FILE
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if journal.is_file() and journal.read_text().count("\n") >= 30:
-            break
-        time.sleep(0.01)
+    wait_until(
+        lambda: proc.poll() is not None or (journal.is_file() and journal.read_text().count("\n") >= 30),
+        what="30 objects in the pull's journal",
+        progress=lambda: file_sizes(dest) if dest.is_dir() else {},
+        interval=0.01,
+    )
     assert proc.poll() is None, "the pull finished before it could be interrupted"
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+    proc.wait()
     proc.stdout.close()  # type: ignore[union-attr]
     proc.stderr.close()  # type: ignore[union-attr]
     assert not (dest / MANIFEST_KEY).exists()

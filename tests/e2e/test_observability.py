@@ -42,10 +42,10 @@ from tests.operator_fixtures import (
     campaign_manifest,
     credentials_secret,
     free_port,
-    wait_for,
 )
 from tests.prometheus_fixtures import PrometheusServer, prometheus_server, requires_prometheus
 from tests.s3_fixtures import S3Server
+from tests.waiting import wait_until_async
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, requires_prometheus]
 pytest_plugins = ["tests.s3_fixtures", "tests.operator_fixtures"]
@@ -157,13 +157,16 @@ async def test_prometheus_scrapes_a_campaign_every_panel_has_data_and_a_stalled_
         operator.start()
         kubelet.start()
         try:
-            await wait_for(prom.targets_up, timeout=60, what="Prometheus to scrape the operator")
+            await wait_until_async(prom.targets_up, what="Prometheus to scrape the operator")
             await cluster.create(CAMPAIGNS, manifest)
 
             def succeeded() -> int:
                 return int(cluster.status(NS, NAME).get("units", {}).get("succeeded", 0))
 
-            await wait_for(lambda: succeeded() >= 2, timeout=180, what="the first networks")
+            def progress() -> object:  # the units' counts and what the worker pods have done and written
+                return cluster.status(NS, NAME).get("units"), kubelet.progress()
+
+            await wait_until_async(lambda: succeeded() >= 2, what="the first networks", progress=progress)
             victim = next(p for p in kubelet.alive() if "-small-" in p.name or p.name.endswith("small"))
             victim.proc.send_signal(signal.SIGKILL)  # its lease expires; its unit is re-issued
             secret = cluster.get(SECRETS, NS, pods.secret_name(NAME))
@@ -172,7 +175,9 @@ async def test_prometheus_scrapes_a_campaign_every_panel_has_data_and_a_stalled_
             assert await intrude(port, token) == 422
 
             seen = succeeded()
-            await wait_for(lambda: succeeded() >= seen + 2, timeout=180, what="more networks after the kill")
+            await wait_until_async(
+                lambda: succeeded() >= seen + 2, what="more networks after the kill", progress=progress
+            )
 
             # The killed worker's lease expires (10 s) and a live worker takes its unit again: wait for
             # that before stopping the workers, or fast networks can finish the story without a re-issue.
@@ -181,19 +186,19 @@ async def test_prometheus_scrapes_a_campaign_every_panel_has_data_and_a_stalled_
                 answer = await asyncio.to_thread(prom.query, expr)
                 return bool(answer) and float(answer[0]["value"][1]) > 0
 
-            await wait_for(reissued, timeout=120, what="the killed worker's unit to be re-issued", interval=1.0)
+            await wait_until_async(
+                reissued, what="the killed worker's unit to be re-issued", progress=progress, interval=1.0
+            )
 
             # Results are arriving: the stall alert is not firing (give Prometheus a scrape and an evaluation
             # to see the latest result, in case a slow network made a gap just before).
             async def not_stalled() -> bool:
                 return await stalled_alert(prom) is None
 
-            await wait_for(not_stalled, timeout=5, what="no stall alert while results arrive")
+            await wait_until_async(not_stalled, what="no stall alert while results arrive", progress=progress)
             await kubelet.close()  # every worker stops (SIGTERM: they release their leases) with units left
             assert succeeded() < TOTAL
-            alert = await wait_for(
-                lambda: stalled_alert(prom), timeout=STALL_SECONDS + 45, what="MldsCampaignStalled to fire"
-            )
+            alert = await wait_until_async(lambda: stalled_alert(prom), what="MldsCampaignStalled to fire")
             (last,) = await asyncio.to_thread(
                 prom.query, f'mlds_campaign_last_verified_timestamp_seconds{{campaign="{NAME}"}}'
             )
@@ -252,7 +257,7 @@ async def test_prometheus_scrapes_a_campaign_every_panel_has_data_and_a_stalled_
             # A deleted campaign's series vanish from the operator's /metrics.
             assert re.search(rf'campaign="{NAME}"', await asyncio.to_thread(scrape, port))
             await cluster.delete(CAMPAIGNS, NS, NAME)
-            await wait_for(lambda: cluster.campaign(NS, NAME) is None, timeout=60, what="the campaign to go")
+            await wait_until_async(lambda: cluster.campaign(NS, NAME) is None, what="the campaign to go")
             text = await asyncio.to_thread(scrape, port)
             assert f'campaign="{NAME}"' not in text
             assert "mlds_build_info{" in text

@@ -43,9 +43,9 @@ from tests.operator_fixtures import (
     condition,
     credentials_secret,
     free_port,
-    wait_for,
 )
 from tests.s3_fixtures import S3Server
+from tests.waiting import cpu_seconds, file_sizes, wait_until_async
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 pytest_plugins = ["tests.s3_fixtures", "tests.operator_fixtures"]
@@ -78,7 +78,7 @@ class OperatorProcess:
         """SIGKILL: no cleanup handler, no final checkpoint, as when a node dies."""
         assert self.proc is not None
         self.proc.kill()
-        self.proc.wait(timeout=30)
+        self.proc.wait()
 
     def stop(self) -> int | None:
         if self.proc is None:
@@ -159,6 +159,21 @@ class Kubelet:
                 pod.proc.kill()
                 pod.proc.wait()
             pod.log.close()
+
+    def progress(self) -> dict[str, object]:
+        """What the pods have done so far (a wait's progress signal): started, ended, bytes of log, CPU used.
+
+        CPU seconds count because a worker training a network writes nothing until it is trained, which
+        on a busy machine can take minutes.
+        """
+        running = [p.proc.pid for p in self.every_pod if p.proc.poll() is None]
+        logs = file_sizes([Path(p.log.name) for p in self.every_pod])
+        return {
+            "pods": len(self.every_pod),
+            "ended": len(self.every_pod) - len(running),
+            "log bytes": sum(logs.values()),
+            "cpu s": cpu_seconds(running),
+        }
 
     def alive(self) -> list[Pod]:
         return [p for run in self.runs.values() for p in run.pods if p.proc.poll() is None]
@@ -315,18 +330,21 @@ async def test_a_campaign_survives_a_killed_worker_and_a_restarted_operator_and_
     kubelet.start()
     try:
         await cluster.create(CAMPAIGNS, manifest)
-        jobs = await wait_for(
-            lambda: len(cluster.jobs(NS, NAME)) == 2 and cluster.jobs(NS, NAME), timeout=60, what="two Jobs"
+        jobs = await wait_until_async(
+            lambda: len(cluster.jobs(NS, NAME)) == 2 and cluster.jobs(NS, NAME), what="two Jobs"
         )
         for job in jobs.values():
             (c,) = job["spec"]["template"]["spec"]["containers"]
             assert c["image"] == "registry.test/mlds/worker:e2e-cpu"
             assert c["resources"]["limits"] == {"cpu": "1", "memory": "1Gi"}
 
-        await wait_for(
+        def progress() -> object:
+            return cluster.status(NS, NAME).get("units"), kubelet.progress()
+
+        await wait_until_async(
             lambda: cluster.status(NS, NAME).get("units", {}).get("succeeded", 0) >= 4,
-            timeout=180,
             what="the first networks",
+            progress=progress,
         )
         transcript.append("$ kubectl get tc -n research -o wide    # while it runs\n")
         transcript.append(await kubectl(cluster, "get", "tc", "-n", NS, "-o", "wide"))
@@ -337,10 +355,10 @@ async def test_a_campaign_survives_a_killed_worker_and_a_restarted_operator_and_
         await asyncio.sleep(1.0)  # workers find the lease API gone and back off
         operator.start()
 
-        done = await wait_for(
+        done = await wait_until_async(
             lambda: cluster.status(NS, NAME).get("phase") in ("Succeeded", "Failed") and cluster.status(NS, NAME),
-            timeout=420,
             what="the campaign to finish",
+            progress=progress,
         )
         assert done["phase"] == "Succeeded", done
         assert done["progress"] == "20/20"
@@ -366,7 +384,7 @@ async def test_a_campaign_survives_a_killed_worker_and_a_restarted_operator_and_
         assert len(results) == 20
 
         # The workers exit on their own once the campaign is drained (exit 0 completes their Jobs).
-        await wait_for(lambda: not kubelet.alive(), timeout=60, what="the workers to exit")
+        await wait_until_async(lambda: not kubelet.alive(), what="the workers to exit", progress=kubelet.progress)
         exits = sorted(c for run in kubelet.runs.values() for c in run.exit_codes)
         assert exits.count(-signal.SIGKILL) == 1, exits
         assert all(c == 0 for c in exits if c != -signal.SIGKILL), exits
@@ -390,7 +408,7 @@ async def test_a_campaign_survives_a_killed_worker_and_a_restarted_operator_and_
             )
 
         await cluster.delete(CAMPAIGNS, NS, NAME)
-        await wait_for(lambda: cluster.campaign(NS, NAME) is None, timeout=60, what="the campaign to go")
+        await wait_until_async(lambda: cluster.campaign(NS, NAME) is None, what="the campaign to go")
         assert cluster.jobs(NS, NAME) == {}
         assert cluster.get(SECRETS, NS, pods.secret_name(NAME)) is None
         store = s3_server.open(s3_bucket, NAME)

@@ -25,21 +25,19 @@ import pytest
 
 from tests.run_fixtures import (
     Proc,
+    activity,
     log_sizes,
     manifest_rows,
     reap,
     start_mlds,
     units_with,
-    wait_for,
     worker_env,
     worker_events,
     write_campaign,
 )
+from tests.waiting import Progress, wait_exit, wait_until
 
 pytestmark = pytest.mark.e2e
-
-#: Seconds a small campaign may take on a busy 2-core machine (it needs about 20-30 s).
-RUN_TIMEOUT = 240.0
 
 
 @dataclass
@@ -61,8 +59,8 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
     folder = tmp_path_factory.mktemp("run-local")
     campaign = write_campaign(folder / "campaign.yaml", name="quick", networks_per_target=3)
     proc = start_mlds(["run", campaign, "--workers", "2", "--store", "store", "--quiet"], cwd=folder, tag="first")
-    proc.wait(RUN_TIMEOUT)
-    leftovers = reap(str(folder), grace=10.0)
+    proc.wait(what="mlds run to finish the campaign")
+    leftovers = reap(str(folder), wait=True)
     assert leftovers == [], f"worker processes outlived mlds run: {leftovers}"
     return Finished(folder, campaign, folder / "store", proc)
 
@@ -109,7 +107,7 @@ def test_running_a_finished_campaign_again_trains_nothing_and_exits_at_once(fini
     again = start_mlds(
         ["run", finished.campaign, "--workers", "2", "--store", "store", "--quiet"], cwd=finished.folder, tag="again"
     )
-    code = again.wait(60.0)
+    code = again.wait()
 
     assert code == 0, again.describe()
     assert again.stdout.splitlines()[0] == "quick: Succeeded: 6/6 networks"
@@ -156,19 +154,21 @@ class Terminal:
         """What the terminal showed, without its control sequences (cursor moves, colours)."""
         return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self._buf.decode(errors="replace"))
 
-    def alive(self) -> bool:
-        return self.popen.poll() is None
+    def ended(self) -> str | None:
+        """None while it runs; once it has ended, its exit status and the end of its screen."""
+        code = self.popen.poll()
+        return None if code is None else f"mlds exited {code}:\n{self.screen[-3000:]}"
 
     def ctrl_c(self) -> None:
         os.killpg(self.popen.pid, signal.SIGINT)
 
-    def wait(self, timeout: float) -> int:
+    def wait(self, *, what: str, progress: Progress) -> int:
+        """Its exit status; killed (and the wait failed) when ``progress`` stops moving."""
         try:
-            code = self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            raise AssertionError(f"still running after {timeout} s:\n{self.screen[-3000:]}") from None
-        self._reader.join(timeout=10.0)
+            code = wait_exit(self.popen, what=what, progress=progress)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.screen[-3000:]}") from None
+        self._reader.join()  # the terminal closes when its last process ends
         os.close(self._master)
         return code
 
@@ -183,10 +183,20 @@ def test_ctrl_c_stops_at_once_exits_130_with_the_true_count_and_the_rerun_resume
     def accepted() -> list[int]:
         return units_with(worker_events(logs), "completed (accepted)") if logs.is_dir() else []
 
-    wait_for(lambda: len(accepted()) >= 2 or not first.alive(), timeout=RUN_TIMEOUT, what="two networks completed")
+    wait_until(
+        lambda: len(accepted()) >= 2,
+        what="two networks completed",
+        progress=lambda: activity(tmp_path),
+        alive=first.ended,
+    )
     first.ctrl_c()
-    wait_for(lambda: "stopping…" in first.screen or not first.alive(), timeout=60.0, what="the stopping message")
-    code = first.wait(60.0)
+    wait_until(
+        lambda: "stopping…" in first.screen,
+        what="the stopping message",
+        progress=lambda: (len(first.screen), activity(tmp_path)),
+        alive=first.ended,
+    )
+    code = first.wait(what="mlds run to stop after Ctrl-C", progress=lambda: (len(first.screen), activity(tmp_path)))
 
     screen = first.screen
     assert code == 130, screen[-3000:]
@@ -209,12 +219,12 @@ def test_ctrl_c_stops_at_once_exits_130_with_the_true_count_and_the_rerun_resume
     offsets = log_sizes(logs)
 
     info = start_mlds(["dataset", "info", "store"], cwd=tmp_path, tag="info")
-    assert info.wait(60.0) == 0, info.describe()
+    assert info.wait(what="mlds dataset info") == 0, info.describe()
     assert "[interrupted at " in info.stdout
     assert "still running" not in info.stdout
 
     second = start_mlds([*args, "--quiet"], cwd=tmp_path, tag="second")
-    code = second.wait(RUN_TIMEOUT)
+    code = second.wait(what="the resumed run to finish", progress=lambda: activity(tmp_path))
 
     assert code == 0, second.describe()
     assert f"resumed: resuming: {saved}/10 done" in second.stderr
@@ -229,7 +239,7 @@ def test_ctrl_c_stops_at_once_exits_130_with_the_true_count_and_the_rerun_resume
     assert [row["unit"] for row in rows] == list(range(10))
     # Released units were not charged an attempt: every network is its unit's first attempt.
     assert {row["attempt"] for row in rows} == {0}
-    assert reap(str(tmp_path), grace=10.0) == []
+    assert reap(str(tmp_path), wait=True) == []
 
 
 GOOD = """\
@@ -264,7 +274,7 @@ def test_a_bad_campaign_file_is_one_line_on_stderr_and_exit_status_2(
         path.write_text(text)
 
     proc = start_mlds(["run", path, "--store", "store"], cwd=tmp_path, tag="bad")
-    code = proc.wait(60.0)
+    code = proc.wait()
 
     assert code == 2, proc.describe()
     lines = proc.stderr.splitlines()

@@ -31,6 +31,7 @@ from mlds_operator.storage import manifest as mf
 from tests.run_fixtures import (
     Event,
     Proc,
+    activity,
     cmdline,
     free_port,
     live_children,
@@ -38,11 +39,11 @@ from tests.run_fixtures import (
     open_lease,
     reap,
     start_mlds,
-    wait_for,
     worker_events,
     write_campaign,
 )
 from tests.s3_fixtures import S3Server
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 pytest_plugins = ["tests.s3_fixtures"]
@@ -50,8 +51,6 @@ pytest_plugins = ["tests.s3_fixtures"]
 NAME = "chaos"
 PREFIX = "chaos"
 TOTAL = 20
-#: Seconds for any one stage; the whole campaign needs about a minute on a busy 2-core machine.
-STAGE_TIMEOUT = 180.0
 
 
 def worker_id(pid: int) -> str:
@@ -92,6 +91,10 @@ def test_killing_a_worker_and_the_server_mid_lease_loses_and_double_counts_nothi
     args = ["run", campaign, "--workers", "2", "--port", str(port), "--quiet"]
     logs = tmp_path / ".mlds" / NAME / "logs"  # the state folder of an S3 campaign: beside its file
     run1 = start_mlds(args, cwd=tmp_path, tag="run1")
+
+    def written() -> dict[str, object]:  # the progress signal: what the run and its workers wrote and computed
+        return activity(tmp_path)
+
     try:
         # 1. SIGKILL a worker that holds a lease.
         def leaseholder() -> tuple[int, str] | None:
@@ -100,25 +103,27 @@ def test_killing_a_worker_and_the_server_mid_lease_loses_and_double_counts_nothi
                     return pid, wid
             return None
 
-        victim_pid, victim = wait_for(leaseholder, timeout=STAGE_TIMEOUT, what="a worker holding a lease", alive=run1)
+        victim_pid, victim = wait_until(
+            leaseholder, what="a worker holding a lease", progress=written, alive=run1.ended
+        )
         os.kill(victim_pid, signal.SIGKILL)
-        wait_for(lambda: not cmdline(victim_pid), timeout=10, what="the killed worker to be gone")
+        wait_until(lambda: not cmdline(victim_pid), what="the killed worker to be gone")
         held = open_lease(events_of(logs, slot(victim)))
         assert held is not None, "the worker finished its lease just before the kill; nothing was proved"
         at_victim_kill = log_sizes(logs)  # the killed worker's last line ("leased") is stale from here on
 
-        replacement = wait_for(
+        replacement = wait_until(
             lambda: next((w for w in workers_of(run1).values() if slot(w) == slot(victim) and w != victim), None),
-            timeout=30,
             what="the supervisor to restart the killed worker",
-            alive=run1,
+            progress=written,
+            alive=run1.ended,
         )
 
         # The dead worker's lease expires on the server and its units are leased again as attempt 1.
         def retried() -> bool:
             return any(e.message == "trained" and e.get("attempt") == "1" for e in worker_events(logs))
 
-        wait_for(retried, timeout=STAGE_TIMEOUT, what="the dead worker's units to be retrained", alive=run1)
+        wait_until(retried, what="the dead worker's units to be retrained", progress=written, alive=run1.ended)
 
         # 2. SIGKILL mlds run while one of its workers holds a lease it has just been granted.
         def fresh_lease() -> dict[int, str] | None:
@@ -129,7 +134,7 @@ def test_killing_a_worker_and_the_server_mid_lease_loses_and_double_counts_nothi
                 return workers
             return None
 
-        survivors = wait_for(fresh_lease, timeout=STAGE_TIMEOUT, what="a freshly granted lease", alive=run1)
+        survivors = wait_until(fresh_lease, what="a freshly granted lease", progress=written, alive=run1.ended)
         run1.popen.kill()
         run1.popen.wait()
         at_kill = log_sizes(logs)
@@ -137,18 +142,18 @@ def test_killing_a_worker_and_the_server_mid_lease_loses_and_double_counts_nothi
         assert accepted_before < TOTAL, "the campaign finished before the server could be killed"
         assert all(cmdline(pid) for pid in survivors), "workers must outlive a killed mlds run"
         # The survivors notice the outage and keep retrying.
-        wait_for(
+        wait_until(
             lambda: any(e.level == "WARNING" for e in worker_events(logs, skip_bytes=at_kill)),
-            timeout=30,
             what="a surviving worker to notice the dead server",
+            progress=written,
         )
 
         # 3. The same command again: same file, port and state folder.
         run2 = start_mlds(args, cwd=tmp_path, tag="run2")
-        code = run2.wait(STAGE_TIMEOUT)
+        code = run2.wait(what="the restarted run to finish the campaign")
         assert code == 0, run2.describe()
     finally:
-        leftovers = reap(str(tmp_path), grace=30.0)
+        leftovers = reap(str(tmp_path), wait=True)
     assert leftovers == [], f"worker processes were still running after the campaign: {leftovers}"
     assert run2.stdout.splitlines()[0] == f"{NAME}: Succeeded: {TOTAL}/{TOTAL} networks"
 

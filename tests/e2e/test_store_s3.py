@@ -239,6 +239,7 @@ def dead_server_store(s3_server: S3Server) -> Iterator[S3Store]:
 
 
 def test_a_dead_server_is_storage_unavailable_quickly(dead_server_store: S3Store) -> None:
+    # "Quickly" against the SDK's defaults (minutes of retries), with room for a machine 20 times slower.
     for call in (
         lambda: dead_server_store.get_bytes("x"),
         lambda: dead_server_store.put_bytes("y", b"2"),
@@ -248,7 +249,7 @@ def test_a_dead_server_is_storage_unavailable_quickly(dead_server_store: S3Store
         started = time.monotonic()
         with pytest.raises(StorageUnavailable, match="unreachable"):
             call()
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 60
 
 
 def test_a_hung_server_is_storage_unavailable_after_the_timeouts() -> None:
@@ -273,8 +274,9 @@ def test_a_hung_server_is_storage_unavailable_after_the_timeouts() -> None:
             store.get_bytes("x")
         elapsed = time.monotonic() - started
 
-    # Two attempts of 0.3 s plus backoff; the SDK's own defaults would wait 5 minutes per attempt.
-    assert 0.5 < elapsed < 3
+    # Two attempts of 0.3 s plus backoff; the SDK's own defaults would wait 5 minutes per attempt. The
+    # upper bound leaves room for a machine 20 times slower: it tells our timeouts from the SDK's, no more.
+    assert 0.5 < elapsed < 60
 
 
 class NotS3Handler(http.server.BaseHTTPRequestHandler):

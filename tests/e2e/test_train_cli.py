@@ -15,6 +15,8 @@ import yaml
 from mlds_contract.campaign import TrainingCampaign
 from mlds_contract.plan import unit_spec
 
+from tests.waiting import HANG_GUARD_SECONDS
+
 pytestmark = pytest.mark.e2e
 
 CAMPAIGN = """\
@@ -28,7 +30,7 @@ spec:
 """
 
 
-def mlds(command: str, *, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def mlds(command: str, *, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run ``mlds COMMAND`` (split like a shell would) in ``cwd``, as a user would, without OMP_NUM_THREADS."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     return subprocess.run(
@@ -37,7 +39,7 @@ def mlds(command: str, *, cwd: Path, timeout: float = 300) -> subprocess.Complet
         env=env,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=HANG_GUARD_SECONDS,  # a safety net against a hang, not a verdict on speed
         check=False,
     )
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.run_fixtures import reap, worker_env
+from tests.waiting import HANG_GUARD_SECONDS
 
 pytestmark = pytest.mark.e2e
 
@@ -47,7 +48,7 @@ def mlds(*args: object, cwd: Path = ROOT, python: tuple[str, ...] = ()) -> subpr
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_SECONDS,  # a safety net against a hang, not a verdict
         env=worker_env(),
         check=False,
     )

@@ -29,9 +29,9 @@ from tests.operator_fixtures import (
     credentials_secret,
     operator_config,
     running_operator,
-    wait_for,
 )
 from tests.s3_fixtures import S3Server
+from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.e2e
 pytest_plugins = ["tests.s3_fixtures", "tests.operator_fixtures"]
@@ -40,7 +40,6 @@ NS = "research"
 NAME = "queued"
 QUEUE = "gpu-queue"
 #: Seconds to wait for the operator to react: a few status passes (0.3 s each) on a busy 2-core machine.
-REACT = 20.0
 
 
 def record_job_writes(cluster: Cluster) -> list[dict[str, Any]]:
@@ -125,24 +124,23 @@ async def test_kueue_admission_takes_a_queued_campaign_from_queued_to_running_an
         await cluster.create(CAMPAIGNS, manifest)
 
         # 1. Queued: the Job waits for Kueue, suspended, with the queue label.
-        made = await wait_for(lambda: job(cluster), timeout=REACT, what="the gpu Job")
+        made = await wait_until_async(lambda: job(cluster), what="the gpu Job")
         assert made["metadata"]["labels"][pods.KUEUE_QUEUE_LABEL] == QUEUE
         assert made["spec"]["suspend"] is True
-        await wait_for(lambda: phase(cluster) == "Queued", timeout=REACT, what="phase Queued")
+        await wait_until_async(lambda: phase(cluster) == "Queued", what="phase Queued")
         progressing = condition(cluster.status(NS, NAME), "Progressing")
         assert (progressing["status"], progressing["reason"]) == ("False", "Queued")
         assert f"LocalQueue {QUEUE}" in progressing["message"]
 
         # 2. Kueue admits the Job: the campaign runs, and the Job's pod gets work from the lease API.
         await cluster.patch(JOBS, NS, made["metadata"]["name"], {"spec": {"suspend": False}})
-        await wait_for(lambda: phase(cluster) == "Running", timeout=REACT, what="phase Running after admission")
+        await wait_until_async(lambda: phase(cluster) == "Running", what="phase Running after admission")
         admitted = job(cluster)
         assert admitted is not None
         assert admitted["spec"]["suspend"] is False, "the operator must leave an admitted Job running"
-        grant = await wait_for(lambda: play_pod(cluster, admitted), timeout=REACT, what="a lease for the pod")
-        await wait_for(
+        grant = await wait_until_async(lambda: play_pod(cluster, admitted), what="a lease for the pod")
+        await wait_until_async(
             lambda: condition(cluster.status(NS, NAME), "Progressing").get("reason") == "Training",
-            timeout=REACT,
             what="Progressing=True Training",
         )
         assert cluster.status(NS, NAME)["units"]["leased"] == 1
@@ -150,21 +148,21 @@ async def test_kueue_admission_takes_a_queued_campaign_from_queued_to_running_an
         # 3. Kueue preempts it: Queued again, and the operator does not unsuspend it.
         await release(admitted, cluster, grant)
         await cluster.patch(JOBS, NS, made["metadata"]["name"], {"spec": {"suspend": True}})
-        await wait_for(lambda: phase(cluster) == "Queued", timeout=REACT, what="phase Queued after preemption")
+        await wait_until_async(lambda: phase(cluster) == "Queued", what="phase Queued after preemption")
         assert (job(cluster) or {})["spec"]["suspend"] is True
-        await wait_for(
-            lambda: "Queued" in {e["reason"] for e in cluster.events(NS, NAME)}, timeout=REACT, what="a Queued Event"
+        await wait_until_async(
+            lambda: "Queued" in {e["reason"] for e in cluster.events(NS, NAME)}, what="a Queued Event"
         )
 
         # 4. spec.suspend: the queued Job goes (its quota with it); resuming queues a new one.
         await cluster.patch(CAMPAIGNS, NS, NAME, {"spec": {"suspend": True}})
-        await wait_for(lambda: job(cluster) is None, timeout=REACT, what="the queued Job to be deleted")
-        await wait_for(lambda: phase(cluster) == "Suspended", timeout=REACT, what="phase Suspended")
+        await wait_until_async(lambda: job(cluster) is None, what="the queued Job to be deleted")
+        await wait_until_async(lambda: phase(cluster) == "Suspended", what="phase Suspended")
         await cluster.patch(CAMPAIGNS, NS, NAME, {"spec": {"suspend": False}})
-        again = await wait_for(lambda: job(cluster), timeout=REACT, what="a new queued Job")
+        again = await wait_until_async(lambda: job(cluster), what="a new queued Job")
         assert again["metadata"]["uid"] != made["metadata"]["uid"]
         assert (again["spec"]["suspend"], again["metadata"]["labels"][pods.KUEUE_QUEUE_LABEL]) == (True, QUEUE)
-        await wait_for(lambda: phase(cluster) == "Queued", timeout=REACT, what="phase Queued after resuming")
+        await wait_until_async(lambda: phase(cluster) == "Queued", what="phase Queued after resuming")
 
     creates = [w for w in writes if w["method"].upper() == "POST"]
     assert len(creates) == 2

@@ -32,16 +32,14 @@ from tests.operator_fixtures import (
     credentials_secret,
     operator_config,
     running_operator,
-    wait_for,
 )
 from tests.s3_fixtures import S3Server
+from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.e2e
 pytest_plugins = ["tests.s3_fixtures", "tests.operator_fixtures"]
 
 NS = "research"
-#: Seconds to wait for the operator to react: a few status passes (0.3 s each) on a busy 2-core machine.
-REACT = 20.0
 
 
 async def add_credentials(cluster: Cluster, s3: S3Server, name: str = "s3-credentials") -> None:
@@ -114,12 +112,11 @@ async def test_a_campaign_gets_a_token_secret_and_one_job_per_pool_with_the_righ
         await cluster.create(
             CAMPAIGNS, campaign_manifest("parity", NS, storage=s3_server.storage(s3_bucket, "parity"), pools=pools)
         )
-        jobs = await wait_for(
+        jobs = await wait_until_async(
             lambda: len(cluster.jobs(NS, "parity")) == 3 and cluster.jobs(NS, "parity"),
-            timeout=REACT,
             what="three Jobs",
         )
-        await wait_for(lambda: ready(cluster, "parity"), timeout=REACT, what="Ready=True")
+        await wait_until_async(lambda: ready(cluster, "parity"), what="Ready=True")
         campaign = cluster.campaign(NS, "parity")
         assert campaign is not None
 
@@ -181,38 +178,33 @@ async def test_replicas_and_suspend_edits_reach_the_jobs_and_the_lease_book(
     await add_credentials(cluster, s3_server)
     async with running_operator(operator_config(cluster)) as op:
         await cluster.create(CAMPAIGNS, campaign_manifest("edits", NS, storage=s3_server.storage(s3_bucket, "edits")))
-        await wait_for(lambda: ready(cluster, "edits"), timeout=REACT, what="Ready=True")
+        await wait_until_async(lambda: ready(cluster, "edits"), what="Ready=True")
         token = token_of(cluster, "edits")
 
         pools = [{"name": "cpu", "accelerator": "cpu", "replicas": 5, "unitsPerLease": 1}]
         await cluster.patch(CAMPAIGNS, NS, "edits", {"spec": {"pools": pools}})
-        await wait_for(
-            lambda: cluster.jobs(NS, "edits")["cpu"]["spec"]["parallelism"] == 5, timeout=REACT, what="parallelism 5"
+        await wait_until_async(
+            lambda: cluster.jobs(NS, "edits")["cpu"]["spec"]["parallelism"] == 5, what="parallelism 5"
         )
-        await wait_for(
-            lambda: cluster.status(NS, "edits").get("observedGeneration") == 2, timeout=REACT, what="generation 2"
-        )
+        await wait_until_async(lambda: cluster.status(NS, "edits").get("observedGeneration") == 2, what="generation 2")
 
         await cluster.patch(CAMPAIGNS, NS, "edits", {"spec": {"suspend": True}})
-        await wait_for(
-            lambda: cluster.jobs(NS, "edits")["cpu"]["spec"]["suspend"] is True, timeout=REACT, what="suspended Job"
+        await wait_until_async(
+            lambda: cluster.jobs(NS, "edits")["cpu"]["spec"]["suspend"] is True, what="suspended Job"
         )
-        await wait_for(lambda: cluster.status(NS, "edits").get("phase") == "Suspended", timeout=REACT, what="Suspended")
+        await wait_until_async(lambda: cluster.status(NS, "edits").get("phase") == "Suspended", what="Suspended")
         code, reply = await lease(op, "edits", token)
         assert (code, getattr(reply, "reason", None)) == (200, NoLeaseReason.paused)
         assert condition(cluster.status(NS, "edits"), "Suspended")["status"] == "True"
         assert "SuspendedBySpec" in {e["reason"] for e in cluster.events(NS, "edits")}
 
         await cluster.patch(CAMPAIGNS, NS, "edits", {"spec": {"suspend": False}})
-        await wait_for(
-            lambda: cluster.jobs(NS, "edits")["cpu"]["spec"]["suspend"] is False, timeout=REACT, what="resumed Job"
-        )
-        code, reply = await wait_for(lambda: _granted(op, "edits", token), timeout=REACT, what="a lease after resuming")
+        await wait_until_async(lambda: cluster.jobs(NS, "edits")["cpu"]["spec"]["suspend"] is False, what="resumed Job")
+        code, reply = await wait_until_async(lambda: _granted(op, "edits", token), what="a lease after resuming")
         assert isinstance(reply, LeaseGrant)
         await release(op, "edits", token, reply)
-        await wait_for(
+        await wait_until_async(
             lambda: condition(cluster.status(NS, "edits"), "Suspended").get("status") == "False",
-            timeout=REACT,
             what="Suspended=False",
         )
 
@@ -226,7 +218,7 @@ async def test_a_changed_worker_image_replaces_the_job(cluster: Cluster, s3_serv
     await add_credentials(cluster, s3_server)
     async with running_operator(operator_config(cluster)):
         await cluster.create(CAMPAIGNS, campaign_manifest("images", NS, storage=s3_server.storage(s3_bucket, "img")))
-        first = await wait_for(lambda: cluster.jobs(NS, "images").get("cpu"), timeout=REACT, what="the cpu Job")
+        first = await wait_until_async(lambda: cluster.jobs(NS, "images").get("cpu"), what="the cpu Job")
         pools = [{"name": "cpu", "accelerator": "cpu", "replicas": 2, "image": "registry.test/custom:2"}]
         await cluster.patch(CAMPAIGNS, NS, "images", {"spec": {"pools": pools}})
 
@@ -237,7 +229,7 @@ async def test_a_changed_worker_image_replaces_the_job(cluster: Cluster, s3_serv
                 and job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.test/custom:2"
             )
 
-        await wait_for(replaced, timeout=REACT, what="a new Job with the new image")
+        await wait_until_async(replaced, what="a new Job with the new image")
         assert cluster.jobs(NS, "images")["cpu"]["metadata"]["uid"] != first["metadata"]["uid"]
 
 
@@ -247,23 +239,21 @@ async def test_editing_the_plan_mid_campaign_is_refused_until_reverted(
     await add_credentials(cluster, s3_server)
     async with running_operator(operator_config(cluster)):
         await cluster.create(CAMPAIGNS, campaign_manifest("plan", NS, storage=s3_server.storage(s3_bucket, "plan")))
-        await wait_for(lambda: ready(cluster, "plan"), timeout=REACT, what="Ready=True")
+        await wait_until_async(lambda: ready(cluster, "plan"), what="Ready=True")
         await cluster.patch(CAMPAIGNS, NS, "plan", {"spec": {"seed": 7}})
-        invalid = await wait_for(
+        invalid = await wait_until_async(
             lambda: (
                 condition(cluster.status(NS, "plan"), "InvalidSpec").get("status") == "True"
                 and condition(cluster.status(NS, "plan"), "InvalidSpec")
             ),
-            timeout=REACT,
             what="InvalidSpec=True",
         )
         assert invalid["reason"] == "ImmutableFieldChanged"
         assert "seed" in invalid["message"]
         assert cluster.jobs(NS, "plan")["cpu"]["spec"]["parallelism"] == 2, "the running campaign carries on"
         await cluster.patch(CAMPAIGNS, NS, "plan", {"spec": {"seed": 1}})
-        await wait_for(
+        await wait_until_async(
             lambda: condition(cluster.status(NS, "plan"), "InvalidSpec").get("status") == "False",
-            timeout=REACT,
             what="InvalidSpec=False after the revert",
         )
 
@@ -288,14 +278,14 @@ async def test_deleting_a_campaign_removes_its_jobs_and_secret_and_keeps_its_res
                 ],
             ),
         )
-        await wait_for(lambda: len(cluster.jobs(NS, "gone")) == 2, timeout=REACT, what="two Jobs")
-        await wait_for(lambda: ready(cluster, "gone"), timeout=REACT, what="Ready=True")
+        await wait_until_async(lambda: len(cluster.jobs(NS, "gone")) == 2, what="two Jobs")
+        await wait_until_async(lambda: ready(cluster, "gone"), what="Ready=True")
         token = token_of(cluster, "gone")
         # A result some worker delivered earlier; the operator must never delete results.
         minio_client.put_object(s3_bucket, "gone/ParityMachine/00000/meta.json", _bytes(b"{}"), 2)
 
         await cluster.delete(CAMPAIGNS, NS, "gone")
-        await wait_for(lambda: cluster.campaign(NS, "gone") is None, timeout=REACT, what="the campaign to go")
+        await wait_until_async(lambda: cluster.campaign(NS, "gone") is None, what="the campaign to go")
         assert cluster.jobs(NS, "gone") == {}
         assert cluster.get(SECRETS, NS, pods.secret_name("gone")) is None
         assert cluster.get(SECRETS, NS, "s3-credentials") is not None, "not ours to delete"
@@ -370,11 +360,11 @@ async def test_semantic_mistakes_fail_the_campaign_with_a_readable_condition_and
                 manifest["spec"].pop("storage")
             await cluster.create(CAMPAIGNS, manifest)
         for name, _, reason, fragment in INVALID:
-            cond = await wait_for(
-                lambda name=name: condition(cluster.status(NS, name), "InvalidSpec") or None,
-                timeout=REACT,
-                what=f"the InvalidSpec condition of {name}",
-            )
+
+            def invalid_spec(name: str = name) -> dict[str, Any] | None:
+                return condition(cluster.status(NS, name), "InvalidSpec") or None
+
+            cond = await wait_until_async(invalid_spec, what=f"the InvalidSpec condition of {name}")
             status = cluster.status(NS, name)
             assert (status["phase"], cond["status"], cond["reason"]) == ("Failed", "True", reason), name
             assert fragment in cond["message"], (name, cond["message"])
@@ -401,12 +391,11 @@ async def test_a_missing_credentials_secret_waits_and_the_campaign_starts_once_i
             "creds", NS, storage=s3_server.storage(s3_bucket, "creds"), credentials_secret="later"
         )
         await cluster.create(CAMPAIGNS, manifest)
-        cond = await wait_for(
+        cond = await wait_until_async(
             lambda: (
                 condition(cluster.status(NS, "creds"), "InvalidSpec").get("status") == "True"
                 and condition(cluster.status(NS, "creds"), "InvalidSpec")
             ),
-            timeout=REACT,
             what="InvalidSpec for the missing Secret",
         )
         assert cond["reason"] == "CredentialsSecretMissing"
@@ -417,17 +406,14 @@ async def test_a_missing_credentials_secret_waits_and_the_campaign_starts_once_i
         bad = credentials_secret(NS, "later", "x", "y")
         bad["data"] = {"username": base64.b64encode(b"x").decode()}
         await cluster.create(SECRETS, bad)
-        await wait_for(
+        await wait_until_async(
             lambda: condition(cluster.status(NS, "creds"), "InvalidSpec").get("reason") == "CredentialsSecretInvalid",
-            timeout=REACT,
             what="CredentialsSecretInvalid",
         )
         await cluster.delete(SECRETS, NS, "later")
         await add_credentials(cluster, s3_server, "later")
-        await wait_for(
-            lambda: cluster.jobs(NS, "creds").get("cpu"), timeout=REACT, what="the Job once the Secret exists"
-        )
-        await wait_for(lambda: ready(cluster, "creds"), timeout=REACT, what="Ready=True")
+        await wait_until_async(lambda: cluster.jobs(NS, "creds").get("cpu"), what="the Job once the Secret exists")
+        await wait_until_async(lambda: ready(cluster, "creds"), what="Ready=True")
         assert condition(cluster.status(NS, "creds"), "InvalidSpec")["status"] == "False"
 
 
@@ -439,12 +425,11 @@ async def test_a_job_name_taken_by_something_else_is_reported_not_overwritten(
     await cluster.create(JOBS, foreign)
     async with running_operator(operator_config(cluster)):
         await cluster.create(CAMPAIGNS, campaign_manifest("clash", NS, storage=s3_server.storage(s3_bucket, "clash")))
-        ready = await wait_for(
+        ready = await wait_until_async(
             lambda: (
                 condition(cluster.status(NS, "clash"), "Ready").get("reason") == "JobNameTaken"
                 and condition(cluster.status(NS, "clash"), "Ready")
             ),
-            timeout=REACT,
             what="Ready=False because the Job name is taken",
         )
         assert ready["status"] == "False"

@@ -26,9 +26,9 @@ from tests.operator_fixtures import (
     credentials_secret,
     operator_config,
     running_operator,
-    wait_for,
 )
 from tests.s3_fixtures import S3Server
+from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.e2e
 pytest_plugins = ["tests.s3_fixtures", "tests.operator_fixtures"]
@@ -36,7 +36,6 @@ pytest_plugins = ["tests.s3_fixtures", "tests.operator_fixtures"]
 NS = "research"
 SYSTEM = "mlds-system"
 DEPLOYMENTS = "apps/v1/deployments"
-REACT = 20.0
 
 
 def declare_deployments(cluster: Cluster) -> None:
@@ -61,10 +60,9 @@ def deployment(replicas: int) -> dict[str, Any]:
 async def start_campaign(cluster: Cluster, s3: S3Server, bucket: str, name: str) -> None:
     await cluster.create(SECRETS, credentials_secret(NS, "s3-credentials", s3.access_key, s3.secret_key))
     await cluster.create(CAMPAIGNS, campaign_manifest(name, NS, storage=s3.storage(bucket, name)))
-    await wait_for(lambda: cluster.jobs(NS, name), timeout=REACT, what="the campaign's Job")
-    await wait_for(
+    await wait_until_async(lambda: cluster.jobs(NS, name), what="the campaign's Job")
+    await wait_until_async(
         lambda: FINALIZER in ((cluster.campaign(NS, name) or {}).get("metadata", {}).get("finalizers") or ()),
-        timeout=REACT,
         what="kopf's finalizer",
     )
 
@@ -80,9 +78,8 @@ async def test_after_the_uninstall_hook_deleting_a_campaign_does_not_hang(
 
         async def deployment_controller() -> None:
             """Plays the Deployment controller: replicas 0 -> the operator's pod stops -> status says 0."""
-            await wait_for(
+            await wait_until_async(
                 lambda: (cluster.get(DEPLOYMENTS, SYSTEM, "mlds-operator") or {})["spec"]["replicas"] == 0,
-                timeout=REACT,
                 what="the hook to scale the operator down",
             )
             op.stop.set()
@@ -90,7 +87,7 @@ async def test_after_the_uninstall_hook_deleting_a_campaign_does_not_hang(
             await cluster.patch_status(DEPLOYMENTS, SYSTEM, "mlds-operator", {"replicas": 0})
 
         playing = asyncio.create_task(deployment_controller())
-        await asyncio.to_thread(stop_operator, kube, SYSTEM, "mlds-operator", timeout=60, poll=0.1)
+        await asyncio.to_thread(stop_operator, kube, SYSTEM, "mlds-operator", timeout=600, poll=0.1)
         await playing
         assert not op.thread.is_alive()
         released = await asyncio.to_thread(release_campaigns, kube)
@@ -116,7 +113,7 @@ async def test_without_the_hook_a_campaign_deleted_after_the_operator_is_gone_is
     assert stuck["metadata"].get("deletionTimestamp")
     # The README's escape: remove the finalizer by hand.
     await cluster.patch(CAMPAIGNS, NS, "stuck", {"metadata": {"finalizers": None}})
-    await wait_for(lambda: cluster.campaign(NS, "stuck") is None, timeout=REACT, what="the campaign to go")
+    await wait_until_async(lambda: cluster.campaign(NS, "stuck") is None, what="the campaign to go")
 
 
 async def test_the_hook_refuses_to_release_finalizers_while_the_operator_still_runs(cluster: Cluster) -> None:

@@ -23,20 +23,9 @@ from mlds_operator.leases.book import (
 )
 from mlds_operator.leases.ranges import parse_ranges
 
+from tests.clock import FakeClock
+
 LEASE = 100.0  # lease seconds in these stories
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @dataclass
@@ -95,7 +84,7 @@ def test_a_grant_leases_the_lowest_pending_units(total: int, k: int, expected: t
     lease = w.grant("w1", k)
     assert lease.units == expected
     assert lease.attempts == (0,) * len(expected)
-    assert lease.deadline == w.clock.t + LEASE
+    assert lease.deadline == w.clock.now + LEASE
     assert not lease.speculative
     assert all(w.state(u) is UnitState.leased for u in expected)
     assert w.book.stats().leased == len(expected)
@@ -180,7 +169,7 @@ def test_heartbeats_keep_a_lease_alive() -> None:
         w.clock.advance(LEASE - 1)
         assert w.book.expire() == []
         assert w.heartbeat(lease) == ()
-    assert w.book.lease(lease.lease_id).deadline == w.clock.t + LEASE  # type: ignore[union-attr]
+    assert w.book.lease(lease.lease_id).deadline == w.clock.now + LEASE  # type: ignore[union-attr]
     w.clock.advance(LEASE)
     assert [v.lease_id for v in w.book.expire()] == [lease.lease_id]
     assert w.state(0) is UnitState.pending
@@ -536,7 +525,7 @@ def test_a_restart_honours_live_leases_and_grants_their_units_to_nobody_else() -
     assert result.readopted
     assert result.cancel == ()
     assert w.book.lease(lease.lease_id) == LeaseView(
-        lease.lease_id, "w1", "cpu", (0, 1), (0, 0), w.clock.t + LEASE, w.clock.t, False
+        lease.lease_id, "w1", "cpu", (0, 1), (0, 0), w.clock.now + LEASE, w.clock.now, False
     )
     assert w.complete(0) is Outcome.accepted
 
@@ -648,7 +637,7 @@ def test_settings_given_at_restore_override_the_checkpoint() -> None:
     w.restart(max_attempts=2, lease_seconds=30.0)
     assert w.state(0) is UnitState.failed  # a lowered limit fails the units that used it up
     assert w.book.lease_seconds == 30.0
-    assert w.grant("w1", 1).deadline == w.clock.t + 30.0
+    assert w.grant("w1", 1).deadline == w.clock.now + 30.0
 
 
 def test_paused_survives_a_checkpoint() -> None:
@@ -804,7 +793,7 @@ class BookMachine(RuleBasedStateMachine):
     @rule()
     def expire(self) -> None:
         for view in self.book.expire():
-            assert view.deadline <= self.clock.t
+            assert view.deadline <= self.clock.now
 
     @rule()
     def restart(self) -> None:

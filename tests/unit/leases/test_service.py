@@ -41,25 +41,14 @@ from mlds_operator.leases.service import CampaignService, ResultRejected, Servic
 from mlds_operator.storage import manifest as mf
 from mlds_operator.storage.store import LocalStore
 
+from tests.clock import FakeClock
+
 POOL = "local"
 TOKEN = "campaign-token"
 CHECKPOINT_SECONDS = 30.0
 #: Two targets x three replicas: units 0-2 mimic SingleDirectMachine, 3-5 SingleInvertMachine.
 NETWORKS_PER_TARGET = 3
 TOTAL = 2 * NETWORKS_PER_TARGET
-
-
-class FakeClock:
-    """The lease book's clock: moves only when a test says so."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class RecordingStore(LocalStore):

@@ -15,25 +15,19 @@ from mlds_contract.errors import StorageUnavailable, UserError
 from mlds_contract.lease import RejectReason
 from mlds_operator.storage.store import LocalStore, Store, _read_declared, check_rel, open_store
 
-EPOCH = 1_800_000_000.0  # a fixed "now" for signed URLs, in Unix seconds
+from tests.clock import FakeClock
 
-
-class Clock:
-    def __init__(self, now: float = EPOCH) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+EPOCH = FakeClock().wall()  # "now" for signed URLs until a test moves the clock, in Unix seconds
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> LocalStore:
-    s = LocalStore(tmp_path / "store", upload_base_url="http://127.0.0.1:8080", clock=clock)
+def store(tmp_path: Path, clock: FakeClock) -> LocalStore:
+    s = LocalStore(tmp_path / "store", upload_base_url="http://127.0.0.1:8080", clock=clock.wall)
     s.ensure_root()
     return s
 
@@ -253,13 +247,13 @@ def test_upload_url_points_at_the_lease_api_route(store: LocalStore) -> None:
     assert int(expires) == EPOCH + 600
 
 
-def test_a_signed_url_authorises_its_key_until_it_expires(store: LocalStore, clock: Clock) -> None:
+def test_a_signed_url_authorises_its_key_until_it_expires(store: LocalStore, clock: FakeClock) -> None:
     key, expires, sig = split(store.presign_put("T/00003/meta.json", timedelta(minutes=10)))
 
     assert store.check_upload(key, expires, sig)
     assert store.check_upload(key, expires, sig, now=EPOCH + 600)  # the last second counts
     assert not store.check_upload(key, expires, sig, now=EPOCH + 601)
-    clock.now = EPOCH + 601
+    clock.advance(601)
     assert not store.check_upload(key, expires, sig)
 
 
@@ -288,7 +282,7 @@ def test_a_changed_url_authorises_nothing(
 
 
 def test_urls_of_one_store_do_not_open_another(tmp_path: Path, store: LocalStore) -> None:
-    other = LocalStore(tmp_path / "other", upload_base_url="http://127.0.0.1:8080", clock=Clock())
+    other = LocalStore(tmp_path / "other", upload_base_url="http://127.0.0.1:8080", clock=FakeClock().wall)
     key, expires, sig = split(store.presign_put("T/00003/meta.json", timedelta(minutes=10)))
 
     assert not other.check_upload(key, expires, sig)
@@ -296,8 +290,8 @@ def test_urls_of_one_store_do_not_open_another(tmp_path: Path, store: LocalStore
 
 def test_a_shared_secret_survives_a_restart(tmp_path: Path) -> None:
     # `mlds run` derives the secret from the campaign token, so URLs survive a server restart.
-    before = LocalStore(tmp_path / "s", upload_base_url="http://h", secret=b"k" * 32, clock=Clock())
-    after = LocalStore(tmp_path / "s", upload_base_url="http://h", secret=b"k" * 32, clock=Clock())
+    before = LocalStore(tmp_path / "s", upload_base_url="http://h", secret=b"k" * 32, clock=FakeClock().wall)
+    after = LocalStore(tmp_path / "s", upload_base_url="http://h", secret=b"k" * 32, clock=FakeClock().wall)
 
     key, expires, sig = split(before.presign_put("T/00003/meta.json", timedelta(minutes=10)))
 
