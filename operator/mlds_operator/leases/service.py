@@ -29,7 +29,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -375,6 +375,21 @@ class CampaignService:
             # run beside a new arrival's fresh lock (locked() is False while waiters are queued).
             self._finishing.pop(req.unit, None)
         return reply
+
+    async def complete_many(self, reqs: Sequence[CompleteRequest]) -> list[CompleteReply | MldsError]:
+        """Complete several units at once (one per unit), each exactly as :meth:`complete` would.
+
+        One item per request, in order: the reply, or the :class:`~mlds_contract.errors.MldsError` that
+        refused it (:class:`ResultRejected`, an unknown unit, a storage outage): one bad result never
+        refuses the others. Anything else is a bug and propagates.
+        """
+        done = await asyncio.gather(*(self.complete(req) for req in reqs), return_exceptions=True)
+        out: list[CompleteReply | MldsError] = []
+        for item in done:
+            if isinstance(item, BaseException) and not isinstance(item, MldsError):
+                raise item
+            out.append(item)
+        return out
 
     async def _complete_locked(self, req: CompleteRequest) -> CompleteReply:
         observer = self.observer
