@@ -300,7 +300,7 @@ async def _upload(request: web.Request) -> web.Response:
         raise _HttpProblem(413, "Too large", f"uploads are limited to {MAX_UPLOAD} bytes", kind="too-large")
     data = await request.read()
     rel = key  # LocalStore keys carry no prefix: the key is the path under its root
-    await asyncio.to_thread(store.put_bytes, rel, data)
+    await asyncio.to_thread(store.put_upload, rel, data)
     return web.Response(status=200)
 
 

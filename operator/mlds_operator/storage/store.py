@@ -38,6 +38,7 @@ access denied, a missing bucket that may not be created, a TLS mismatch, an unwr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -49,7 +50,7 @@ import secrets
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,6 +59,8 @@ from typing import IO, Any, Protocol, runtime_checkable
 import certifi
 import urllib3
 from minio import Minio
+from minio.commonconfig import REPLACE, CopySource
+from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 from minio.helpers import check_bucket_name
 from mlds_contract.campaign import Storage
@@ -70,6 +73,7 @@ __all__ = [
     "DEFAULT_READ_TIMEOUT",
     "DEFAULT_RETRIES",
     "LocalStore",
+    "Checked",
     "ObjectInfo",
     "S3Store",
     "Store",
@@ -135,6 +139,16 @@ class ObjectInfo:
     last_modified: datetime | None = None  # timezone-aware UTC, by the store's clock
 
 
+@dataclass(frozen=True)
+class Checked:
+    """An object's bytes that matched the declared size and SHA-256, and which version of the object they are."""
+
+    data: bytes
+    #: Names exactly the object that was read: S3's ETag; locally the file's device, inode and mtime. A
+    #: worker that re-uploads after the check makes a new version, which :meth:`Store.publish` refuses.
+    version: str
+
+
 @runtime_checkable
 class Store(Protocol):
     """The object-store interface both backends implement. All keys are relative (see module docs)."""
@@ -188,6 +202,28 @@ class Store(Protocol):
         costs at most ``size`` bytes of memory; the bytes returned are the bytes hashed (no second read
         that a late upload could change).
         """
+        ...
+
+    def check(self, rel: str, size: int, sha256: str) -> Checked | RejectReason:
+        """Like :meth:`verify`, with the :attr:`Checked.version` of exactly the object read (for :meth:`publish`).
+
+        The local store also makes the bytes it checked durable here (an upload is written without a sync:
+        it is worth nothing until checked).
+        """
+        ...
+
+    def publish(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
+        """Give each ``(src, dst, version)``'s destination the object checked at ``src``, in order; no bytes pass here.
+
+        S3: a server-side CopyObject conditional on the ETag (the source stays; delete it later). Local: a rename
+        (the source is gone afterwards, and so are folders it emptied) after checking that ``src`` is still the
+        very file that was checked. Returns the first ``src`` that vanished or changed since it was checked
+        (nothing from it on is published), or None when every destination was written.
+        """
+        ...
+
+    def delete_many(self, rels: Sequence[str]) -> None:
+        """Remove several objects (S3: one request per 1,000 keys); missing objects are not an error."""
         ...
 
     def close(self) -> None:
@@ -499,20 +535,61 @@ class S3Store:
         return url
 
     def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
+        got = self.check(rel, size, sha256)
+        return got.data if isinstance(got, Checked) else got
+
+    def check(self, rel: str, size: int, sha256: str) -> Checked | RejectReason:
         # One GET, not HEAD + GET: the Content-Length answers the size, the body the hash. A body larger
         # than declared is not read to the end (a misbehaving worker could have uploaded gigabytes).
         response = self._open(rel)
         if response is None:
             return RejectReason.missing
 
-        def check(r: Any) -> bytes | RejectReason:
+        def read(r: Any) -> Checked | RejectReason:
             length = r.headers.get("Content-Length")
             if length is not None and int(length) != size:
                 return RejectReason.size_mismatch
-            return _read_declared(r.stream(_CHUNK), size, sha256)
+            data = _read_declared(r.stream(_CHUNK), size, sha256)
+            if isinstance(data, RejectReason):
+                return data
+            return Checked(data=data, version=str(r.headers.get("ETag") or ""))
 
-        result: bytes | RejectReason = self._consume(rel, response, check)
+        result: Checked | RejectReason = self._consume(rel, response, read)
         return result
+
+    def publish(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
+        # CopyObject: the server copies; nothing is downloaded or uploaded again. x-amz-copy-source-if-match
+        # makes the copy fail (412) if a worker replaced the staged object after it was checked.
+        for src, dst, version in moves:
+            source = CopySource(self.bucket, self.key(src), match_etag=version or None)
+            key = self.key(dst)
+            try:
+                self._client.copy_object(
+                    self.bucket,
+                    key,
+                    source,
+                    metadata={"Content-Type": content_type_of(dst)},
+                    metadata_directive=REPLACE,
+                )
+            except S3Error as exc:
+                if exc.code in ("PreconditionFailed", "NoSuchKey"):
+                    return src
+                raise self._error(exc, f"copying {src} to {dst}") from exc
+            except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise self._error(exc, f"copying {src} to {dst}") from exc
+        return None
+
+    def delete_many(self, rels: Sequence[str]) -> None:
+        for start in range(0, len(rels), 1000):  # S3's DeleteObjects takes at most 1,000 keys
+            batch = [DeleteObject(self.key(rel)) for rel in rels[start : start + 1000]]
+            doing = f"deleting {len(batch)} objects"
+            try:
+                errors = list(self._client.remove_objects(self.bucket, batch))
+            except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise self._error(exc, doing) from exc
+            failed = [e for e in errors if e.code != "NoSuchKey"]
+            if failed:
+                raise StorageUnavailable(f"object store refused {doing} in {self.url}: {failed[0].code} {failed[0].message}")
 
     def close(self) -> None:
         self._client._http.clear()
@@ -521,7 +598,16 @@ class S3Store:
 # ------------------------------------------------------------------------------------------------ local
 
 
-def _fsync_dir(path: Path) -> None:
+def content_type_of(name: str) -> str:
+    """The Content-Type a result file is stored with (S3 serves it back; a folder has none)."""
+    if name.endswith(".json"):
+        return "application/json"
+    if name.endswith(".csv"):
+        return "text/csv"
+    return "application/octet-stream"
+
+
+def _fsync_dir(path: Path | str) -> None:
     """Make a rename in ``path`` durable. Directories cannot be opened for fsync on every OS; skip there."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -564,6 +650,7 @@ class LocalStore:
         self._secret = secret if secret is not None else secrets.token_bytes(32)
         self._clock = clock
         self._durable = durable
+        self._root_str = str(self.root)
 
     @property
     def url(self) -> str:
@@ -659,7 +746,7 @@ class LocalStore:
                 dirnames.sort()
                 base = Path(dirpath).relative_to(self.root).as_posix()
                 for name in sorted(filenames):
-                    if _TMP_MARK in name and name.startswith("."):
+                    if _TMP_MARK in name:
                         continue
                     rel = name if base == "." else f"{base}/{name}"
                     if not rel.startswith(rel_prefix):
@@ -718,14 +805,113 @@ class LocalStore:
             return False
         return (self._clock() if now is None else now) <= deadline
 
-    def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
-        def check(fh: IO[bytes]) -> bytes | RejectReason:
-            if os.fstat(fh.fileno()).st_size != size:  # the open file's size: no read, no race with a rename
-                return RejectReason.size_mismatch
-            return _read_declared(iter(lambda: fh.read(_CHUNK), b""), size, sha256)
+    def put_upload(self, rel: str, data: bytes) -> None:
+        """Store a worker's upload: atomic like :meth:`put_bytes`, but not synced to disk.
 
-        result: bytes | RejectReason | None = self._read(rel, check)
+        An upload is worth nothing until :meth:`check` has verified it, and :meth:`check` syncs the bytes
+        it verified, so syncing here too would only double the cost (two fsyncs per file).
+        """
+        path = os.path.join(self._root_str, *self.key(rel).split("/"))
+        tmp = f"{path}{_TMP_MARK}{uuid.uuid4().hex}"
+        folder = os.path.dirname(path)
+        try:
+            try:
+                fh = open(tmp, "wb")  # noqa: SIM115 - closed below; mkdir only on the first file of a folder
+            except FileNotFoundError:
+                os.makedirs(folder, exist_ok=True)
+                fh = open(tmp, "wb")  # noqa: SIM115
+            with fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise self._error(exc, f"writing {rel}") from exc
+
+    def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
+        got = self.check(rel, size, sha256)
+        return got.data if isinstance(got, Checked) else got
+
+    def check(self, rel: str, size: int, sha256: str) -> Checked | RejectReason:
+        def read(fh: IO[bytes]) -> Checked | RejectReason:
+            st = os.fstat(fh.fileno())
+            if st.st_size != size:  # the open file's size: no read, no race with a rename
+                return RejectReason.size_mismatch
+            data = _read_declared(iter(lambda: fh.read(_CHUNK), b""), size, sha256)
+            if isinstance(data, RejectReason):
+                return data
+            if self._durable:
+                os.fsync(fh.fileno())  # uploads are written unsynced (put_upload); what is published is synced
+            return Checked(data=data, version=f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}")
+
+        result: Checked | RejectReason | None = self._read(rel, read)
         return RejectReason.missing if result is None else result
+
+    def publish(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
+        # Uploads are never written in place (put_upload writes a new file and renames it over the old), so a
+        # file whose device, inode and mtime are those checked still holds the checked bytes. It is renamed to
+        # a temporary name beside its destination first: from then on no upload can touch it, and it is
+        # checked once more there before it takes the destination's name.
+        written: set[str] = set()  # folders that got a file, to sync before the last file is named
+        emptied: set[str] = set()
+        for i, (src, dst, version) in enumerate(moves):
+            source = os.path.join(self._root_str, *self.key(src).split("/"))
+            target = os.path.join(self._root_str, *self.key(dst).split("/"))
+            folder = os.path.dirname(target)
+            tmp = f"{target}{_TMP_MARK}{uuid.uuid4().hex}"
+            try:
+                try:
+                    os.rename(source, tmp)
+                except FileNotFoundError:
+                    if not os.path.exists(source):
+                        return src
+                    os.makedirs(folder, exist_ok=True)
+                    os.rename(source, tmp)
+                st = os.stat(tmp)
+                if f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}" != version:
+                    os.unlink(tmp)
+                    return src
+                last = i == len(moves) - 1
+                if self._durable and last:
+                    for earlier in written:  # meta.json last: the others are durable before it is named
+                        _fsync_dir(earlier)
+                os.replace(tmp, target)
+                if self._durable and last:
+                    _fsync_dir(folder)
+                written.add(folder)
+                emptied.add(os.path.dirname(source))
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise self._error(exc, f"publishing {src} as {dst}") from exc
+        for folder in emptied:
+            self._prune(folder)
+        return None
+
+    def _prune(self, folder: str) -> None:
+        """Remove ``folder`` and its parents while they are empty (S3 has no folders; staging leaves many)."""
+        while folder.startswith(self._root_str + os.sep):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                return  # not empty (or gone): stop
+            folder = os.path.dirname(folder)
+
+    def delete_many(self, rels: Sequence[str]) -> None:
+        folders = set()
+        for rel in rels:
+            path = os.path.join(self._root_str, *self.key(rel).split("/"))
+            try:
+                os.unlink(path)
+                folders.add(os.path.dirname(path))
+            except FileNotFoundError:
+                continue
+            except IsADirectoryError:
+                continue
+            except OSError as exc:
+                raise self._error(exc, f"deleting {rel}") from exc
+        for folder in folders:
+            self._prune(folder)
 
     def close(self) -> None:
         """Nothing to release; for the common interface."""
