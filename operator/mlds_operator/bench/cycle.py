@@ -87,7 +87,11 @@ def loadavg() -> str:
 
 def _moto_main(conn: Connection) -> None:
     """Entry point of the S3 server process: moto on a free loopback port until told to stop."""
+    import logging  # noqa: PLC0415
+
     from moto.server import ThreadedMotoServer  # noqa: PLC0415 - only with --store s3
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -664,7 +668,7 @@ def format_result(res: CycleResult) -> str:
     ]
     header = (
         f"{'burst':>5} {'K':>3} {'verified':>8} {'results/s':>9} {'server CPU':>10} {'results/CPU-s':>13}"
-        f" {'p50 ms':>7} {'p99 ms':>7} {'store req/result':>16} {'S3 server CPU-s/result':>22}"
+        f" {'p50 ms':>7} {'p99 ms':>7} {'S3 req/result' if res.store == 's3' else 'store calls/res':>16} {'S3 server CPU-s/result':>22}"
         f" {'RSS MB':>7}  loadavg"
     )
     lines += [header, "-" * len(header)]
