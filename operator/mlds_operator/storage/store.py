@@ -144,8 +144,8 @@ class Checked:
     """An object's bytes that matched the declared size and SHA-256, and which version of the object they are."""
 
     data: bytes
-    #: Names exactly the object that was read: S3's ETag; locally the file's device, inode and mtime. A
-    #: worker that re-uploads after the check makes a new version, which :meth:`Store.publish` refuses.
+    #: Names exactly the object that was read: S3's ETag (a re-upload after the check makes a new one, which
+    #: :meth:`Store.publish` refuses); locally the private link the check made of the file it read.
     version: str
 
 
@@ -208,17 +208,17 @@ class Store(Protocol):
         """Like :meth:`verify`, with the :attr:`Checked.version` of exactly the object read (for :meth:`publish`).
 
         The local store also makes the bytes it checked durable here (an upload is written without a sync:
-        it is worth nothing until checked).
+        it is worth nothing until checked) and keeps them under a private name until they are published.
         """
         ...
 
     def publish(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
         """Give each ``(src, dst, version)``'s destination the object checked at ``src``, in order; no bytes pass here.
 
-        S3: a server-side CopyObject conditional on the ETag (the source stays; delete it later). Local: a rename
-        (the source is gone afterwards, and so are folders it emptied) after checking that ``src`` is still the
-        very file that was checked. Returns the first ``src`` that vanished or changed since it was checked
-        (nothing from it on is published), or None when every destination was written.
+        S3: a server-side CopyObject conditional on the ETag. Local: a rename of the private link
+        :meth:`check` made of the checked file. Either way the source key stays (delete it later) and the
+        destination gets exactly the checked bytes. Returns the first ``src`` that vanished or changed since
+        it was checked (nothing from it on is published), or None when every destination was written.
         """
         ...
 
@@ -837,6 +837,8 @@ class LocalStore:
         return got.data if isinstance(got, Checked) else got
 
     def check(self, rel: str, size: int, sha256: str) -> Checked | RejectReason:
+        path = self.path(rel)
+
         def read(fh: IO[bytes]) -> Checked | RejectReason:
             st = os.fstat(fh.fileno())
             if st.st_size != size:  # the open file's size: no read, no race with a rename
@@ -846,50 +848,47 @@ class LocalStore:
                 return data
             if self._durable:
                 os.fsync(fh.fileno())  # uploads are written unsynced (put_upload); what is published is synced
-            return Checked(data=data, version=f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}")
+            # Claim the checked file under a private name (a hard link) that no upload URL can reach. The open
+            # descriptor keeps the checked inode alive, so an equal inode number means the link is that file,
+            # not a newer upload renamed over the staged name meanwhile.
+            token = uuid.uuid4().hex
+            claimed = f"{path}{_TMP_MARK}{token}"
+            os.link(path, claimed)
+            if os.lstat(claimed).st_ino != st.st_ino:
+                os.unlink(claimed)
+                return RejectReason.sha_mismatch  # replaced while being checked
+            return Checked(data=data, version=token)
 
         result: Checked | RejectReason | None = self._read(rel, read)
         return RejectReason.missing if result is None else result
 
     def publish(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
-        # Uploads are never written in place (put_upload writes a new file and renames it over the old), so a
-        # file whose device, inode and mtime are those checked still holds the checked bytes. It is renamed to
-        # a temporary name beside its destination first: from then on no upload can touch it, and it is
-        # checked once more there before it takes the destination's name.
+        # check() left each verified file under a private name (staged name + version): renaming it moves
+        # exactly the bytes that were checked, whatever was uploaded to the staged name since.
         written: set[str] = set()  # folders that got a file, to sync before the last file is named
-        emptied: set[str] = set()
         for i, (src, dst, version) in enumerate(moves):
-            source = os.path.join(self._root_str, *self.key(src).split("/"))
+            claimed = os.path.join(self._root_str, *self.key(src).split("/")) + _TMP_MARK + version
+            if not version.isalnum():
+                raise ValueError(f"not a version this store gave: {version!r}")
             target = os.path.join(self._root_str, *self.key(dst).split("/"))
             folder = os.path.dirname(target)
-            tmp = f"{target}{_TMP_MARK}{uuid.uuid4().hex}"
+            last = i == len(moves) - 1
             try:
-                try:
-                    os.rename(source, tmp)
-                except FileNotFoundError:
-                    if not os.path.exists(source):
-                        return src
-                    os.makedirs(folder, exist_ok=True)
-                    os.rename(source, tmp)
-                st = os.stat(tmp)
-                if f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}" != version:
-                    os.unlink(tmp)
-                    return src
-                last = i == len(moves) - 1
                 if self._durable and last:
                     for earlier in written:  # meta.json last: the others are durable before it is named
                         _fsync_dir(earlier)
-                os.replace(tmp, target)
+                try:
+                    os.replace(claimed, target)
+                except FileNotFoundError:
+                    if not os.path.exists(claimed):
+                        return src
+                    os.makedirs(folder, exist_ok=True)
+                    os.replace(claimed, target)
                 if self._durable and last:
                     _fsync_dir(folder)
                 written.add(folder)
-                emptied.add(os.path.dirname(source))
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
                 raise self._error(exc, f"publishing {src} as {dst}") from exc
-        for folder in emptied:
-            self._prune(folder)
         return None
 
     def _prune(self, folder: str) -> None:

@@ -238,6 +238,7 @@ async def test_a_verified_completion_is_published_meta_json_last_and_its_staging
     final_writes = [key for key in store.writes if key.startswith("SingleDirectMachine/00000/")]
     assert len(final_writes) == 3
     assert final_writes[-1] == "SingleDirectMachine/00000/meta.json"  # its presence marks a whole result
+    await service.flush()  # staged copies are deleted in batches, with the manifest rows
     assert store.tree("_mlds/staging/") == []
     stats = service.snapshot().stats
     assert (stats.succeeded, stats.leased, stats.pending) == (1, 0, TOTAL - 1)
@@ -384,6 +385,7 @@ async def test_a_non_converged_network_is_kept_aside_and_its_unit_retried_with_f
         for name in ("history.csv", "meta.json", "model.safetensors")
     ]
     assert store.tree("SingleDirectMachine/") == []
+    await service.flush()  # staged copies are deleted in batches, with the manifest rows
     assert store.tree("_mlds/staging/") == []
     assert service.snapshot().stats.succeeded == 0
     await service.flush()
