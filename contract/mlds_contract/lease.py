@@ -29,8 +29,8 @@ from .plan import UnitSpec
 from .results import MAX_RESULT_FILE_BYTES
 
 __all__ = [
-    "PROBLEM_JSON",
     "MAX_COMPLETE_BATCH",
+    "PROBLEM_JSON",
     "CompleteBatchItem",
     "CompleteBatchReply",
     "CompleteBatchRequest",

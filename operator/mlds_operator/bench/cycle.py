@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import cProfile
 import contextlib
+import cProfile
 import dataclasses
 import io
 import json
@@ -67,7 +67,7 @@ NAME = "cycle"
 POOL = "bench"
 BUCKET = "mlds-bench"
 ACCESS_KEY = "mlds-bench-access"
-SECRET_KEY = "mlds-bench-secret"  # a loopback test server's fake credential
+SECRET_KEY = "mlds-bench-secret"  # noqa: S105 - a loopback test server's fake credential
 REGION = "us-east-1"
 #: Epochs in the template result's history.csv: MLDS-SPEC §4's mean epochs-to-converge over ds1 (348).
 HISTORY_EPOCHS = 348
@@ -118,7 +118,18 @@ class _Counts:
         self._lock = threading.Lock()
 
     def wrap_store(self, store: Any) -> None:
-        names = ("put_bytes", "put_upload", "get_bytes", "stat", "delete", "delete_many", "verify", "check", "publish", "scan")
+        names = (
+            "put_bytes",
+            "put_upload",
+            "get_bytes",
+            "stat",
+            "delete",
+            "delete_many",
+            "verify",
+            "check",
+            "publish",
+            "scan",
+        )
         for name in names:
             method = getattr(store, name, None)
             if method is None:
@@ -198,7 +209,7 @@ def _server_main(conn: Connection, units: int, s3_endpoint: str | None, root: st
     asyncio.run(_serve(conn, units, s3_endpoint, Path(root)))
 
 
-async def _serve(conn: Connection, units: int, s3_endpoint: str | None, root: Path) -> None:
+async def _serve(conn: Connection, units: int, s3_endpoint: str | None, root: Path) -> None:  # noqa: PLR0915 - one script
     import gc  # noqa: PLC0415
 
     from aiohttp import web  # noqa: PLC0415
@@ -359,7 +370,7 @@ def _client_main(
     results.put((index, result))
 
 
-async def _client(
+async def _client(  # noqa: PLR0915 - one worker script, read top to bottom
     index: int,
     url: str,
     token: str,
@@ -407,7 +418,7 @@ async def _client(
             async with session.post(url + path, data=body, headers=headers) as resp:
                 return resp.status, await resp.read()
 
-        async def worker(i: int) -> None:
+        async def worker(i: int) -> None:  # noqa: PLR0912 - lease, upload, complete, count
             lease_body = LeaseRequest(
                 worker=f"w{index}-{i}", pool=POOL, accelerator="cpu", device_name="bench", max_units=k
             ).model_dump_json(by_alias=True)
@@ -521,7 +532,7 @@ class CycleResult:
     peak_rss: int
 
 
-def run_cycle(
+def run_cycle(  # noqa: PLR0915 - start, measure, stop, in order
     *,
     store: str = "local",
     units: int = 200_000,
@@ -568,9 +579,11 @@ def run_cycle(
                     if profile:
                         parent.send("profile-start")
                     marks: list[dict[str, Any]] = []
-                    results = _run_clients(
-                        ctx, info, k, burst, clients, connections, warmup, seconds, lambda: marks.append(mark())
-                    )
+
+                    def take(into: list[dict[str, Any]] = marks) -> None:
+                        into.append(mark())
+
+                    results = _run_clients(ctx, info, k, burst, clients, connections, warmup, seconds, take)
                     text = None
                     if profile:
                         parent.send("profile-stop")
@@ -666,9 +679,10 @@ def format_result(res: CycleResult) -> str:
         f" host has {os.cpu_count()} CPU(s)",
         "",
     ]
+    requests_label = "S3 req/result" if res.store == "s3" else "store calls/res"
     header = (
         f"{'burst':>5} {'K':>3} {'verified':>8} {'results/s':>9} {'server CPU':>10} {'results/CPU-s':>13}"
-        f" {'p50 ms':>7} {'p99 ms':>7} {'S3 req/result' if res.store == 's3' else 'store calls/res':>16} {'S3 server CPU-s/result':>22}"
+        f" {'p50 ms':>7} {'p99 ms':>7} {requests_label:>16} {'S3 server CPU-s/result':>22}"
         f" {'RSS MB':>7}  loadavg"
     )
     lines += [header, "-" * len(header)]

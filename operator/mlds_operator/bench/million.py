@@ -86,7 +86,7 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-async def _drive(root: Path, units: int, k: int, verify_every: int, part_rows: int) -> MillionResult:
+async def _drive(root: Path, units: int, k: int, verify_every: int, part_rows: int) -> MillionResult:  # noqa: PLR0915
     from mlds_contract.campaign import DS1_MACHINES, CampaignSpec, Pool, Workload  # noqa: PLC0415
     from mlds_contract.lease import CompleteRequest, FileDigest, LeaseGrant, LeaseRequest  # noqa: PLC0415
     from mlds_contract.results import META_FILE  # noqa: PLC0415
@@ -153,11 +153,11 @@ async def _drive(root: Path, units: int, k: int, verify_every: int, part_rows: i
             else:
                 # A placeholder: what a verified completion changes, without the files (see the module docs).
                 service.book.complete(unit.unit, worker=lease.worker, pool=POOL, attempt=unit.attempt, converged=True)
-                service._rows.append(mf.manifest_row(meta, unit.key))  # noqa: SLF001 - the bench plays the service
+                service._rows.append(mf.manifest_row(meta, unit.key))
         if full:
-            for outcome in await service.complete_many(full):
-                if isinstance(outcome, Exception):
-                    raise outcome
+            for done in await service.complete_many(full):
+                if isinstance(done, Exception):
+                    raise done
                 verified += 1
         await service.tick()
     drive_s, drive_cpu = time.monotonic() - t0, time.process_time() - c0
@@ -201,7 +201,7 @@ async def _drive(root: Path, units: int, k: int, verify_every: int, part_rows: i
     )
     outcome = reconcile(
         Campaign(name=NAME, namespace=NAMESPACE, uid="uid-1", generation=1, spec=spec),
-        Observed(now=datetime.now(UTC), token="t", secret_exists=True, progress=progress),
+        Observed(now=datetime.now(UTC), token="t", secret_exists=True, progress=progress),  # noqa: S106 - not a secret,
         pods.WorkerSettings(lease_base_url="http://mlds-operator.mlds.svc:8080"),
     )
     status_json = json.dumps(outcome.status.model_dump(mode="json", by_alias=True, exclude_none=True))
@@ -217,11 +217,18 @@ async def _drive(root: Path, units: int, k: int, verify_every: int, part_rows: i
     # The researchers' tools, each in a fresh process.
     env = {**os.environ}
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mlds_cli", "dataset", "info", str(root)], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(  # noqa: S603 - this interpreter, fixed arguments
+        [sys.executable, "-m", "mlds_cli", "dataset", "info", str(root)], check=True, env=env, stdout=subprocess.DEVNULL
+    )
     info_s = time.perf_counter() - t
     t = time.perf_counter()
-    out = subprocess.run(
-        [sys.executable, "-c", "import sys; from mlds_data.dataset import load; print(len(load(sys.argv[1])))", str(root)],
+    out = subprocess.run(  # noqa: S603 - this interpreter, fixed arguments
+        [
+            sys.executable,
+            "-c",
+            "import sys; from mlds_data.dataset import load; print(len(load(sys.argv[1])))",
+            str(root),
+        ],
         check=True,
         env=env,
         capture_output=True,
@@ -269,7 +276,12 @@ def sha256_hex(data: bytes) -> str:
 
 
 def run_million(
-    *, units: int = 1_000_000, k: int = 1024, verify_every: int = 1000, part_rows: int = 50_000, root: Path | None = None
+    *,
+    units: int = 1_000_000,
+    k: int = 1024,
+    verify_every: int = 1000,
+    part_rows: int = 50_000,
+    root: Path | None = None,
 ) -> MillionResult:
     """Drive the campaign in ``root`` (default: a temporary folder, removed afterwards); returns the figures."""
     tmp = None
@@ -288,7 +300,7 @@ def format_result(r: MillionResult) -> str:
     mb = 1e6
     return "\n".join(
         [
-            f"campaign: {r.units:,} ds1 units, LocalStore (durable); {r.verified_with_files:,} verified with real files,"
+            f"campaign: {r.units:,} ds1 units, LocalStore (durable); {r.verified_with_files:,} verified with files,"
             f" the rest counted as placeholders (no files); host has {os.cpu_count()} CPU(s)",
             f"driven to {r.status_phase} in {r.drive_seconds:,.1f} s ({r.drive_cpu_seconds:,.1f} CPU-s); "
             f"{r.parts} manifest part(s)",
@@ -314,7 +326,9 @@ def format_result(r: MillionResult) -> str:
     "--verify-every", type=click.IntRange(1), default=1000, show_default=True, help="Every Nth unit with real files."
 )
 @click.option("--part-rows", type=click.IntRange(1), default=50_000, show_default=True, help="Rows per manifest part.")
-@click.option("--dir", "root", type=click.Path(path_type=Path, file_okay=False), default=None, help="Keep the store here.")
+@click.option(
+    "--dir", "root", type=click.Path(path_type=Path, file_okay=False), default=None, help="Keep the store here."
+)
 def bench_million_command(units: int, k: int, verify_every: int, part_rows: int, root: Path | None) -> None:
     """A 1,000,000-unit campaign to Succeeded: checkpoint, reopen, status size, manifest, dataset tools, memory."""
     click.echo(f"mlds bench million: {units:,} units, K={k}, real files every {verify_every} ...", err=True)

@@ -72,8 +72,8 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_READ_TIMEOUT",
     "DEFAULT_RETRIES",
-    "LocalStore",
     "Checked",
+    "LocalStore",
     "ObjectInfo",
     "S3Store",
     "Store",
@@ -563,7 +563,7 @@ class S3Store:
         for src, dst, version in moves:
             source = CopySource(self.bucket, self.key(src), match_etag=version or None)
             key = self.key(dst)
-            headers = {
+            headers: dict[str, str | list[str] | tuple[str]] = {
                 "Content-Type": content_type_of(dst),
                 "x-amz-metadata-directive": REPLACE,
                 **source.gen_copy_headers(),
@@ -572,7 +572,7 @@ class S3Store:
                 # The SDK's copy_object first HEADs the source to choose between CopyObject and a multipart
                 # copy (objects over 5 GiB): one more request per file. Result files are bounded far below
                 # that (MAX_RESULT_FILE_BYTES), so send the CopyObject request itself.
-                response = self._client._execute("PUT", self.bucket, object_name=key, headers=headers)  # noqa: SLF001
+                response = self._client._execute("PUT", self.bucket, object_name=key, headers=headers)
                 if b"<Error>" in response.data[:512]:  # S3 may fail a copy inside a 200 answer
                     raise StorageUnavailable(f"object store failed copying {src} to {dst} in {self.url}")
             except S3Error as exc:
@@ -593,7 +593,9 @@ class S3Store:
                 raise self._error(exc, doing) from exc
             failed = [e for e in errors if e.code != "NoSuchKey"]
             if failed:
-                raise StorageUnavailable(f"object store refused {doing} in {self.url}: {failed[0].code} {failed[0].message}")
+                raise StorageUnavailable(
+                    f"object store refused {doing} in {self.url}: {failed[0].code} {failed[0].message}"
+                )
 
     def close(self) -> None:
         self._client._http.clear()

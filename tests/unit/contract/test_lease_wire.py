@@ -125,7 +125,9 @@ def test_every_wire_type_has_an_example_here() -> None:
         for name, obj in vars(wire).items()
         if inspect.isclass(obj) and issubclass(obj, Model) and obj.__module__ == wire.__name__
     }
-    assert models - {"LeasedUnit", "UnitAttempt", "FileDigest", "CompleteBatchItem"} == {type(m).__name__ for m in EXAMPLES}
+    assert models - {"LeasedUnit", "UnitAttempt", "FileDigest", "CompleteBatchItem"} == {
+        type(m).__name__ for m in EXAMPLES
+    }
 
 
 def _all_models(model: type[BaseModel], seen: set[type[BaseModel]]) -> set[type[BaseModel]]:

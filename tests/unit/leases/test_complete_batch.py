@@ -14,13 +14,13 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import pytest
 from mlds_contract.lease import CompleteBatchReply, CompleteBatchRequest, FileDigest
 from mlds_contract.routes import COMPLETE_BATCH
 from mlds_operator.storage import manifest as mf
 from mlds_operator.storage.store import Checked, LocalStore
 
 from tests.api_fixtures import open_api, result_files
+
 
 def batch_path(api: Any) -> str:
     return api.base + COMPLETE_BATCH.campaign_path()
@@ -35,7 +35,10 @@ async def test_a_batch_counts_each_unit_once_and_refuses_only_the_bad_result(tmp
             await api.upload(leased, files)
             declared = None
             if leased.spec.unit == 2:  # claims another model: its sha256 cannot match what was uploaded
-                declared = {**api.completion(leased, files).files, "model.safetensors": FileDigest(sha256="0" * 64, size=len(files["model.safetensors"]))}
+                declared = {
+                    **api.completion(leased, files).files,
+                    "model.safetensors": FileDigest(sha256="0" * 64, size=len(files["model.safetensors"])),
+                }
             requests.append(api.completion(leased, files, declared=declared))
         status, body = await api.post(batch_path(api), CompleteBatchRequest(completions=requests))
         assert status == 200, body
@@ -43,7 +46,9 @@ async def test_a_batch_counts_each_unit_once_and_refuses_only_the_bad_result(tmp
         assert [item.unit for item in reply.results] == [0, 1, 2, 3]
         assert [item.status for item in reply.results] == ["accepted", "accepted", None, "accepted"]
         refused = reply.results[2].error
-        assert refused is not None and refused.status == 422 and refused.type.endswith("result-sha_mismatch")
+        assert refused is not None
+        assert refused.status == 422
+        assert refused.type.endswith("result-sha_mismatch")
 
         # The same completions again, in a batch and singly: nothing counts twice.
         status, body = await api.post(batch_path(api), CompleteBatchRequest(completions=[requests[0], requests[1]]))
@@ -81,7 +86,7 @@ async def test_published_files_are_the_verified_bytes_and_staging_is_cleared(tmp
             sent[leased.spec.key] = files
             await api.upload(leased, files)
             requests.append(api.completion(leased, files))
-        status, body = await api.post(batch_path(api), CompleteBatchRequest(completions=requests))
+        _status, body = await api.post(batch_path(api), CompleteBatchRequest(completions=requests))
         assert [item["status"] for item in body["results"]] == ["accepted", "accepted"]
         for key, files in sent.items():
             for name, data in files.items():
@@ -96,7 +101,8 @@ def test_a_re_upload_after_the_check_is_never_published(tmp_path: Path) -> None:
     staged = "_mlds/staging/0/0-w/model.safetensors"
     store.put_upload(staged, b"checked bytes")
     checked = store.check(staged, 13, hashlib.sha256(b"checked bytes").hexdigest())
-    assert isinstance(checked, Checked) and checked.data == b"checked bytes"
+    assert isinstance(checked, Checked)
+    assert checked.data == b"checked bytes"
     store.put_upload(staged, b"swapped bytes")  # a late re-upload to the same signed URL
     assert store.publish([(staged, "T/00000/model.safetensors", checked.version)]) is None
     assert store.get_bytes("T/00000/model.safetensors") == b"checked bytes"
