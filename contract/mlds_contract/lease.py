@@ -29,7 +29,11 @@ from .plan import UnitSpec
 from .results import MAX_RESULT_FILE_BYTES
 
 __all__ = [
+    "MAX_COMPLETE_BATCH",
     "PROBLEM_JSON",
+    "CompleteBatchItem",
+    "CompleteBatchReply",
+    "CompleteBatchRequest",
     "CompleteReply",
     "CompleteRequest",
     "ErrorReply",
@@ -316,3 +320,42 @@ class ErrorReply(Model):
     status: int | None = Field(None, ge=100, le=599, description="The HTTP status code, repeated for convenience.")
     detail: str | None = Field(None, description="What went wrong this time, in a sentence a person can act on.")
     instance: str | None = Field(None, description="The request path the problem occurred on.")
+
+
+#: Most completions in one ``complete-batch`` request: a K-unit lease's worth for any pool (``unitsPerLease``
+#: is at most this), and ~0.5 MB of JSON, inside the server's 1 MiB request-body limit.
+MAX_COMPLETE_BATCH = 1024
+
+
+class CompleteBatchRequest(Model):
+    """Several units finished at once (a stack's members): each is verified and counted as if completed alone."""
+
+    completions: list[CompleteRequest] = Field(
+        min_length=1,
+        max_length=MAX_COMPLETE_BATCH,
+        description="The completions, each as the single-unit route takes it; at most one per unit.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_units(self) -> Self:
+        units = [c.unit for c in self.completions]
+        if len(set(units)) != len(units):
+            raise ValueError("each unit may appear at most once in a batch")
+        return self
+
+
+class CompleteBatchItem(Model):
+    """What the server made of one completion of a batch: a reply, or the problem a single completion would answer."""
+
+    unit: int = Field(ge=0, description="The completion's unit.")
+    status: Outcome | None = Field(None, description="accepted or duplicate; absent when the completion was refused.")
+    state: UnitState | None = Field(None, description="The unit's state after this report; absent when refused.")
+    error: ErrorReply | None = Field(
+        None, description="Why this completion was refused (the single-unit route's 404, 422 or 503 answer)."
+    )
+
+
+class CompleteBatchReply(Model):
+    """One item per completion, in the request's order; one refused result never refuses the others."""
+
+    results: list[CompleteBatchItem] = Field(description="Per completion, in request order.")

@@ -23,6 +23,8 @@ from typing import Final
 from pydantic import BaseModel
 
 from .lease import (
+    CompleteBatchReply,
+    CompleteBatchRequest,
     CompleteReply,
     CompleteRequest,
     FailReply,
@@ -39,6 +41,7 @@ from .lease import (
 __all__ = [
     "CAMPAIGN_PATH",
     "COMPLETE",
+    "COMPLETE_BATCH",
     "ERRORS",
     "FAIL",
     "HEALTH",
@@ -141,6 +144,17 @@ COMPLETE: Final = Route(
     (CompleteReply,),
     (401, 404, 413, 422, 503),
 )
+#: Several completions in one request (a stack's members that finished together): the server verifies them
+#: concurrently and answers one item per completion, so a refused result refuses only itself.
+COMPLETE_BATCH: Final = Route(
+    "completeBatch",
+    "POST",
+    f"{CAMPAIGN_PATH}/completions",
+    "Report several trained units at once; each is verified and counted exactly as by complete.",
+    CompleteBatchRequest,
+    (CompleteBatchReply,),
+    (401, 413, 422),  # per-completion refusals (404, 422, 503) are items of the 200 answer
+)
 FAIL: Final = Route(
     "fail",
     "POST",
@@ -168,4 +182,4 @@ UPLOAD: Final = Route(
 )
 
 #: Every route the lease server serves (besides ``GET /metrics``, which the metrics layer adds).
-ROUTES: Final = (LEASE, HEARTBEAT, RELEASE, COMPLETE, FAIL, HEALTH, OPENAPI, UPLOAD)
+ROUTES: Final = (LEASE, HEARTBEAT, RELEASE, COMPLETE, COMPLETE_BATCH, FAIL, HEALTH, OPENAPI, UPLOAD)

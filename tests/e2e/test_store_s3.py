@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiohttp
 import pyarrow.parquet as pq
@@ -31,7 +32,7 @@ from mlds_operator.storage.manifest import (
     read_manifest,
     write_part,
 )
-from mlds_operator.storage.store import S3Store, open_store
+from mlds_operator.storage.store import Checked, S3Store, open_store
 
 from tests.s3_fixtures import S3Server, moto_server, stop_moto_server
 
@@ -317,3 +318,37 @@ def test_an_endpoint_that_is_not_s3_is_a_user_error() -> None:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def test_publish_copies_the_checked_version_server_side_on_that_version_only(s3_store: S3Store) -> None:
+    staged, final = "_mlds/staging/0/0-w/model.safetensors", "Parity/00000/model.safetensors"
+    body = b"checked weights" * 100
+    s3_store.put_bytes(staged, body)
+    checked = s3_store.check(staged, len(body), sha(body))
+    assert isinstance(checked, Checked)
+    assert checked.data == body
+    assert s3_store.publish([(staged, final, checked.version)]) is None
+    assert s3_store.get_bytes(final) == body  # copied by the server, byte for byte
+    assert s3_store.client.stat_object(s3_store.bucket, s3_store.key(final)).content_type == "application/octet-stream"
+
+    # A re-upload after the check must not be published: the copy is conditional on the checked ETag. moto
+    # ignores x-amz-copy-source-if-match (real S3 and MinIO answer 412, which publish reports), so check the
+    # request itself: one PUT per file (no HEAD first) carrying the condition.
+    sent: list[tuple[str, dict[str, str]]] = []
+    http = s3_store.client._http
+    urlopen = http.urlopen
+
+    def recording(method: str, url: str, *args: object, **kwargs: Any) -> Any:
+        sent.append((method, dict(kwargs.get("headers") or {})))
+        return urlopen(method, url, *args, **kwargs)
+
+    http.urlopen = recording  # type: ignore[method-assign]
+    try:
+        assert s3_store.publish([(staged, "Parity/00001/model.safetensors", checked.version)]) is None
+    finally:
+        http.urlopen = urlopen  # type: ignore[method-assign]
+    assert [method for method, _ in sent] == ["PUT"]
+    assert sent[0][1]["x-amz-copy-source-if-match"] == checked.version
+
+    s3_store.delete_many([staged, "_mlds/staging/0/0-w/missing.json"])  # missing keys are not an error
+    assert list(s3_store.list("_mlds/staging/")) == []

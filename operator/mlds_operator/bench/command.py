@@ -21,6 +21,14 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "mlds_operator.bench.leases:bench_leases_command",
         "Leases granted per second over loopback HTTP, and the server's memory, for a 1,000,000-unit campaign.",
     ),
+    "cycle": (
+        "mlds_operator.bench.cycle:bench_cycle_command",
+        "Verified results per second and per server CPU-second: lease, upload, complete, verify, publish.",
+    ),
+    "million": (
+        "mlds_operator.bench.million:bench_million_command",
+        "A 1,000,000-unit campaign to Succeeded: checkpoint, reopen, CR status size, manifest, dataset tools.",
+    ),
     "run": (
         "mlds_operator.bench.campaign_run:bench_run_command",
         "End to end: `mlds run` of a fixed ds1 campaign against the sum of its training times (overhead).",

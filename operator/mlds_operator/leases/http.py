@@ -27,6 +27,9 @@ from aiohttp import web
 from mlds_contract.errors import StorageUnavailable, TemporaryError
 from mlds_contract.lease import (
     PROBLEM_JSON,
+    CompleteBatchItem,
+    CompleteBatchReply,
+    CompleteBatchRequest,
     CompleteReply,
     CompleteRequest,
     ErrorReply,
@@ -44,6 +47,7 @@ from mlds_contract.results import MAX_RESULT_FILE_BYTES
 from mlds_contract.routes import (
     CAMPAIGN_PATH,
     COMPLETE,
+    COMPLETE_BATCH,
     ERRORS,
     FAIL,
     HEALTH,
@@ -251,6 +255,31 @@ async def _complete(request: web.Request) -> web.Response:
     return _reply(reply)
 
 
+def _item_problem(exc: Exception, path: str) -> ErrorReply:
+    """The problem a refused completion of a batch gets: what the single-unit route would have answered."""
+    if isinstance(exc, ResultRejected):
+        status, title, kind = 422, "Result rejected", f"result-{exc.reason}"
+    elif isinstance(exc, UnknownUnit):
+        status, title, kind = 404, "Unknown unit", "unknown-unit"
+    elif isinstance(exc, (StorageUnavailable, TemporaryError)):
+        status, title, kind = 503, "Temporarily unavailable", "unavailable"
+    else:
+        raise exc  # a bug: the middleware answers 500
+    return ErrorReply(type=f"urn:mlds:lease:{kind}", title=title, status=status, detail=str(exc), instance=path)
+
+
+async def _complete_batch(request: web.Request) -> web.Response:
+    service = _service(request)
+    body = await _parse(request, CompleteBatchRequest)
+    items = []
+    for req, outcome in zip(body.completions, await service.complete_many(body.completions), strict=True):
+        if isinstance(outcome, CompleteReply):
+            items.append(CompleteBatchItem(unit=req.unit, status=outcome.status, state=outcome.state))
+        else:
+            items.append(CompleteBatchItem(unit=req.unit, error=_item_problem(outcome, request.path)))
+    return _reply(CompleteBatchReply(results=items))
+
+
 async def _fail(request: web.Request) -> web.Response:
     service = _service(request)
     body = await _parse(request, FailRequest)
@@ -271,7 +300,7 @@ async def _upload(request: web.Request) -> web.Response:
         raise _HttpProblem(413, "Too large", f"uploads are limited to {MAX_UPLOAD} bytes", kind="too-large")
     data = await request.read()
     rel = key  # LocalStore keys carry no prefix: the key is the path under its root
-    await asyncio.to_thread(store.put_bytes, rel, data)
+    await asyncio.to_thread(store.put_upload, rel, data)
     return web.Response(status=200)
 
 
@@ -289,6 +318,7 @@ _HANDLERS: dict[str, Handler] = {
     HEARTBEAT.operation: _heartbeat,
     RELEASE.operation: _release,
     COMPLETE.operation: _complete,
+    COMPLETE_BATCH.operation: _complete_batch,
     FAIL.operation: _fail,
     HEALTH.operation: _health,
     OPENAPI.operation: _openapi,

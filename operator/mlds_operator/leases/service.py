@@ -6,13 +6,18 @@ and ``mlds run`` create them, drive :meth:`CampaignService.tick` periodically, a
 
 **Results go through staging.** A grant hands out presigned PUT URLs for
 ``_mlds/staging/<unit>/<attempt>-<worker>/<file>``, never for the final folder. On completion the
-service reads each staged object through :meth:`~mlds_operator.storage.store.Store.verify` (one streaming
+service reads each staged object through :meth:`~mlds_operator.storage.store.Store.check` (one streaming
 read, bounded by the declared size) against the size and SHA-256 the worker declared, checks the model
-digest against meta.json, writes the files to ``<target>/<replica:05d>/`` itself (meta.json last,
-so a folder with a meta.json is a whole, verified result) and only then tells the book. A worker whose
-lease expired while it trained can therefore never overwrite a verified result: the final keys are
-written by the server alone, once per unit. Non-converged attempts are kept for research under
-``unconverged/<target>/<replica:05d>/attempt-<n>/`` and are not in the manifest.
+digest against meta.json, then has the store publish exactly the versions it checked to
+``<target>/<replica:05d>/`` (:meth:`~mlds_operator.storage.store.Store.publish`: a server-side copy on S3,
+a rename in a folder; no bytes pass through the server twice; meta.json last, so a folder with a
+meta.json is a whole, verified result) and only then tells the book. A worker whose lease expired while
+it trained can therefore never overwrite a verified result: the final keys are written by the server
+alone, once per unit, and a staged file replaced after its check is refused, not published. Staged
+objects left behind are deleted in batches when the rows are flushed. Non-converged attempts are kept
+for research under ``unconverged/<target>/<replica:05d>/attempt-<n>/`` and are not in the manifest.
+:meth:`CampaignService.complete_many` completes a stack's worth of units in one call (the
+``completeBatch`` route), each exactly as alone.
 
 **Durability.** Verified rows accumulate in memory and are flushed as a manifest part, followed by a
 lease-book checkpoint, every ``checkpoint_seconds`` (and at the end). After a crash, the checkpoint
@@ -29,7 +34,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -145,6 +150,7 @@ class ServiceObserver(Protocol):
 class _Verified:
     files: dict[str, bytes]
     meta: dict[str, Any]
+    versions: dict[str, str]  # file name -> the version checked (Store.check), which publish() moves
 
 
 @dataclass
@@ -169,6 +175,7 @@ class CampaignService:
     _finalized: bool = field(init=False, default=False)
     _flush_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _presign_inline: bool = field(init=False, default=False)  # see grant()
+    _staged: list[str] = field(init=False, default_factory=list)  # staged keys of published results, to delete
     #: Told of leases, results and failures as they happen (the metrics layer: mlds_operator.leases.metrics.instrument).
     observer: ServiceObserver | None = None
     #: What continuous-stack workers report of their stacks (issue 14).
@@ -387,6 +394,21 @@ class CampaignService:
             self._finishing.pop(req.unit, None)
         return reply
 
+    async def complete_many(self, reqs: Sequence[CompleteRequest]) -> list[CompleteReply | MldsError]:
+        """Complete several units at once (one per unit), each exactly as :meth:`complete` would.
+
+        One item per request, in order: the reply, or the :class:`~mlds_contract.errors.MldsError` that
+        refused it (:class:`ResultRejected`, an unknown unit, a storage outage): one bad result never
+        refuses the others. Anything else is a bug and propagates.
+        """
+        done = await asyncio.gather(*(self.complete(req) for req in reqs), return_exceptions=True)
+        out: list[CompleteReply | MldsError] = []
+        for item in done:
+            if isinstance(item, BaseException) and not isinstance(item, MldsError):
+                raise item
+            out.append(item)
+        return out
+
     async def _complete_locked(self, req: CompleteRequest) -> CompleteReply:
         observer = self.observer
         if self.book.unit(req.unit).state.value == "succeeded":
@@ -395,14 +417,14 @@ class CampaignService:
                 observer.result_duplicate(req.pool)
             return CompleteReply(status=Outcome.duplicate, state=self.book.unit(req.unit).state)
         spec = self.unit_spec(req.unit, req.attempt)
+        final = spec.key if req.converged else f"unconverged/{spec.key}/attempt-{req.attempt}"
         try:
-            verified = await asyncio.to_thread(self._verify, req, spec)
+            # One thread hop for both: a hop costs more CPU than a small result's reads and renames.
+            verified = await asyncio.to_thread(self._verify_and_publish, req, spec, final)
         except ResultRejected as exc:
             if observer is not None:
                 observer.result_rejected(req.pool, exc.reason)
             raise
-        final = spec.key if req.converged else f"unconverged/{spec.key}/attempt-{req.attempt}"
-        await asyncio.to_thread(self._publish, final, verified.files)
         if observer is not None:
             observer.result_published(req.pool, sum(len(data) for data in verified.files.values()))
         outcome = self.book.complete(
@@ -418,8 +440,24 @@ class CampaignService:
                 observer.result_verified(req.pool, training_seconds=req.training_seconds, epochs=req.epochs)
         elif outcome is Outcome.accepted and observer is not None:
             observer.attempt_failed(req.pool, "unconverged")
-        await asyncio.to_thread(self._drop_staging, req)
+        # The staged objects are garbage now (locally, publishing moved them away): deleted in batches by flush().
+        prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
+        self._staged.extend(f"{prefix}/{name}" for name in req.files)
         return CompleteReply(status=outcome, state=self.book.unit(req.unit).state)
+
+    def _verify_and_publish(self, req: CompleteRequest, spec: UnitSpec, folder: str) -> _Verified:
+        verified = self._verify(req, spec)
+        prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
+        # meta.json last: a folder with a meta.json is a whole result (recovery relies on it).
+        names = sorted(verified.files, key=lambda n: n == META_FILE)
+        changed = self.store.publish([(f"{prefix}/{n}", f"{folder}/{n}", verified.versions[n]) for n in names])
+        if changed is not None:
+            self._rejected[RejectReason.sha_mismatch] += 1
+            raise ResultRejected(
+                f"unit {req.unit}: {changed.rpartition('/')[2]} changed after it was verified",
+                reason=RejectReason.sha_mismatch,
+            )
+        return verified
 
     def _verify(self, req: CompleteRequest, spec: UnitSpec) -> _Verified:
         expected = set(result_files_for(spec.dataset))
@@ -431,13 +469,14 @@ class CampaignService:
             )
         prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
         files: dict[str, bytes] = {}
+        versions: dict[str, str] = {}
         for name, digest in req.files.items():
             # One bounded, streaming read per file; what is published is exactly what was checked.
-            got = self.store.verify(f"{prefix}/{name}", digest.size, digest.sha256)
+            got = self.store.check(f"{prefix}/{name}", digest.size, digest.sha256)
             if isinstance(got, RejectReason):
                 self._rejected[got] += 1
                 raise ResultRejected(f"unit {req.unit}: {name} {_WHY[got].format(size=digest.size)}", reason=got)
-            files[name] = got
+            files[name], versions[name] = got.data, got.version
         try:
             meta = json.loads(files[META_FILE])
         except ValueError as exc:
@@ -448,12 +487,7 @@ class CampaignService:
         if problems:
             self._rejected[RejectReason.bad_meta] += 1
             raise ResultRejected(f"unit {req.unit}: meta.json {'; '.join(problems)}", reason=RejectReason.bad_meta)
-        return _Verified(files=files, meta=meta)
-
-    def _publish(self, folder: str, files: dict[str, bytes]) -> None:
-        # meta.json last: a folder with a meta.json is a whole result (recovery relies on it).
-        for name in sorted(files, key=lambda n: n == META_FILE):
-            self.store.put_bytes(f"{folder}/{name}", files[name], _content_type(name))
+        return _Verified(files=files, meta=meta, versions=versions)
 
     def _drop_staging(self, req: CompleteRequest) -> None:
         prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
@@ -484,6 +518,7 @@ class CampaignService:
         """Write buffered manifest rows as a part, then the book's checkpoint (in that order)."""
         async with self._flush_lock:
             rows, self._rows = self._rows, []
+            staged, self._staged = self._staged, []
             checkpoint = self.book.to_bytes()
             try:
                 if rows:
@@ -492,7 +527,13 @@ class CampaignService:
                 await asyncio.to_thread(mf.put_checkpoint, self.store, checkpoint)
             except BaseException:
                 self._rows = rows + self._rows  # keep them for the next try
+                self._staged = staged + self._staged
                 raise
+            if staged:
+                try:
+                    await asyncio.to_thread(self.store.delete_many, staged)
+                except StorageUnavailable as exc:  # garbage once published; a leftover costs bytes only
+                    log.warning("campaign=%s could not delete %d staged objects: %s", self.name, len(staged), exc)
             self._last_flush = self.book.now()
 
     async def finalize(self) -> str:
@@ -579,11 +620,3 @@ def _meta_problems(meta: object, req: CompleteRequest, spec: UnitSpec) -> list[s
     if bool(meta.get("converged")) != req.converged:
         problems.append("disagrees with the completion on converged")
     return problems
-
-
-def _content_type(name: str) -> str:
-    if name.endswith(".json"):
-        return "application/json"
-    if name.endswith(".csv"):
-        return "text/csv"
-    return "application/octet-stream"

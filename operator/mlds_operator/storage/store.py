@@ -38,6 +38,7 @@ access denied, a missing bucket that may not be created, a TLS mismatch, an unwr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -49,7 +50,7 @@ import secrets
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,6 +59,8 @@ from typing import IO, Any, Protocol, runtime_checkable
 import certifi
 import urllib3
 from minio import Minio
+from minio.commonconfig import REPLACE, CopySource
+from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 from minio.helpers import check_bucket_name
 from mlds_contract.campaign import Storage
@@ -69,6 +72,7 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_READ_TIMEOUT",
     "DEFAULT_RETRIES",
+    "Checked",
     "LocalStore",
     "ObjectInfo",
     "S3Store",
@@ -135,6 +139,16 @@ class ObjectInfo:
     last_modified: datetime | None = None  # timezone-aware UTC, by the store's clock
 
 
+@dataclass(frozen=True)
+class Checked:
+    """An object's bytes that matched the declared size and SHA-256, and which version of the object they are."""
+
+    data: bytes
+    #: Names exactly the object that was read: S3's ETag (a re-upload after the check makes a new one, which
+    #: :meth:`Store.publish` refuses); locally the private link the check made of the file it read.
+    version: str
+
+
 @runtime_checkable
 class Store(Protocol):
     """The object-store interface both backends implement. All keys are relative (see module docs)."""
@@ -188,6 +202,28 @@ class Store(Protocol):
         costs at most ``size`` bytes of memory; the bytes returned are the bytes hashed (no second read
         that a late upload could change).
         """
+        ...
+
+    def check(self, rel: str, size: int, sha256: str) -> Checked | RejectReason:
+        """Like :meth:`verify`, with the :attr:`Checked.version` of exactly the object read (for :meth:`publish`).
+
+        The local store also makes the bytes it checked durable here (an upload is written without a sync:
+        it is worth nothing until checked) and keeps them under a private name until they are published.
+        """
+        ...
+
+    def publish(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
+        """Give each ``(src, dst, version)``'s destination the object checked at ``src``, in order; no bytes pass here.
+
+        S3: a server-side CopyObject conditional on the ETag. Local: a rename of the private link
+        :meth:`check` made of the checked file. Either way the source key stays (delete it later) and the
+        destination gets exactly the checked bytes. Returns the first ``src`` that vanished or changed since
+        it was checked (nothing from it on is published), or None when every destination was written.
+        """
+        ...
+
+    def delete_many(self, rels: Sequence[str]) -> None:
+        """Remove several objects (S3: one request per 1,000 keys); missing objects are not an error."""
         ...
 
     def close(self) -> None:
@@ -499,20 +535,67 @@ class S3Store:
         return url
 
     def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
+        got = self.check(rel, size, sha256)
+        return got.data if isinstance(got, Checked) else got
+
+    def check(self, rel: str, size: int, sha256: str) -> Checked | RejectReason:
         # One GET, not HEAD + GET: the Content-Length answers the size, the body the hash. A body larger
         # than declared is not read to the end (a misbehaving worker could have uploaded gigabytes).
         response = self._open(rel)
         if response is None:
             return RejectReason.missing
 
-        def check(r: Any) -> bytes | RejectReason:
+        def read(r: Any) -> Checked | RejectReason:
             length = r.headers.get("Content-Length")
             if length is not None and int(length) != size:
                 return RejectReason.size_mismatch
-            return _read_declared(r.stream(_CHUNK), size, sha256)
+            data = _read_declared(r.stream(_CHUNK), size, sha256)
+            if isinstance(data, RejectReason):
+                return data
+            return Checked(data=data, version=str(r.headers.get("ETag") or ""))
 
-        result: bytes | RejectReason = self._consume(rel, response, check)
+        result: Checked | RejectReason = self._consume(rel, response, read)
         return result
+
+    def publish(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
+        # CopyObject: the server copies; nothing is downloaded or uploaded again. x-amz-copy-source-if-match
+        # makes the copy fail (412) if a worker replaced the staged object after it was checked.
+        for src, dst, version in moves:
+            source = CopySource(self.bucket, self.key(src), match_etag=version or None)
+            key = self.key(dst)
+            headers: dict[str, str | list[str] | tuple[str]] = {
+                "Content-Type": content_type_of(dst),
+                "x-amz-metadata-directive": REPLACE,
+                **source.gen_copy_headers(),
+            }
+            try:
+                # The SDK's copy_object first HEADs the source to choose between CopyObject and a multipart
+                # copy (objects over 5 GiB): one more request per file. Result files are bounded far below
+                # that (MAX_RESULT_FILE_BYTES), so send the CopyObject request itself.
+                response = self._client._execute("PUT", self.bucket, object_name=key, headers=headers)
+                if b"<Error>" in response.data[:512]:  # S3 may fail a copy inside a 200 answer
+                    raise StorageUnavailable(f"object store failed copying {src} to {dst} in {self.url}")
+            except S3Error as exc:
+                if exc.code in ("PreconditionFailed", "NoSuchKey"):
+                    return src
+                raise self._error(exc, f"copying {src} to {dst}") from exc
+            except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise self._error(exc, f"copying {src} to {dst}") from exc
+        return None
+
+    def delete_many(self, rels: Sequence[str]) -> None:
+        for start in range(0, len(rels), 1000):  # S3's DeleteObjects takes at most 1,000 keys
+            batch = [DeleteObject(self.key(rel)) for rel in rels[start : start + 1000]]
+            doing = f"deleting {len(batch)} objects"
+            try:
+                errors = list(self._client.remove_objects(self.bucket, batch))
+            except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise self._error(exc, doing) from exc
+            failed = [e for e in errors if e.code != "NoSuchKey"]
+            if failed:
+                raise StorageUnavailable(
+                    f"object store refused {doing} in {self.url}: {failed[0].code} {failed[0].message}"
+                )
 
     def close(self) -> None:
         self._client._http.clear()
@@ -521,7 +604,16 @@ class S3Store:
 # ------------------------------------------------------------------------------------------------ local
 
 
-def _fsync_dir(path: Path) -> None:
+def content_type_of(name: str) -> str:
+    """The Content-Type a result file is stored with (S3 serves it back; a folder has none)."""
+    if name.endswith(".json"):
+        return "application/json"
+    if name.endswith(".csv"):
+        return "text/csv"
+    return "application/octet-stream"
+
+
+def _fsync_dir(path: Path | str) -> None:
     """Make a rename in ``path`` durable. Directories cannot be opened for fsync on every OS; skip there."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -564,6 +656,7 @@ class LocalStore:
         self._secret = secret if secret is not None else secrets.token_bytes(32)
         self._clock = clock
         self._durable = durable
+        self._root_str = str(self.root)
 
     @property
     def url(self) -> str:
@@ -659,7 +752,7 @@ class LocalStore:
                 dirnames.sort()
                 base = Path(dirpath).relative_to(self.root).as_posix()
                 for name in sorted(filenames):
-                    if _TMP_MARK in name and name.startswith("."):
+                    if _TMP_MARK in name:
                         continue
                     rel = name if base == "." else f"{base}/{name}"
                     if not rel.startswith(rel_prefix):
@@ -718,14 +811,112 @@ class LocalStore:
             return False
         return (self._clock() if now is None else now) <= deadline
 
-    def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
-        def check(fh: IO[bytes]) -> bytes | RejectReason:
-            if os.fstat(fh.fileno()).st_size != size:  # the open file's size: no read, no race with a rename
-                return RejectReason.size_mismatch
-            return _read_declared(iter(lambda: fh.read(_CHUNK), b""), size, sha256)
+    def put_upload(self, rel: str, data: bytes) -> None:
+        """Store a worker's upload: atomic like :meth:`put_bytes`, but not synced to disk.
 
-        result: bytes | RejectReason | None = self._read(rel, check)
+        An upload is worth nothing until :meth:`check` has verified it, and :meth:`check` syncs the bytes
+        it verified, so syncing here too would only double the cost (two fsyncs per file).
+        """
+        path = os.path.join(self._root_str, *self.key(rel).split("/"))
+        tmp = f"{path}{_TMP_MARK}{uuid.uuid4().hex}"
+        folder = os.path.dirname(path)
+        try:
+            try:
+                fh = open(tmp, "wb")  # noqa: SIM115 - closed below; mkdir only on the first file of a folder
+            except FileNotFoundError:
+                os.makedirs(folder, exist_ok=True)
+                fh = open(tmp, "wb")  # noqa: SIM115
+            with fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise self._error(exc, f"writing {rel}") from exc
+
+    def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
+        got = self.check(rel, size, sha256)
+        return got.data if isinstance(got, Checked) else got
+
+    def check(self, rel: str, size: int, sha256: str) -> Checked | RejectReason:
+        path = self.path(rel)
+
+        def read(fh: IO[bytes]) -> Checked | RejectReason:
+            st = os.fstat(fh.fileno())
+            if st.st_size != size:  # the open file's size: no read, no race with a rename
+                return RejectReason.size_mismatch
+            data = _read_declared(iter(lambda: fh.read(_CHUNK), b""), size, sha256)
+            if isinstance(data, RejectReason):
+                return data
+            if self._durable:
+                os.fsync(fh.fileno())  # uploads are written unsynced (put_upload); what is published is synced
+            # Claim the checked file under a private name (a hard link) that no upload URL can reach. The open
+            # descriptor keeps the checked inode alive, so an equal inode number means the link is that file,
+            # not a newer upload renamed over the staged name meanwhile.
+            token = uuid.uuid4().hex
+            claimed = f"{path}{_TMP_MARK}{token}"
+            os.link(path, claimed)
+            if os.lstat(claimed).st_ino != st.st_ino:
+                os.unlink(claimed)
+                return RejectReason.sha_mismatch  # replaced while being checked
+            return Checked(data=data, version=token)
+
+        result: Checked | RejectReason | None = self._read(rel, read)
         return RejectReason.missing if result is None else result
+
+    def publish(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
+        # check() left each verified file under a private name (staged name + version): renaming it moves
+        # exactly the bytes that were checked, whatever was uploaded to the staged name since.
+        written: set[str] = set()  # folders that got a file, to sync before the last file is named
+        for i, (src, dst, version) in enumerate(moves):
+            claimed = os.path.join(self._root_str, *self.key(src).split("/")) + _TMP_MARK + version
+            if not version.isalnum():
+                raise ValueError(f"not a version this store gave: {version!r}")
+            target = os.path.join(self._root_str, *self.key(dst).split("/"))
+            folder = os.path.dirname(target)
+            last = i == len(moves) - 1
+            try:
+                if self._durable and last:
+                    for earlier in written:  # meta.json last: the others are durable before it is named
+                        _fsync_dir(earlier)
+                try:
+                    os.replace(claimed, target)
+                except FileNotFoundError:
+                    if not os.path.exists(claimed):
+                        return src
+                    os.makedirs(folder, exist_ok=True)
+                    os.replace(claimed, target)
+                if self._durable and last:
+                    _fsync_dir(folder)
+                written.add(folder)
+            except OSError as exc:
+                raise self._error(exc, f"publishing {src} as {dst}") from exc
+        return None
+
+    def _prune(self, folder: str) -> None:
+        """Remove ``folder`` and its parents while they are empty (S3 has no folders; staging leaves many)."""
+        while folder.startswith(self._root_str + os.sep):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                return  # not empty (or gone): stop
+            folder = os.path.dirname(folder)
+
+    def delete_many(self, rels: Sequence[str]) -> None:
+        folders = set()
+        for rel in rels:
+            path = os.path.join(self._root_str, *self.key(rel).split("/"))
+            try:
+                os.unlink(path)
+                folders.add(os.path.dirname(path))
+            except FileNotFoundError:
+                continue
+            except IsADirectoryError:
+                continue
+            except OSError as exc:
+                raise self._error(exc, f"deleting {rel}") from exc
+        for folder in folders:
+            self._prune(folder)
 
     def close(self) -> None:
         """Nothing to release; for the common interface."""

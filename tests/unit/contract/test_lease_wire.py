@@ -11,6 +11,9 @@ import pytest
 from mlds_contract import lease as wire
 from mlds_contract.campaign import CampaignSpec, Model, Workload
 from mlds_contract.lease import (
+    CompleteBatchItem,
+    CompleteBatchReply,
+    CompleteBatchRequest,
     CompleteReply,
     CompleteRequest,
     ErrorReply,
@@ -80,6 +83,32 @@ EXAMPLES: list[Model] = [
         epochs=812,
     ),
     CompleteReply(status=Outcome.duplicate, state=UnitState.succeeded),
+    CompleteBatchRequest(
+        completions=[
+            CompleteRequest(
+                worker="w-1",
+                pool="cpu",
+                unit=unit,
+                attempt=0,
+                converged=True,
+                files={"model.safetensors": FileDigest(sha256=SHA, size=17_000)},
+                training_seconds=30.0,
+                epochs=300,
+            )
+            for unit in (3, 4)
+        ]
+    ),
+    CompleteBatchReply(
+        results=[
+            CompleteBatchItem(unit=3, status=Outcome.accepted, state=UnitState.succeeded),
+            CompleteBatchItem(
+                unit=4,
+                error=ErrorReply(
+                    type="urn:mlds:lease:result-sha_mismatch", title="Result rejected", status=422, detail="unit 4: ..."
+                ),
+            ),
+        ]
+    ),
     FailRequest(worker="w-1", pool="cpu", unit=3, attempt=1, kind=FailKind.release, reason="SIGTERM"),
     FailReply(status=Outcome.accepted, state=UnitState.pending),
     ReleaseRequest(worker="w-1", reason="shutting down"),
@@ -105,7 +134,9 @@ def test_every_wire_type_has_an_example_here() -> None:
         for name, obj in vars(wire).items()
         if inspect.isclass(obj) and issubclass(obj, Model) and obj.__module__ == wire.__name__
     }
-    assert models - {"LeasedUnit", "UnitAttempt", "FileDigest", "StackReport"} == {type(m).__name__ for m in EXAMPLES}
+    assert models - {"LeasedUnit", "UnitAttempt", "FileDigest", "StackReport", "CompleteBatchItem"} == {
+        type(m).__name__ for m in EXAMPLES
+    }
 
 
 def _all_models(model: type[BaseModel], seen: set[type[BaseModel]]) -> set[type[BaseModel]]:

@@ -38,6 +38,7 @@ from mlds_contract.lease import (
 )
 from mlds_operator.artifacts.generate import default_root
 from mlds_operator.leases.http import MAX_BODY, openapi_document, render_openapi_json
+from mlds_operator.storage.store import Checked
 from mlds_worker.client import LeaseClient, NotHeld, Rejected, Unauthorized, Unreachable
 
 from tests.api_fixtures import NAME, NAMESPACE, POOL, TOKEN, ApiHarness, open_api, result_files
@@ -377,6 +378,7 @@ async def test_a_verified_result_is_counted_once_and_published(api: ApiHarness) 
     # The server wrote the final folder itself, and cleared the worker's staging copies.
     for name, data in files.items():
         assert api.store.get_bytes(f"ParityMachine/00000/{name}") == data
+    await api.service.flush()  # staged copies are deleted in batches, with the manifest rows
     assert not list(api.store.list("_mlds/staging/"))
 
     status, reply = await api.post(api.complete_path(0), api.completion(leased, files))
@@ -449,10 +451,10 @@ async def test_a_storage_outage_asks_the_worker_to_retry_later(api: ApiHarness, 
     files = result_files(leased.spec)
     await api.upload(leased, files)
 
-    def outage(rel: str, size: int, sha256: str) -> bytes | None:
+    def outage(rel: str, size: int, sha256: str) -> Checked | None:
         raise StorageUnavailable("disk unplugged", delay=7.0)
 
-    monkeypatch.setattr(api.store, "verify", outage)
+    monkeypatch.setattr(api.store, "check", outage)
     status, headers, reply = await api.request("POST", api.complete_path(0), api.completion(leased, files))
     assert_problem(status, headers, reply, 503, "unavailable")
     assert headers["Retry-After"] == "7"

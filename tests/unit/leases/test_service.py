@@ -14,6 +14,7 @@ import io
 import json
 import threading
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from mlds_contract.lease import (
 )
 from mlds_operator.leases.service import CampaignService, ResultRejected, ServiceSettings
 from mlds_operator.storage import manifest as mf
-from mlds_operator.storage.store import LocalStore
+from mlds_operator.storage.store import Checked, LocalStore
 
 from tests.clock import FakeClock
 
@@ -61,6 +62,11 @@ class RecordingStore(LocalStore):
     def put_bytes(self, rel: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         super().put_bytes(rel, data, content_type)
         self.writes.append(rel)
+
+    def publish(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
+        changed = super().publish(moves)
+        self.writes.extend(dst for _, dst, _ in moves[: len(moves) if changed is None else 0])
+        return changed
 
     def tree(self, prefix: str) -> list[str]:
         return sorted(self.list(prefix))
@@ -221,6 +227,7 @@ async def test_a_verified_completion_is_published_meta_json_last_and_its_staging
     final_writes = [key for key in store.writes if key.startswith("SingleDirectMachine/00000/")]
     assert len(final_writes) == 3
     assert final_writes[-1] == "SingleDirectMachine/00000/meta.json"  # its presence marks a whole result
+    await service.flush()  # staged copies are deleted in batches, with the manifest rows
     assert store.tree("_mlds/staging/") == []
     stats = service.snapshot().stats
     assert (stats.succeeded, stats.leased, stats.pending) == (1, 0, TOTAL - 1)
@@ -367,6 +374,7 @@ async def test_a_non_converged_network_is_kept_aside_and_its_unit_retried_with_f
         for name in ("history.csv", "meta.json", "model.safetensors")
     ]
     assert store.tree("SingleDirectMachine/") == []
+    await service.flush()  # staged copies are deleted in batches, with the manifest rows
     assert store.tree("_mlds/staging/") == []
     assert service.snapshot().stats.succeeded == 0
     await service.flush()
@@ -582,12 +590,12 @@ class GatedStore(RecordingStore):
     def gate(self, worker: str) -> None:
         self.gates[worker], self.reached[worker] = threading.Event(), threading.Event()
 
-    def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
+    def check(self, rel: str, size: int, sha256: str) -> Checked | RejectReason:
         for worker, gate in self.gates.items():
             if rel.startswith("_mlds/staging/") and f"-{worker}/" in rel:
                 self.reached[worker].set()
                 assert gate.wait(timeout=10), "the test never opened the gate"
-        return super().verify(rel, size, sha256)
+        return super().check(rel, size, sha256)
 
 
 async def _reached(store: GatedStore, worker: str) -> None:
