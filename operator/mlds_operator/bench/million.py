@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from mlds_operator.bench.cycle import POOL, _template, loadavg
 
@@ -132,8 +134,8 @@ async def _drive(root: Path, units: int, k: int, verify_every: int, part_rows: i
         full: list[CompleteRequest] = []
         for leased in grant.units:
             unit = leased.spec
-            meta = {**base_meta, **{f: getattr(unit, f) for f in _UNIT_FIELDS}}
             if unit.unit % verify_every == 0:
+                meta = {**base_meta, **{f: getattr(unit, f) for f in _UNIT_FIELDS}}
                 meta_bytes = (json.dumps(meta, indent=2) + "\n").encode()
                 prefix = service.staging_prefix(unit.unit, unit.attempt, lease.worker)
                 for name, data in (("model.safetensors", model), ("history.csv", history), (META_FILE, meta_bytes)):
@@ -153,7 +155,7 @@ async def _drive(root: Path, units: int, k: int, verify_every: int, part_rows: i
             else:
                 # A placeholder: what a verified completion changes, without the files (see the module docs).
                 service.book.complete(unit.unit, worker=lease.worker, pool=POOL, attempt=unit.attempt, converged=True)
-                service._rows.append(mf.manifest_row(meta, unit.key))
+                service._rows.append(placeholder_row(base_meta, unit))
         if full:
             for done in await service.complete_many(full):
                 if isinstance(done, Exception):
@@ -177,11 +179,13 @@ async def _drive(root: Path, units: int, k: int, verify_every: int, part_rows: i
     await service.finalize()
     finalize_s = time.perf_counter() - t
     t = time.perf_counter()
-    table = await asyncio.to_thread(mf.compact_manifest, store)
+    manifest_rows = await asyncio.to_thread(mf.compact, store)
     compact_s = time.perf_counter() - t
-    manifest_rows = table.num_rows
-    distinct = len(set(table.column("key").to_pylist()))
-    del table
+    # Distinct keys from the key column alone (the whole manifest as a table would be ~0.7 GB of this
+    # process's peak, which stands for the server's).
+    keys = pq.read_table(root / mf.MANIFEST_KEY, columns=["key"]).column("key")
+    distinct = int(pc.count_distinct(keys).as_py())
+    del keys
     info = store.stat(mf.MANIFEST_KEY)
     manifest_bytes = info.size if info is not None else 0
 
@@ -265,10 +269,90 @@ async def _drive(root: Path, units: int, k: int, verify_every: int, part_rows: i
 _UNIT_FIELDS = ("campaign", "target", "machine", "unit", "replica", "attempt", "init_seed", "sgd_seed", "data_seed")
 
 
+def placeholder_row(base_meta: dict[str, Any], unit: Any) -> dict[str, Any]:
+    """The manifest row of a placeholder unit: the template's meta.json with the unit's own fields."""
+    from mlds_operator.storage.manifest import manifest_row  # noqa: PLC0415
+
+    return manifest_row({**base_meta, **{f: getattr(unit, f) for f in _UNIT_FIELDS}}, unit.key)
+
+
 def _template_files() -> tuple[dict[str, bytes], dict[str, Any]]:
     """The template result's files and its meta.json (run in a child process: it imports torch)."""
     _, files = _template()
     return files, json.loads(files["meta.json"])
+
+
+def write_manifest_parts(root: Path, units: int, part_rows: int) -> int:
+    """Only the manifest parts of a finished million-unit campaign in ``root`` (``--manifest-only``).
+
+    The rows are exactly those `_drive` gives its placeholders (the template's meta.json with each unit's
+    own fields), written as the campaign loop writes them (``part_rows`` rows a part); no leasing, no
+    result files. Returns the number of parts. A quick way to a million-row manifest for the dataset tools
+    and compaction, which is what `--manifest-only` measures.
+    """
+    from mlds_contract.campaign import DS1_MACHINES, CampaignSpec, Pool, Workload  # noqa: PLC0415
+    from mlds_contract.plan import campaign_targets, unit_spec  # noqa: PLC0415
+
+    from mlds_operator.storage import manifest as mf  # noqa: PLC0415
+    from mlds_operator.storage.store import LocalStore  # noqa: PLC0415
+
+    per_target, rest = divmod(units, len(DS1_MACHINES))
+    if rest:
+        raise click.BadParameter(f"--units must be a multiple of {len(DS1_MACHINES)}")
+    spec = CampaignSpec(
+        workload=Workload(dataset="ds1", machines=list(DS1_MACHINES)),
+        networks_per_target=per_target,
+        pools=[Pool(name=POOL)],
+    )
+    targets = campaign_targets(spec)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        _files, base_meta = pool.submit(_template_files).result()
+    store = LocalStore(root)
+    store.ensure_root()
+    seq, rows = 0, []
+    for u in range(units):
+        rows.append(placeholder_row(base_meta, unit_spec(spec, u, campaign=NAME, targets=targets)))
+        if len(rows) == part_rows or u == units - 1:
+            seq += 1
+            mf.write_part(store, seq, rows)
+            rows = []
+    return seq
+
+
+_COMPACT = """
+import json, resource, sys, time
+from mlds_operator.storage import manifest as mf
+from mlds_operator.storage.store import LocalStore
+t = time.perf_counter()
+rows = mf.compact(LocalStore(sys.argv[1]))
+print(json.dumps({"s": time.perf_counter() - t, "rows": rows,
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def measure_tools(root: Path) -> dict[str, float]:
+    """Compaction (time, rows, the process's peak RSS), `mlds dataset info` and ``load``, each in a fresh process."""
+    env = {**os.environ}
+    out: dict[str, float] = {}
+    compact = json.loads(
+        subprocess.run(  # noqa: S603 - this interpreter, fixed arguments
+            [sys.executable, "-c", _COMPACT, str(root)], check=True, env=env, capture_output=True, text=True
+        ).stdout
+    )
+    out.update(compact_s=compact["s"], rows=compact["rows"], compact_peak=compact["peak"])
+    t = time.perf_counter()
+    subprocess.run(  # noqa: S603 - this interpreter, fixed arguments
+        [sys.executable, "-m", "mlds_cli", "dataset", "info", str(root)], check=True, env=env, stdout=subprocess.DEVNULL
+    )
+    out["info_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    subprocess.run(  # noqa: S603 - this interpreter, fixed arguments
+        [sys.executable, "-c", "import sys; from mlds_data.dataset import load; load(sys.argv[1])", str(root)],
+        check=True,
+        env=env,
+    )
+    out["load_s"] = time.perf_counter() - t
+    return out
 
 
 def sha256_hex(data: bytes) -> str:
@@ -329,7 +413,52 @@ def format_result(r: MillionResult) -> str:
 @click.option(
     "--dir", "root", type=click.Path(path_type=Path, file_okay=False), default=None, help="Keep the store here."
 )
-def bench_million_command(units: int, k: int, verify_every: int, part_rows: int, root: Path | None) -> None:
+@click.option(
+    "--manifest-only",
+    is_flag=True,
+    help="No campaign: write the placeholder rows as manifest parts (reusing --dir's parts if there are some), "
+    "then time compaction (and its peak memory), `mlds dataset info` and load, each in a fresh process.",
+)
+def bench_million_command(
+    units: int, k: int, verify_every: int, part_rows: int, root: Path | None, manifest_only: bool
+) -> None:
     """A 1,000,000-unit campaign to Succeeded: checkpoint, reopen, status size, manifest, dataset tools, memory."""
+    if manifest_only:
+        _manifest_only(units, part_rows, root)
+        return
     click.echo(f"mlds bench million: {units:,} units, K={k}, real files every {verify_every} ...", err=True)
     click.echo(format_result(run_million(units=units, k=k, verify_every=verify_every, part_rows=part_rows, root=root)))
+
+
+def _manifest_only(units: int, part_rows: int, root: Path | None) -> None:
+    from mlds_operator.storage import manifest as mf  # noqa: PLC0415
+    from mlds_operator.storage.store import LocalStore  # noqa: PLC0415
+
+    tmp = None
+    if root is None:
+        tmp = tempfile.mkdtemp(prefix="mlds-bench-million-")
+        root = Path(tmp)
+    try:
+        start = loadavg()
+        store = LocalStore(root)
+        if not list(store.list(mf.PARTS_PREFIX)):
+            t = time.perf_counter()
+            parts = write_manifest_parts(root, units, part_rows)
+            click.echo(f"wrote {parts} manifest part(s) of {units:,} rows in {time.perf_counter() - t:.1f} s", err=True)
+        r = measure_tools(root)
+        size = (root / mf.MANIFEST_KEY).stat().st_size
+        click.echo(
+            "\n".join(
+                [
+                    f"manifest only: {int(r['rows']):,} rows in {root}; host has {os.cpu_count()} CPU(s)",
+                    f"compaction              {r['compact_s']:.2f} s, peak RSS {r['compact_peak'] / 1e6:,.1f} MB"
+                    f" (fresh process); manifest.parquet {size / 1e6:,.2f} MB",
+                    f"mlds dataset info       {r['info_s']:.2f} s (fresh process)",
+                    f"mlds_data load          {r['load_s']:.2f} s (fresh process)",
+                    f"loadavg                 start {start} | end {loadavg()}",
+                ]
+            )
+        )
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -540,7 +540,7 @@ class CampaignService:
         """Write manifest.parquet, README.md and the per-target data; returns the manifest's URL."""
         await self.flush()
         stats = self.book.stats()
-        await asyncio.to_thread(mf.compact_manifest, self.store)
+        await asyncio.to_thread(mf.compact, self.store)
         readme = mf.campaign_readme(
             self.name,
             self.spec,

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlds_contract.campaign import CampaignSpec, Dataset, Workload
 from mlds_contract.errors import UserError
+from mlds_operator.storage import manifest as manifest_module
 from mlds_operator.storage.manifest import (
     CHECKPOINT_KEY,
     MANIFEST_KEY,
@@ -225,6 +226,41 @@ def test_a_large_campaign_compacts_from_parts(store: LocalStore) -> None:
     assert table.num_rows == 40_000
     assert np.array_equal(table.column("unit").to_numpy(), np.arange(40_000))
     assert set(table.column("attempt").to_pylist()) == {0}
+
+
+def test_a_manifest_larger_than_a_row_group_compacts_in_row_groups_to_the_same_rows(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The streaming path (the one a million-row campaign takes) at a size the suite affords, 4-row groups,
+    # against the in-memory merge of the same parts: units out of order and repeated across parts, columns
+    # that differ between parts and a column of mixed types (JSON text).
+    parts = [
+        [row(u, attempt=0) for u in (7, 3, 11, 0, 5)],
+        [row(3, attempt=9), row(2, accuracy=0.5), row(9, epochs=3.5), row(1, note="x")],
+        [row(4, note=True), row(8), row(6, attempt=4), row(10), row(12)],
+    ]
+    small = LocalStore(tmp_path / "in-memory", durable=False)
+    small.ensure_root()
+    for seq, rows in enumerate(parts, 1):
+        write_part(store, seq, rows)
+        write_part(small, seq, rows)
+    in_memory = compact_manifest(small)
+    monkeypatch.setattr(manifest_module, "_GROUP_ROWS", 4)
+
+    table = compact_manifest(store)
+
+    assert table.column("unit").to_pylist() == list(range(13))
+    assert table.column("attempt").to_pylist() == [0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0]
+    assert table.column("note").to_pylist() == [None, "x", None, None, "true"] + [None] * 8
+    assert table.schema == in_memory.schema
+    assert table.to_pylist() == in_memory.to_pylist()
+    assert pq.ParquetFile(store.root / MANIFEST_KEY).metadata.num_row_groups == 4
+
+    # Again with the big manifest itself among the inputs (its row groups read back): same rows, plus the new one.
+    write_part(store, 4, [row(13)])
+    again = compact_manifest(store)
+    assert again.column("unit").to_pylist() == list(range(14))
+    assert again.slice(0, 13).to_pylist() == in_memory.to_pylist()
 
 
 # ----------------------------------------------------------------------------------------- checkpoint
