@@ -66,6 +66,9 @@ class RunOptions:
     fixed_stacks: bool = False
     #: When set, (monotonic seconds, networks succeeded) is appended twice a second (`mlds bench campaign`'s tail).
     progress_log: list[tuple[float, int]] | None = None
+    #: False for a store thrown away afterwards (a benchmark's temporary folder): an interrupted run then
+    #: says there is nothing to resume instead of pointing at a folder that no longer exists.
+    resumable: bool = True
 
 
 @dataclass
@@ -333,6 +336,8 @@ async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
     finally:
         await sup.stop()
         await server.close()
+    if interrupted and not opts.resumable:
+        raise click.ClickException("interrupted: the run's temporary store is removed; there is nothing to resume")
     if interrupted:
         raise click.ClickException(
             f"interrupted: progress is saved; run the same command again to resume ({server.store.url})"
