@@ -516,6 +516,9 @@ class _StackRun:
                 if again:
                     continue
                 if not len(self.stack):
+                    if self.w._orphaned() and not (self.finished or self.w.stop.is_set()):
+                        # The stack in hand is delivered; the restarted `mlds run` has workers of its own.
+                        self.w._log(logging.WARNING, "the process that started this worker is gone; exiting")
                     if self.finished or self.w.stop.is_set() or self.w._orphaned() or self.w.cfg.exit_when_idle:
                         break
                     continue
