@@ -120,6 +120,13 @@ class NoLeaseReason(enum.StrEnum):
     finished = "finished"  # every unit succeeded or failed: the worker exits
 
 
+#: What ``cancel`` means in every reply but a heartbeat's (issue 14: a losing speculative copy stops promptly).
+_CANCEL_OTHERS = (
+    "Units of any lease this worker holds that another worker completed since the server last told it: stop "
+    "training them. Told once (a heartbeat still lists a lease's own under its cancel). Empty for most replies."
+)
+
+
 class StackReport(Model):
     """How full a worker's stack of networks is (issue 14): slots, live members, and time-weighted totals.
 
@@ -188,6 +195,7 @@ class LeaseGrant(Model):
         False, description="True when these units are also leased to another worker; the first completion wins."
     )
     units: list[LeasedUnit] = Field(min_length=1, description="The units, lowest index first.")
+    cancel: list[int] = Field(default_factory=list, description=_CANCEL_OTHERS)
 
 
 class NoLease(Model):
@@ -195,6 +203,7 @@ class NoLease(Model):
 
     reason: NoLeaseReason = Field(description="paused, busy (ask again later) or finished (exit).")
     retry_after_seconds: float = Field(ge=0, description="When to ask again (ignored when finished).")
+    cancel: list[int] = Field(default_factory=list, description=_CANCEL_OTHERS)
 
 
 class UnitAttempt(Model):
@@ -279,6 +288,7 @@ class CompleteReply(Model):
 
     status: Outcome = Field(description="accepted, or duplicate (the unit was already done: nothing counted twice).")
     state: UnitState = Field(description="The unit's state after this report.")
+    cancel: list[int] = Field(default_factory=list, description=_CANCEL_OTHERS)
 
 
 class FailRequest(Model):

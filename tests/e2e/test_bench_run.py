@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import re
+import signal
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from mlds_contract.errors import UserError
 from mlds_operator.bench.campaign_run import bench_campaign, bench_run_command
+
+from tests.run_fixtures import reap, start_mlds, wait_for, worker_env, worker_events
+
+#: Seconds for the benchmark's first worker to start (it imports torch) and lease, on a busy machine.
+START_TIMEOUT = 120.0
 
 
 def test_the_fixed_campaign_spreads_the_networks_evenly_over_its_machines() -> None:
@@ -39,3 +46,27 @@ def test_a_small_run_reports_training_against_wall_time(tmp_path: object) -> Non
     assert 0 < training <= wall  # one worker cannot train for longer than the run lasted
     overhead = float(re.search(r"overhead\s+([\d.]+)%", result.output)[1])  # type: ignore[index]
     assert overhead == pytest.approx(100 * (1 - training / wall), abs=1.5)  # from the figures rounded to 0.1 s
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_an_interrupted_benchmark_says_there_is_nothing_to_resume(tmp_path: Path) -> None:
+    # TMPDIR under tmp_path: the benchmark's temporary store (and its workers' token files) are found here.
+    args = ["bench", "campaign", "--networks", "4", "--stack", "2", "--ways", "continuous", "--target-loss", "1e-9"]
+    bench = start_mlds(args, cwd=tmp_path, tag="bench", env=worker_env(TMPDIR=str(tmp_path)))
+    try:
+
+        def leased() -> bool:
+            logs = tmp_path.glob("mlds-bench-campaign-*/store/_mlds/logs/worker-*.log")
+            return any(e.message == "leased" for e in worker_events(list(logs)))
+
+        wait_for(leased, timeout=START_TIMEOUT, what="a worker to lease", alive=bench)
+        bench.send(signal.SIGINT)
+        code = bench.wait(60.0)
+    finally:
+        leftovers = reap(str(tmp_path))
+    assert code == 1, bench.describe()
+    assert "interrupted: the run's temporary store is removed; there is nothing to resume" in bench.stderr
+    assert "mlds-bench-campaign-" not in bench.stderr  # no path to a folder that is gone
+    assert list(tmp_path.glob("mlds-bench-campaign-*")) == []
+    assert leftovers == []

@@ -3,7 +3,8 @@
 The promise under test (DESIGN.md §2): a unit is done only when its result is verified in the bucket,
 a second completion is never double-counted, and a restart loses nothing while the leases of live
 workers are honoured. The campaign (20 ds1 networks, results in a moto S3 server through presigned
-URLs) is run by a real ``mlds run`` with two real worker processes:
+URLs) is run by a real ``mlds run`` with two real worker processes, each a continuous stack of two slots
+(``unitsPerLease: 2``) that takes a top-up lease whenever a member finishes:
 
 1. SIGKILL one worker while it holds a lease. The supervisor starts a new one; the dead worker's lease
    expires (10 s) and its units are trained again as a new attempt.
@@ -66,6 +67,27 @@ def slot(worker: str) -> int:
 def events_of(logs: Path, index: int, skip: dict[Path, int] | None = None) -> list[Event]:
     path = logs / f"worker-{index}.log"
     return worker_events([path], skip_bytes=skip) if path.exists() else []
+
+
+def topped_up(events: list[Event]) -> bool:
+    """Was a worker granted a lease while another of its leases still had a unit in training (a top-up)?
+
+    A continuous stack asks for a unit as soon as a member finishes, while the others train on; a fixed
+    stack (or one network at a time) asks only when its whole lease is delivered.
+    """
+    training: dict[str, int] = {}  # lease -> its units not yet trained or given up, in this process
+    for e in events:
+        if e.message == "training a continuous stack":  # a new process in this slot: nothing in training
+            training.clear()
+        elif e.message == "leased":
+            if any(training.values()):
+                return True
+            training[e["lease"]] = int(e["units"])
+        elif e.get("lease") in training and (
+            e.message in ("trained", "training failed") or e.message.startswith("unit cancelled")
+        ):
+            training[e["lease"]] -= 1
+    return False
 
 
 def workers_of(run: Proc) -> dict[int, str]:
@@ -190,6 +212,10 @@ def test_killing_a_worker_and_the_server_mid_lease_loses_and_double_counts_nothi
         assert store.get_bytes("README.md") is not None
     finally:
         store.close()
+
+    # Continuous stacks (unitsPerLease 2): workers took top-up leases while their stacks trained on.
+    assert any(e.message == "training a continuous stack" for e in worker_events(logs))
+    assert any(topped_up(events_of(logs, i)) for i in (0, 1)), "no worker topped up its stack"
 
     # No unit was accepted twice. (A unit may have no "accepted" line at all: when the server died after
     # counting it and before answering, the restarted server recovered it from the bucket and the

@@ -11,9 +11,12 @@ each member's result delivered as soon as that member is done. What happens when
   a refused lease request ``ExitCode.config`` (2, which fails the Job; see :class:`mlds_contract.errors.ExitCode`).
 - **Lease server unreachable** (restart, network): retry with capped exponential backoff and jitter. A
   lease survives a server restart: the next heartbeat re-establishes it, so training goes on meanwhile.
-- **Heartbeat says cancel** (another worker finished the unit first) or **409** (the lease is lost):
-  stop training those units at the next epoch; a result already trained is still reported (it is
-  verified and accepted if the unit is not done yet).
+- **Cancel** (another worker finished the unit first; said by a heartbeat, and by the reply to any
+  top-up or completion) or **409** on a heartbeat (the lease is lost): stop training those units at the
+  next epoch; a result already trained is still reported (it is verified and accepted if the unit is not
+  done yet). In the campaign's tail (the server said ``busy``, or the worker holds a speculative copy)
+  heartbeats come every ``TAIL_HEARTBEAT_SECONDS``, so a losing copy stops within seconds even when
+  the worker has nothing to complete or top up.
 - **Upload or storage outage**: retry the upload and the completion with backoff; results live in
   memory until acknowledged.
 - **Training error** (a bug, NaN, out of memory): the unit is reported ``fail`` (the attempt counts).
@@ -85,6 +88,11 @@ DELIVERY_PATIENCE_SECONDS = 3600.0
 #: The same for a worker whose ``mlds run`` is gone (``--parent-pid``): time enough to start the run
 #: again (it re-adopts the lease and takes the result), short enough that forgotten workers do not linger.
 ORPHAN_PATIENCE_SECONDS = 600.0
+#: Heartbeat period in the campaign's tail (nothing pending, speculative copies about): one of two copies
+#: of a unit is wasted work from the moment the other completes, so its worker should hear of it within
+#: seconds, not a third of a lease (200 s by default). Few workers are in the tail at once, so the extra
+#: requests cost the server little.
+TAIL_HEARTBEAT_SECONDS = 10.0
 
 
 class _Stop(Exception):
@@ -125,6 +133,9 @@ class Worker:
         self._device: Any = None
         self._device_name = "unknown"
         self._device_type = cfg.accelerator.value
+        self._held: dict[str, _LeaseState] = {}  # lease id -> its state, for cancellations in any reply
+        #: The server said ``busy`` (nothing pending) since the last grant of pending units: heartbeat faster.
+        self._in_tail = False
 
     def _log(self, level: int, msg: str, **kv: object) -> None:
         fields = " ".join(f"{k}={v}" for k, v in {"pool": self.cfg.pool, "device": self._device_type, **kv}.items())
@@ -135,6 +146,25 @@ class Worker:
         delay *= random.uniform(0.8, 1.2)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), timeout=delay)
+
+    def _cancel(self, units: list[int]) -> None:
+        """Units other workers completed (listed in a top-up or completion reply): stop them at the next epoch."""
+        if not units:
+            return
+        told = set(units)
+        for state in self._held.values():
+            hit = told.intersection(state.remaining) - state.cancelled
+            if hit:
+                state.cancelled.update(hit)
+                self._log(logging.INFO, "completed elsewhere; stopping", lease=state.grant.lease_id, units=sorted(hit))
+
+    def _noted(self, reply: LeaseGrant | NoLease) -> None:
+        """What any lease reply says besides its units: cancellations, and whether the campaign is in its tail."""
+        self._cancel(reply.cancel)
+        if isinstance(reply, NoLease):
+            self._in_tail = reply.reason is NoLeaseReason.busy
+        elif not reply.speculative:
+            self._in_tail = False
 
     def _orphaned(self) -> bool:
         # Compared with the pid we were given, not one read at start-up: the parent may die while torch loads.
@@ -190,6 +220,7 @@ class Worker:
                 self._log(logging.ERROR, "lease request rejected", error=exc)
                 return ExitCode.config
             failures = 0
+            self._noted(reply)
             if isinstance(reply, NoLease):
                 if reply.reason is NoLeaseReason.finished:
                     self._log(logging.INFO, "campaign finished; exiting")
@@ -215,12 +246,14 @@ class Worker:
             speculative=grant.speculative,
         )
         beats = asyncio.create_task(self._heartbeats(client, state))
+        self._held[grant.lease_id] = state
         try:
             if len(grant.units) > 1:
                 await self._batch(client, state, list(grant.units))
             elif not self._abandon_lease(state):
                 await self._one(client, state, grant.units[0])
         finally:
+            self._held.pop(grant.lease_id, None)
             beats.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beats
@@ -248,10 +281,14 @@ class Worker:
         self, client: LeaseClient, state: _LeaseState, stack: Callable[[], StackReport] | None = None
     ) -> None:
         interval = state.grant.heartbeat_seconds
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(interval * random.uniform(0.9, 1.0))
-            if not state.remaining:
+            # Wake at least every TAIL_HEARTBEAT_SECONDS to see whether the campaign entered its tail.
+            await asyncio.sleep(min(interval, TAIL_HEARTBEAT_SECONDS) * random.uniform(0.9, 1.0))
+            tail = self._in_tail or state.grant.speculative
+            if not state.remaining or (time.monotonic() - last < 0.9 * interval and not tail):
                 continue
+            last = time.monotonic()
             body = HeartbeatRequest(
                 worker=self.cfg.worker_id,
                 pool=self.cfg.pool,
@@ -394,6 +431,7 @@ class Worker:
                         uploaded.add(name)
                 reply = await client.complete(request)
                 state.remaining.pop(request.unit, None)
+                self._cancel(reply.cancel)
                 self._log(logging.INFO, f"completed ({reply.status.value})", **kv, state=reply.state.value)
                 return
             except Unauthorized as exc:
@@ -478,6 +516,9 @@ class _StackRun:
                 if again:
                     continue
                 if not len(self.stack):
+                    if self.w._orphaned() and not (self.finished or self.w.stop.is_set()):
+                        # The stack in hand is delivered; the restarted `mlds run` has workers of its own.
+                        self.w._log(logging.WARNING, "the process that started this worker is gone; exiting")
                     if self.finished or self.w.stop.is_set() or self.w._orphaned() or self.w.cfg.exit_when_idle:
                         break
                     continue
@@ -539,6 +580,7 @@ class _StackRun:
                 await w._backoff(self.failures - 1, exc.retry_after)
             return None
         self.failures = 0
+        w._noted(reply)
         return reply
 
     async def admit(self, grant: LeaseGrant) -> None:
@@ -547,6 +589,7 @@ class _StackRun:
         state = _LeaseState(grant, {u.spec.unit: u.spec.attempt for u in grant.units})
         beats = asyncio.create_task(w._heartbeats(self.client, state, self.report))
         self.leases[grant.lease_id] = (state, beats)
+        w._held[grant.lease_id] = state
         w._log(
             logging.INFO,
             "leased",
@@ -608,6 +651,7 @@ class _StackRun:
             with contextlib.suppress(asyncio.CancelledError):
                 await beats
             del self.leases[lease_id]
+            self.w._held.pop(lease_id, None)
             if state.remaining and not state.lost:
                 # Shutting down (or cancelled): give the rest back so nobody waits for the lease to expire.
                 try:

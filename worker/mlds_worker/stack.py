@@ -39,8 +39,8 @@ from mlds_contract.errors import UnitError
 from mlds_contract.plan import UnitSpec
 from torch import Tensor
 
-from .batched import _Family, _group_key, _ImageFamily, _resolve_data, _result, _SequenceFamily
 from .device import describe_device
+from .families import Family, ImageFamily, Member, SequenceFamily, group_key, member_result, resolve_data
 from .train import EpochRecord, ImageArrays, SequenceArrays, TrainResult
 
 __all__ = ["MEMBER_BYTES", "ContinuousStack", "Finished", "MemberAdam", "fit_width"]
@@ -79,7 +79,7 @@ class MemberAdam(torch.optim.Optimizer):
     ``param += (-step_size * exp_avg) / denom`` (``addcdiv``'s order), the per-member scalars rounded
     to float32 as ``addcdiv`` and ``div`` round a Python scalar. State per parameter: ``step`` (one
     float32 count per member, as Adam's step tensor), ``exp_avg``, ``exp_avg_sq``; every entry has the
-    member dimension first, so re-packing (:func:`mlds_worker.batched._repack_optimizer`) and growing
+    member dimension first, so re-packing (:func:`mlds_worker.families.repack_optimizer`) and growing
     cut and extend it like the parameters.
     """
 
@@ -176,7 +176,7 @@ class ContinuousStack(Generic[Key]):
             torch.set_num_threads(1)  # one intra-op thread per process (docs/workloads.md §4), as train_unit
         self._info = describe_device(self.device)
         self._snapshots = snapshots
-        self._family: _Family | None = None
+        self._family: Family | None = None
         self._members: list[_Slot[Key]] = []  # row j of the model is _members[j]
         self._waiting: list[_Slot[Key]] = []  # leased but not yet in the model (joining next round, or another group)
         self._datas: list[SequenceArrays | ImageArrays] = []  # data set of each stacked data row (kept alive: ids)
@@ -209,9 +209,9 @@ class ContinuousStack(Generic[Key]):
 
     def add(self, key: Key, unit: UnitSpec, data: SequenceArrays | ImageArrays | None = None) -> None:
         """Queue ``unit`` to join at the next round (``data`` defaults to the unit's target data)."""
-        arrays = _resolve_data([unit], data)[0]
+        arrays = resolve_data([unit], data)[0]
         snapshots = (unit.dataset is Dataset.ds3) if self._snapshots is None else self._snapshots
-        self._waiting.append(_Slot(key, unit, arrays, _group_key(unit, arrays), snapshots))
+        self._waiting.append(_Slot(key, unit, arrays, group_key(unit, arrays), snapshots))
 
     def round(self, should_stop: Callable[[Key], bool] | None = None) -> list[Finished[Key]]:
         """Admit waiting units of the stack's group, drop abandoned members, train one epoch of every member.
@@ -265,10 +265,8 @@ class ContinuousStack(Generic[Key]):
 
     def _result(self, slot: _Slot[Key], row: int, converged: bool) -> TrainResult:
         assert self._family is not None
-        from .batched import _Member  # noqa: PLC0415 - the fixed stack's record of a member, for its result builder
-
-        member = _Member(0, slot.unit, slot.data, slot.snapshots, slot.history, slot.frames)
-        return _result(member, self._family, row, converged, slot.started, self._info, self._parameters)
+        member = Member(0, slot.unit, slot.data, slot.snapshots, slot.history, slot.frames)
+        return member_result(member, self._family, row, converged, slot.started, self._info, self._parameters)
 
     def _keep(self, rows: list[int]) -> None:
         if len(rows) == len(self._members):
@@ -310,17 +308,17 @@ class ContinuousStack(Generic[Key]):
         self._join(new, joining)
         return []
 
-    def _build(self, slots: Sequence[_Slot[Key]]) -> _Family:
+    def _build(self, slots: Sequence[_Slot[Key]]) -> Family:
         units = [s.unit for s in slots]
         if units[0].dataset is Dataset.ds4:
-            family: _Family = _ImageFamily(units, [cast(ImageArrays, s.data) for s in slots], self.device)
+            family: Family = ImageFamily(units, [cast(ImageArrays, s.data) for s in slots], self.device)
         else:
-            family = _SequenceFamily(units, [cast(SequenceArrays, s.data) for s in slots], self.device)
+            family = SequenceFamily(units, [cast(SequenceArrays, s.data) for s in slots], self.device)
             # Per-member step counts: members join at different times (the module docstring).
             cast(Any, family).optimizer = MemberAdam(family.net.params, lr=units[0].training.learning_rate)
         return family
 
-    def _join(self, new: _Family, slots: list[_Slot[Key]]) -> None:
+    def _join(self, new: Family, slots: list[_Slot[Key]]) -> None:
         new_datas = [slots[j].data for j in cast(Any, new).sources.unique]
         if self._family is None:
             self._family, self._members, self._datas = new, list(slots), new_datas
@@ -345,7 +343,7 @@ class ContinuousStack(Generic[Key]):
                 self._datas.append(d)
                 append.append(j)
             mapping.append(rows[id(d)])
-        kind = "cnn" if isinstance(old, _ImageFamily) else "gru"
+        kind = "cnn" if isinstance(old, ImageFamily) else "gru"
         if append:
             pick = torch.tensor(append, dtype=torch.int64, device=self.device)
             for attr in _DATA_ATTRS[kind]:
@@ -365,7 +363,7 @@ class ContinuousStack(Generic[Key]):
         used = sorted(set(family.sources.src.tolist()))
         if len(used) == len(self._datas) or len(self._datas) <= 2 * len(used) + 4:
             return
-        kind = "cnn" if isinstance(family, _ImageFamily) else "gru"
+        kind = "cnn" if isinstance(family, ImageFamily) else "gru"
         pick = torch.tensor(used, dtype=torch.int64, device=self.device)
         for attr in _DATA_ATTRS[kind]:
             tensor = getattr(family, attr)

@@ -72,6 +72,7 @@ def _run(way: _Way, networks: int, machines: list[str], workers: int, target_los
             progress=False,
             fixed_stacks=way.fixed,
             progress_log=progress,
+            resumable=False,  # the store is a temporary folder, removed on the way out
         )
         way.summary = asyncio.run(run_campaign(campaign, Path(tmp) / "bench-campaign.yaml", opts))
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

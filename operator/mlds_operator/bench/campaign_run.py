@@ -109,6 +109,7 @@ def bench_run_command(
     )
     with tempfile.TemporaryDirectory(prefix="mlds-bench-run-") as tmp:
         where = store_dir or Path(tmp) / "store"
-        opts = RunOptions(workers=n, store_dir=where, progress=False)
+        # Resumable only with --store-dir: a temporary store is removed on the way out.
+        opts = RunOptions(workers=n, store_dir=where, progress=False, resumable=store_dir is not None)
         summary = asyncio.run(run_campaign(campaign, Path(tmp) / "bench-run.yaml", opts))
         click.echo("\n".join(report(summary)))

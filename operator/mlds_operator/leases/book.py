@@ -33,8 +33,11 @@ leases are Python objects. The rules:
   other workers hold (soonest deadline first, at most one extra copy per unit, never of its own units),
   with the same attempt number, so either copy yields the result the campaign's seeds define. The first
   accepted completion wins and the other copy is revoked (its heartbeat lists it under ``cancel``, its
-  completion is a duplicate). A holder that fails, releases or expires while the other copy lives just
-  drops out: the attempt is counted when its last holder gives up.
+  completion is a duplicate). The revoked worker is also told at its next request of any kind
+  (:meth:`LeaseBook.take_cancellations`): a continuous stack asks for top-ups and completes units far
+  more often than it heartbeats, so a losing copy stops within a training round, not a third of a
+  lease. A holder that fails, releases or expires while the other copy lives just drops out: the
+  attempt is counted when its last holder gives up.
 - **Checkpoint** (:meth:`LeaseBook.to_bytes`): states, attempts, per-pool counters and settings; no lease
   ids or deadlines (deadlines are read from a clock that does not survive a restart, and ids are bearer
   tokens we keep out of the bucket). Units leased at checkpoint time are restored as *orphans*: still
@@ -255,6 +258,9 @@ class LeaseBook:
         self._seq = itertools.count()
         self._pools: dict[str, _PoolCounter] = {name: _PoolCounter() for name in pools}
         self._workers: dict[str, tuple[str, float]] = {}  # worker -> (pool, last seen)
+        # worker -> its units another worker completed, not yet told (take_cancellations). At most one entry
+        # per revoked copy, and a copy is revoked once, so this stays within the campaign's size.
+        self._untold: dict[str, set[int]] = {}
         self._orphan_deadline: float | None = None
         self._paused = False
         self._cost: _CostOrder | None = None
@@ -379,6 +385,16 @@ class LeaseBook:
         # Without a unit list, report what other workers completed; with one, everything the lease lost.
         cancel = sorted(set(lease.revoked)) if units is None else sorted(u for u in units if not self._holds(lease, u))
         return HeartbeatResult(lease_id, lease.deadline, tuple(cancel), readopted=False)
+
+    def take_cancellations(self, worker: str) -> tuple[int, ...]:
+        """The units of ``worker``'s leases that other workers completed since it was last told; ascending.
+
+        Each revocation is handed out once (the server puts it in its next reply to the worker, whatever
+        the request); heartbeats keep listing a lease's revoked units under ``cancel`` regardless, so a
+        reply lost on the way only delays the cancellation to the next heartbeat.
+        """
+        untold = self._untold.pop(worker, None)
+        return tuple(sorted(untold)) if untold else ()
 
     def complete(self, unit: int, *, worker: str, pool: str, attempt: int, converged: bool) -> Outcome:
         """Record a verified result of ``unit``; call only after checking its files in storage.
@@ -896,6 +912,7 @@ class LeaseBook:
             assert lease is not None
             if lease.worker != worker:
                 lease.revoked.append(unit)
+                self._untold.setdefault(lease.worker, set()).add(unit)
             self._detach(unit, lease)
         self._holder[unit] = _NOBODY  # clears an orphan mark
         self._set_state(unit, _DONE)

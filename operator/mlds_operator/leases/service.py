@@ -298,6 +298,13 @@ class CampaignService:
         return f"{STAGING}/{unit}/{attempt}-{worker}"
 
     async def grant(self, req: LeaseRequest) -> LeaseGrant | NoLease:
+        reply = await self._grant(req)
+        # Whatever the answer, it tells the worker which of its units others completed (a continuous stack
+        # asks for top-ups every round it has a free slot: a losing speculative copy stops within a round).
+        reply.cancel = list(self.book.take_cancellations(req.worker))
+        return reply
+
+    async def _grant(self, req: LeaseRequest) -> LeaseGrant | NoLease:
         if req.stack is not None:
             self.occupancy.report(req.worker, req.pool, req.stack, pending=self.book.pending)
         if self.book.finished:
@@ -380,7 +387,15 @@ class CampaignService:
         return FailReply(status=outcome, state=self.book.unit(req.unit).state)
 
     async def complete(self, req: CompleteRequest) -> CompleteReply:
-        """Verify a unit's staged files, publish them, then count the unit. Raises :class:`ResultRejected`."""
+        """Verify a unit's staged files, publish them, then count the unit. Raises :class:`ResultRejected`.
+
+        The reply also lists the worker's other units that other workers completed (``cancel``).
+        """
+        reply = await self._complete(req)
+        reply.cancel = list(self.book.take_cancellations(req.worker))
+        return reply
+
+    async def _complete(self, req: CompleteRequest) -> CompleteReply:
         self.book.unit(req.unit)  # UnknownUnit for an index outside the campaign
         # One completion of a unit at a time: verify -> publish -> count must not interleave with another
         # copy's (a speculative twin, a late worker), or two attempts could both write the final folder.

@@ -68,6 +68,9 @@ class RunOptions:
     progress_log: list[tuple[float, int]] | None = None
     devices: tuple[str, ...] = ("cpu",)  # torch devices, handed to workers in turn (mlds_operator.run.command)
     accelerator: str = "cpu"  # what the workers report: cpu, nvidia or rocm
+    #: False for a store thrown away afterwards (a benchmark's temporary folder): an interrupted run then
+    #: says there is nothing to resume instead of pointing at a folder that no longer exists.
+    resumable: bool = True
 
 
 @dataclass
@@ -384,6 +387,8 @@ async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
     finally:
         await sup.stop(kill=kill)
         await server.close()
+    if interrupted and not opts.resumable:
+        raise click.ClickException("interrupted: the run's temporary store is removed; there is nothing to resume")
     if interrupted:
         _mark_stopped(server.state, "interrupted")
     service = server.service

@@ -462,6 +462,19 @@ def test_the_first_speculative_completion_wins(winner: str, loser: str) -> None:
     assert w.book.stats().succeeded == 2
 
 
+def test_the_losing_copy_is_told_once_at_its_next_request_of_any_kind() -> None:
+    w = world(3)
+    w.grant("w1", 2)
+    w.grant("w3", 1)  # unit 2: nothing pending now
+    assert w.grant("w2", 2, speculative=True).units == (0, 1)  # copies of w1's units (the soonest deadline)
+    assert w.complete(0, "w2") is Outcome.accepted  # the copy wins unit 0
+    assert w.complete(1, "w1") is Outcome.accepted  # the original wins unit 1
+    assert w.book.take_cancellations("w1") == (0,)
+    assert w.book.take_cancellations("w1") == ()  # told once
+    assert w.book.take_cancellations("w2") == (1,)
+    assert w.book.take_cancellations("w3") == ()  # nothing of its own was completed elsewhere
+
+
 def test_a_lease_whose_units_all_went_elsewhere_ends_and_its_heartbeat_says_stop() -> None:
     w = world(1)
     w.grant("w1", 1)

@@ -487,6 +487,31 @@ async def test_no_lease_says_why(
         assert reply == NoLease(reason=reason, retry_after_seconds=retry_after)
 
 
+async def test_any_reply_tells_a_worker_which_of_its_units_another_worker_completed(api: ApiHarness) -> None:
+    original = await api.grant("w-1", max_units=8)  # everything: nothing is pending after this
+    copy = await api.lease("w-2", max_units=2, speculative=True)
+    assert isinstance(copy, LeaseGrant)
+    assert copy.speculative
+    assert [u.spec.unit for u in copy.units] == [0, 1]
+
+    status, reply = await api.deliver(copy.units[0], worker="w-2")  # the copy wins unit 0
+    assert (status, reply["cancel"]) == (200, [])
+    # w-1's next top-up request says so at once (no heartbeat needed), and only once.
+    told = await api.lease("w-1", max_units=1)
+    assert isinstance(told, NoLease)
+    assert told.cancel == [0]
+    again = await api.lease("w-1", max_units=1)
+    assert isinstance(again, NoLease)
+    assert again.cancel == []
+
+    status, reply = await api.deliver(original.units[1], worker="w-1")  # the original wins unit 1
+    assert status == 200
+    assert reply["status"] == "accepted"
+    # w-2 hears of it in the reply to whatever it sends next: here, its own (now duplicate) copy of unit 1.
+    status, reply = await api.deliver(copy.units[1], worker="w-2")
+    assert (status, reply["status"], reply["cancel"]) == (200, "duplicate", [1])
+
+
 async def test_release_returns_every_held_unit_uncounted(api: ApiHarness) -> None:
     grant = await api.grant("w-1", max_units=3)
     status, reply = await api.post(api.release_path(grant.lease_id), RELEASE_BODY)

@@ -16,7 +16,7 @@ import torch
 from mlds_contract.campaign import Dataset, Shape, Variant
 from mlds_contract.errors import UnitError
 from mlds_contract.plan import DS5_GRID, UnitSpec
-from mlds_worker import batched as batched_module
+from mlds_worker import families as families_module
 from mlds_worker.batched import batch_groups, train_batch
 from mlds_worker.batched_nets import StackedGRUNet
 from mlds_worker.nets import DigitsCNN, GRUNet
@@ -126,7 +126,7 @@ def test_a_batched_result_loads_into_the_plain_module_and_predicts_as_the_networ
 
 def test_evaluating_a_few_members_at_a_time_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     # Big stacks evaluate a few members at a time (bounded memory); force one member per forward.
-    monkeypatch.setattr(batched_module, "_EVAL_VALUES", 1)
+    monkeypatch.setattr(families_module, "_EVAL_VALUES", 1)
     units, datas = mixed_stack(3, max_epochs=2)
     for batched, unit, data in zip(train_batch(units, data=datas), units, datas, strict=True):
         assert_same_training(batched, train_unit(unit, data=data), exact=True)
