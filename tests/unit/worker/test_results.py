@@ -15,6 +15,9 @@ import pytest
 import torch
 from mlds_contract.campaign import Dataset, Variant
 from mlds_contract.errors import StorageUnavailable
+from mlds_contract.lease import CompleteRequest, FileDigest
+from mlds_contract.results import model_tensors
+from mlds_operator.leases import checks
 from mlds_worker.nets import DigitsCNN, GRUNet
 from mlds_worker.results import (
     META_FIELDS,
@@ -198,10 +201,6 @@ def test_a_real_result_passes_every_check_of_the_lease_server(
 ) -> None:
     # The server checks the model header against mlds_contract.results.model_tensors and parses meta.json
     # strictly (mlds_operator.leases.checks): what the worker writes must pass as it is.
-    from mlds_contract.lease import CompleteRequest, FileDigest
-    from mlds_contract.results import model_tensors
-    from mlds_operator.leases import checks
-
     result = {"ds1": ds1_result, "ds3": ds3_result, "ds4": ds4_result}[which]
     files = result_files(result, pool="cpu")
     request = CompleteRequest(
