@@ -44,7 +44,7 @@ def load_campaign(path: Path) -> TrainingCampaign:
         campaign = TrainingCampaign.model_validate_json(json.dumps(doc), strict=True)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
+        where = ".".join(str(p) for p in first.get("loc", ())) or "TrainingCampaign"
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         raise UserError(f"{path}: {where}: {first.get('msg')}{more}") from exc
     check_campaign(campaign.spec)

@@ -335,7 +335,10 @@ class S3Store:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         if self.prefix:
-            check_rel(self.prefix)
+            try:
+                check_rel(self.prefix)
+            except ValueError as exc:
+                raise UserError(f"invalid storage.prefix {prefix!r}: {exc}") from exc
         self.secure = secure
         self.region = region
         try:
