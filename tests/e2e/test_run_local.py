@@ -157,6 +157,14 @@ BAD_FILES = {
     "not YAML": ("spec: [unclosed\n", "is not valid YAML"),
     "no TrainingCampaign in it": ("kind: ConfigMap\n", "exactly one TrainingCampaign"),
     "a missing file": (None, "cannot read"),
+    # Issue 13: the name becomes a folder of `mlds run`; Kubernetes would refuse these names anyway.
+    "a name that climbs out of the store": (GOOD.replace("{name: bad}", "{name: ../x}"), "DNS-1123"),
+    "a name that is '..'": (GOOD.replace("{name: bad}", '{name: ".."}'), "DNS-1123"),
+    "an absolute name": (GOOD.replace("{name: bad}", "{name: /tmp/x}"), "DNS-1123"),
+    "a storage prefix with '..'": (
+        GOOD + "  storage: {endpoint: 127.0.0.1:9, bucket: mlds, prefix: ../other}\n",
+        "storage.prefix",
+    ),
 }
 
 
