@@ -344,6 +344,7 @@ class ThreadedApi:
     url: str  # http://127.0.0.1:PORT
     service: CampaignService
     store: LocalStore
+    loop: asyncio.AbstractEventLoop  # the serving thread's: run the service's coroutines there
     token: str = TOKEN
 
     @property
@@ -371,7 +372,7 @@ def serve_in_thread(tmp_path: Path, *, spec: CampaignSpec | None = None, network
         await site.start()
         port = runner.addresses[0][1]
         store.upload_base_url = f"http://127.0.0.1:{port}"
-        ready.set_result(ThreadedApi(url=store.upload_base_url, service=service, store=store))
+        ready.set_result(ThreadedApi(url=store.upload_base_url, service=service, store=store, loop=loop))
         try:
             await stop.wait()
         finally:
