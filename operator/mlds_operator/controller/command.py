@@ -218,6 +218,16 @@ def _version() -> str:
     ),
 )
 @click.option(
+    "--allowed-image-prefix",
+    "allowed_image_prefixes",
+    multiple=True,
+    envvar="MLDS_ALLOWED_IMAGE_PREFIXES",
+    help=(
+        "A prefix a campaign's pools[].image must start with (repeatable; env: space-separated). Others get an "
+        "ImageNotAllowed condition and no Job. Default: any image."
+    ),
+)
+@click.option(
     "--worker-backoff-limit",
     envvar="MLDS_WORKER_BACKOFF_LIMIT",
     type=click.IntRange(0, 10_000),
@@ -269,6 +279,7 @@ def operator_command(
     worker_image_rocm: str | None,
     image_pull_policy: str,
     worker_pod_defaults: str | None,
+    allowed_image_prefixes: tuple[str, ...],
     worker_backoff_limit: int,
     status_interval: float,
     checkpoint_seconds: float,
@@ -307,6 +318,7 @@ def operator_command(
                 images=images,
                 image_pull_policy=image_pull_policy,
                 backoff_limit=worker_backoff_limit,
+                allowed_image_prefixes=tuple(p for value in allowed_image_prefixes for p in value.split() if p),
                 pod_defaults=pod_defaults,
                 accelerator_pod_defaults=accelerator_pod_defaults,
             ),
