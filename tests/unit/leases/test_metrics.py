@@ -8,6 +8,7 @@ prometheus_client's own parser, as Prometheus would see it.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -255,14 +256,19 @@ def test_help_text_lists_every_rejection_reason(reason: str) -> None:
     assert reason in family.documentation
 
 
-async def test_mlds_run_serves_the_same_metrics_on_its_lease_port(tmp_path: Path) -> None:
+async def test_mlds_run_serves_the_same_metrics_on_their_own_port_not_the_lease_port(tmp_path: Path) -> None:
     path = write_campaign(tmp_path / "campaign.yaml", name="watched")
-    server = await _open_server(load_campaign(path), path, RunOptions(workers=1, store_dir=tmp_path / "store"))
+    opts = RunOptions(workers=1, store_dir=tmp_path / "store", metrics_port=0)
+    server = await _open_server(load_campaign(path), path, opts)
     try:
         base = server.url.split("/v1/")[0]
-        async with ClientSession() as http, http.get(f"{base}/metrics") as resp:
-            assert resp.status == 200
-            text = await resp.text()
+        metrics_port = json.loads((server.state / "run.json").read_text())["metricsPort"]
+        async with ClientSession() as http:
+            async with http.get(f"{base}/metrics") as resp:
+                assert resp.status == 404  # workers reach the lease port: it lists no campaigns (issue 13)
+            async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
     finally:
         await server.close()
     families = {f.name: f for f in text_string_to_metric_families(text)}
