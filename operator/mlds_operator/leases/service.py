@@ -13,8 +13,9 @@ against the size and SHA-256 the worker declared, runs the checks of :mod:`mlds_
 builds the manifest row from the plan plus the worker's measured fields, writes the files to
 ``<target>/<replica:05d>/`` itself with *that row* as meta.json (last, so a folder with a meta.json is a
 whole, verified result) and only then tells the book. A result that cannot become a row is a 422 and
-the unit goes back to pending. Staging leftovers are deleted on completion, failure, lease expiry and
-when the service opens. A worker whose
+the unit goes back to pending. Staging leftovers are deleted on failure, every attempt's when the unit
+succeeds, and when the service opens those of units already done (not on lease expiry: a late
+completion of an expired lease is still accepted). A worker whose
 lease expired while it trained can therefore never overwrite a verified result: the final keys are
 written by the server alone, once per unit. Non-converged attempts are kept for research under
 ``unconverged/<target>/<replica:05d>/attempt-<n>/`` and are not in the manifest.
@@ -64,7 +65,7 @@ from mlds_contract.results import META_FILE, MODEL_FILE, SNAPSHOTS_FILE, result_
 from mlds_workloads import save_data, target_data
 
 from mlds_operator.leases import checks
-from mlds_operator.leases.book import BookStats, CheckpointError, Clock, LeaseBook, LeaseView, NotIssued
+from mlds_operator.leases.book import BookStats, CheckpointError, Clock, LeaseBook, NotIssued
 from mlds_operator.leases.checks import ResultRejected
 from mlds_operator.storage import manifest as mf
 from mlds_operator.storage.store import STAGING_PREFIX, Store
@@ -226,9 +227,8 @@ class CampaignService:
         )
         service.book.paused = spec.suspend
         service._part_seq = await asyncio.to_thread(mf.next_part_seq, store)
-        # Staged uploads of the previous run: their workers re-upload after a rejection (missing).
-        await asyncio.to_thread(service._drop_prefix, STAGING_PREFIX)
         recovered = await service.recover()
+        await asyncio.to_thread(service._drop_finished_staging)
         if saved is not None or recovered:
             log.info(
                 "campaign=%s resumed: %d/%d succeeded (%d recovered from results)",
@@ -481,7 +481,11 @@ class CampaignService:
             self.store.put_bytes(f"{folder}/{name}", files[name], _content_type(name))
 
     def _drop_staging(self, req: CompleteRequest) -> None:
-        self._drop_prefix(self.staging_prefix(req.unit, req.attempt, req.worker) + "/")
+        if self.book.unit(req.unit).state.value == "succeeded":
+            # Every attempt's leftovers of a finished unit (expired leases, rejected copies) go with it.
+            self._drop_prefix(f"{STAGING}/{req.unit}/")
+        else:
+            self._drop_prefix(self.staging_prefix(req.unit, req.attempt, req.worker) + "/")
 
     def _drop_prefix(self, prefix: str) -> None:
         """Delete every object under a staging prefix (whatever names a worker uploaded there)."""
@@ -490,6 +494,28 @@ class CampaignService:
                 self.store.delete(key)
         except (StorageUnavailable, ValueError) as exc:  # staging is garbage; a leftover costs bytes only
             log.warning("campaign=%s could not delete staging %s: %s", self.name, prefix, exc)
+
+    def _drop_finished_staging(self) -> None:
+        """At startup: delete staged uploads of units that are done (succeeded or failed) or not units at all.
+
+        Not those of pending or leased units: a worker that uploaded while the server was down completes them
+        once it is back (its upload is not repeated), and a late result of a live unit is still accepted.
+        """
+        try:
+            keys = list(self.store.list(STAGING_PREFIX))
+        except (StorageUnavailable, ValueError) as exc:
+            log.warning("campaign=%s could not list staging: %s", self.name, exc)
+            return
+        total = self.book.total
+        for key in keys:
+            unit_text = key.removeprefix(STAGING_PREFIX).partition("/")[0]
+            unit = int(unit_text) if unit_text.isascii() and unit_text.isdigit() else -1
+            if 0 <= unit < total and self.book.unit(unit).state.value in ("pending", "leased"):
+                continue
+            try:
+                self.store.delete(key)
+            except (StorageUnavailable, ValueError) as exc:
+                log.warning("campaign=%s could not delete staging %s: %s", self.name, key, exc)
 
     def _drop_prefixes(self, prefixes: list[str]) -> None:
         for prefix in prefixes:
@@ -517,13 +543,10 @@ class CampaignService:
     def _expire(self) -> None:
         paused = self.book.paused
         for lease in self.book.expire():
-            self._drop_lease_staging(lease)
+            # Its staged uploads stay: a late completion of an expired lease is still accepted (see the
+            # book). They go when the unit finishes, or at the next start once it has.
             if self.observer is not None:
                 self.observer.lease_expired(lease.pool, units=len(lease.units), counted=not paused)
-
-    def _drop_lease_staging(self, lease: LeaseView) -> None:
-        for unit, attempt in zip(lease.units, lease.attempts, strict=True):
-            self._drop_prefix_later(self.staging_prefix(unit, attempt, lease.worker))
 
     async def flush(self) -> None:
         """Write buffered manifest rows as a part, then the book's checkpoint (in that order)."""

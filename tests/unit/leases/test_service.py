@@ -667,3 +667,22 @@ async def test_late_completions_of_a_failed_unit_still_publish_one_whole_copy(tm
     await service.flush()
     (row,) = mf.read_parts(store).to_pylist()  # type: ignore[union-attr]
     assert row["sha256"] == store.sha256("SingleDirectMachine/00000/model.safetensors")
+
+
+async def test_a_restart_cleans_the_staging_of_finished_units_and_keeps_what_live_units_may_still_complete(
+    store: RecordingStore, clock: FakeClock
+) -> None:
+    service = await open_service(store, clock)
+    await lease(service, units=2)
+    await deliver(store, service, trained(service, 0))
+    upload(store, service, trained(service, 0, worker="worker-late"))  # a losing copy of a finished unit
+    waiting = trained(service, 1)
+    upload(store, service, waiting)  # uploaded while the server was down; the completion comes after
+    store.put_bytes("_mlds/staging/999999/0-x/junk", b"not a unit of this campaign")
+    await service.flush()
+
+    restarted = await open_service(store, FakeClock(start=5.0))
+
+    assert store.tree("_mlds/staging/") == sorted(f"_mlds/staging/1/0-worker-a/{name}" for name in waiting.files)
+    assert (await restarted.complete(waiting.request())).status is Outcome.accepted
+    assert store.tree("_mlds/staging/") == []
