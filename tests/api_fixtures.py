@@ -26,6 +26,7 @@ import concurrent.futures
 import hashlib
 import io
 import json
+import math
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -45,7 +46,7 @@ from mlds_contract.lease import (
     NoLease,
 )
 from mlds_contract.plan import UnitSpec
-from mlds_contract.results import SNAPSHOTS_FILE, result_files_for
+from mlds_contract.results import SNAPSHOTS_FILE, model_tensors, result_files_for
 from mlds_operator.leases.http import RequestObserver, create_app
 from mlds_operator.leases.registry import Campaigns
 from mlds_operator.leases.service import CampaignService, ServiceSettings
@@ -68,6 +69,7 @@ __all__ = [
     "digests",
     "open_api",
     "result_files",
+    "safetensors_bytes",
     "serve_in_thread",
 ]
 
@@ -93,16 +95,36 @@ def a_campaign(
     )
 
 
-def result_files(spec: UnitSpec, *, converged: bool = True, pool: str = POOL) -> dict[str, bytes]:
-    """Plausible result files of one unit (what a worker uploads), meta.json agreeing with the model."""
-    model = b"safetensors:" + hashlib.sha256(f"{spec.unit}/{spec.attempt}".encode()).digest() * 8
+def safetensors_bytes(tensors: Mapping[str, tuple[int, ...]], *, fill: int = 0) -> bytes:
+    """A float32 safetensors file with these tensors (every byte ``fill``), as safetensors writes it."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape in tensors.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + bytes([fill % 256]) * offset
+
+
+def result_files(
+    spec: UnitSpec, *, converged: bool = True, pool: str = POOL, epochs: int = 1, **meta_fields: Any
+) -> dict[str, bytes]:
+    """Plausible result files of one unit (what a worker uploads), meta.json agreeing with the model.
+
+    The model is a real safetensors file of the unit's architecture (zeros but for a byte that differs per
+    unit and attempt); ``meta_fields`` override or add meta.json fields (a hostile worker's).
+    """
+    model = safetensors_bytes(model_tensors(spec), fill=spec.unit * 7 + spec.attempt)
     files: dict[str, bytes] = {
         "model.safetensors": model,
         "history.csv": b"epoch,train_loss,eval_loss,seconds\n0,0.25,0.25,0.1\n",
     }
     if SNAPSHOTS_FILE in result_files_for(spec.dataset):
-        files[SNAPSHOTS_FILE] = b"snapshots" * 4
-    meta = {
+        parameters = sum(math.prod(s) for s in model_tensors(spec).values())
+        files[SNAPSHOTS_FILE] = safetensors_bytes({"snapshots": (epochs, parameters)})
+    meta: dict[str, Any] = {
         "dataset": spec.dataset.value,
         "target": spec.target,
         "unit": spec.unit,
@@ -111,8 +133,16 @@ def result_files(spec: UnitSpec, *, converged: bool = True, pool: str = POOL) ->
         "converged": converged,
         "sha256": hashlib.sha256(model).hexdigest(),
         "pool": pool,
-        "epochs": 1,
+        "epochs": epochs,
+        "train_loss": 0.25,
+        "eval_loss": 0.25,
+        "seconds": 0.1,
+        "device_type": "cpu",
+        "device_name": "cpu",
+        "started": "2026-01-01T00:00:00.000Z",
+        "ended": "2026-01-01T00:00:00.100Z",
     }
+    meta.update(meta_fields)
     files["meta.json"] = json.dumps(meta).encode()
     return files
 
@@ -298,6 +328,7 @@ class ThreadedApi:
     url: str  # http://127.0.0.1:PORT
     service: CampaignService
     store: LocalStore
+    loop: asyncio.AbstractEventLoop  # the serving thread's: run the service's coroutines there
     token: str = TOKEN
 
     @property
@@ -325,7 +356,7 @@ def serve_in_thread(tmp_path: Path, *, spec: CampaignSpec | None = None, network
         await site.start()
         port = runner.addresses[0][1]
         store.upload_base_url = f"http://127.0.0.1:{port}"
-        ready.set_result(ThreadedApi(url=store.upload_base_url, service=service, store=store))
+        ready.set_result(ThreadedApi(url=store.upload_base_url, service=service, store=store, loop=loop))
         try:
             await stop.wait()
         finally:

@@ -531,6 +531,8 @@ def operator_config(
         ),
         listen_host="127.0.0.1",
         listen_port=port,
+        metrics_host="127.0.0.1",
+        metrics_port=0,  # a free port: /metrics is never on the lease port
         status_interval=status_interval,
         liveness=None,
         kubeconfig=str(cluster.kubeconfig),

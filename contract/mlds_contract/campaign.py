@@ -13,9 +13,10 @@ dataset?) live in :func:`mlds_contract.plan.check_campaign` and surface as a con
 from __future__ import annotations
 
 import enum
-from typing import Any, Final
+import re
+from typing import Any, Final, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "API_VERSION",
     "CATEGORIES",
     "CRD_NAME",
+    "DNS1123_LABEL",
+    "DNS1123_SUBDOMAIN",
     "DS1_MACHINES",
     "DS2_MACHINES",
     "KIND",
@@ -50,6 +53,11 @@ __all__ = [
     "Workload",
     "campaign_phase",
 ]
+
+#: A DNS-1123 label (namespaces, most Kubernetes names): what ``kubectl`` accepts, and never a path trick.
+DNS1123_LABEL: Final = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+#: A DNS-1123 subdomain (a custom resource's name): dot-separated labels, at most 253 characters.
+DNS1123_SUBDOMAIN: Final = re.compile(r"(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 # The resource's identity: what the CRD declares, the controller watches and patches, and kubectl types.
 #: API group of every mlds resource (also the prefix of its labels, annotations and finalizer).
@@ -212,7 +220,20 @@ class Storage(Model):
 
     endpoint: str = Field(min_length=1, description="host:port of the S3 endpoint, without scheme.")
     bucket: str = Field(min_length=3, max_length=63, description="Bucket name; created if missing.")
-    prefix: str = Field("", description="Key prefix of this campaign's objects (default: none).")
+    prefix: str = Field(
+        "",
+        max_length=512,
+        # Relative key parts only: no '.', '..', empty parts, backslashes or control characters.
+        pattern=r"^(/?[^/\x00-\x1f\x7f\\]+)*/?$",
+        description="Key prefix of this campaign's objects (default: none); no '.' or '..' parts.",
+    )
+
+    @model_validator(mode="after")
+    def _prefix_parts(self) -> Self:
+        if any(part in (".", "..") for part in self.prefix.strip("/").split("/")):
+            raise ValueError(f"storage.prefix {self.prefix!r:.80} has a '.' or '..' part")
+        return self
+
     secure: bool = Field(True, description="Use HTTPS to reach the endpoint.")
     region: str | None = Field(None, description="Bucket region, if the server needs one.")
     credentials_secret: str | None = Field(
@@ -402,6 +423,21 @@ class TrainingCampaign(Model):
     metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
     spec: CampaignSpec = Field(description="What the campaign asks for.")
     status: CampaignStatus | None = Field(None, description="What the operator observed.")
+
+    @model_validator(mode="after")
+    def _kubernetes_names(self) -> Self:
+        # As the API server checks them: a TrainingCampaign's name is a DNS-1123 subdomain and its namespace
+        # a DNS-1123 label. `mlds run` uses the name as a folder name, so "..", "../x" or "/etc" must never pass.
+        for key, pattern, what in (
+            ("name", DNS1123_SUBDOMAIN, "a DNS-1123 subdomain (lower-case letters, digits, '-' and '.', <= 253)"),
+            ("namespace", DNS1123_LABEL, "a DNS-1123 label (lower-case letters, digits and '-', <= 63)"),
+        ):
+            value = self.metadata.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not pattern.fullmatch(value):
+                raise ValueError(f"metadata.{key} {value!r:.80} is not {what}")
+        return self
 
     @property
     def name(self) -> str:

@@ -13,8 +13,10 @@ refused completion names its :class:`RejectReason`.
 
 Completions and failures are keyed by unit (and the worker that reports them), not by lease: a verified
 result is accepted even when the lease it was trained under expired or the server restarted and no
-longer knows the lease id. A heartbeat for a lease the server does not know re-establishes it when its
-units are still free (see ``HeartbeatRequest``).
+longer knows the lease id; but only for an attempt the server issued. A heartbeat for a lease the
+server does not know re-establishes it for the units the server's last checkpoint says that lease held
+(see ``HeartbeatRequest``). Workers are untrusted: the server believes what it issued and what it can
+check (DESIGN.md §2).
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ class RejectReason(enum.StrEnum):
     size_mismatch = "size_mismatch"  # the stored object's size is not the declared one
     sha_mismatch = "sha_mismatch"  # the stored object's SHA-256 is not the declared one
     bad_files = "bad_files"  # the declared file names are not the dataset's result files
-    bad_meta = "bad_meta"  # meta.json is not a JSON object, or contradicts the completion
+    bad_meta = "bad_meta"  # meta.json is not one bounded JSON object, contradicts the completion, or a field is invalid
+    bad_model = "bad_model"  # a safetensors file's header is not the unit architecture's float32 tensors
 
 
 class NoLeaseReason(enum.StrEnum):
@@ -216,9 +219,10 @@ class UnitAttempt(Model):
 class HeartbeatRequest(Model):
     """A worker says it is alive and still training the units of a lease.
 
-    If the server does not know the lease (it restarted, or the lease expired), it re-establishes the lease
-    under the same id for the listed units that are still free (not done, failed or leased to another
-    worker) and cancels the rest; if none is free the reply is 409 (stop training this lease).
+    If the server does not know the lease (it restarted), it re-establishes the lease under the same id
+    for the listed units its last checkpoint says that lease held, at those attempts, that are still free
+    (not done, failed or leased to another worker), and cancels the rest; if none is, the reply is 409
+    (stop training this lease).
     """
 
     worker: WorkerId = Field(description="The worker's id; must be the lease's holder.")

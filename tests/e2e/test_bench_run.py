@@ -11,10 +11,8 @@ from click.testing import CliRunner
 from mlds_contract.errors import UserError
 from mlds_operator.bench.campaign_run import bench_campaign, bench_run_command
 
-from tests.run_fixtures import reap, start_mlds, wait_for, worker_env, worker_events
-
-#: Seconds for the benchmark's first worker to start (it imports torch) and lease, on a busy machine.
-START_TIMEOUT = 120.0
+from tests.run_fixtures import activity, reap, start_mlds, worker_env, worker_events
+from tests.waiting import wait_until
 
 
 def test_the_fixed_campaign_spreads_the_networks_evenly_over_its_machines() -> None:
@@ -60,9 +58,9 @@ def test_an_interrupted_benchmark_says_there_is_nothing_to_resume(tmp_path: Path
             logs = tmp_path.glob("mlds-bench-campaign-*/store/_mlds/logs/worker-*.log")
             return any(e.message == "leased" for e in worker_events(list(logs)))
 
-        wait_for(leased, timeout=START_TIMEOUT, what="a worker to lease", alive=bench)
+        wait_until(leased, what="a worker to lease", progress=lambda: activity(tmp_path), alive=bench.ended)
         bench.send(signal.SIGINT)
-        code = bench.wait(60.0)
+        code = bench.wait(what="the benchmark to stop after Ctrl-C", progress=lambda: activity(tmp_path))
     finally:
         leftovers = reap(str(tmp_path))
     assert code == 1, bench.describe()

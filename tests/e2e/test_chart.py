@@ -43,6 +43,7 @@ import kubernetes
 import kubernetes_validate
 import pytest
 import yaml
+from aiohttp import web
 from mlds_contract.campaign import API_GROUP, PLURAL, Accelerator, CampaignSpec, Pool, Workload
 from mlds_operator.artifacts.chart_readme import value_docs
 from mlds_operator.artifacts.crd import crd_manifest
@@ -317,14 +318,12 @@ def test_prometheus_operator_objects(rendered: dict[str, Rendered]) -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint == {"port": "http", "path": "/metrics", "interval": "15s"}
+    assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "15s"}
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
-    # The operator serves that path on the lease API's port, as `mlds operator` builds its application.
+    # The operator serves that path on its metrics port, never on the lease API's (issue 13).
     campaigns = Campaigns()
-    server_metrics = ServerMetrics(campaigns, component="operator")
-    app = create_app(campaigns, observer=server_metrics.observe_request)
-    server_metrics.add_route(app)
-    assert endpoint["path"] in {r.resource.canonical for r in app.router.routes() if r.resource is not None}
+    app = create_app(campaigns)
+    assert endpoint["path"] not in {r.resource.canonical for r in app.router.routes() if r.resource is not None}
 
     rule = release.one("PrometheusRule")
     rules_file = CHART / "rules" / "mlds.rules.yaml"
@@ -426,9 +425,10 @@ def test_custom_images_and_service_account(rendered: dict[str, Rendered]) -> Non
     assert pod["serviceAccountName"] == "mlds-preprovisioned"
     policy = release.one("NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels(deployment).items()
-    http, healthz = policy["spec"]["ingress"]
+    http, metrics, healthz = policy["spec"]["ingress"]
     assert http["ports"] == [{"port": "http", "protocol": "TCP"}]
     assert len(http["from"]) == 2
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
     assert healthz == {"ports": [{"port": "healthz", "protocol": "TCP"}]}
     assert release.kind("ServiceAccount") == []
     for binding in release.kind("ClusterRoleBinding"):
@@ -970,13 +970,17 @@ def _serve(app: Any) -> Iterator[str]:
         loop.close()
 
 
-def run_test_pod(pod: Mapping[str, Any], base_url: str) -> subprocess.CompletedProcess[str]:
-    """The helm test pod's own command, with its Service URL pointed at ``base_url``."""
+def run_test_pod(pod: Mapping[str, Any], base_url: str, metrics_url: str) -> subprocess.CompletedProcess[str]:
+    """The helm test pod's own command, with its Service URLs pointed at ``base_url`` and ``metrics_url``."""
     (container,) = pod["spec"]["containers"]
     command = [*container["command"], *container.get("args", [])]
     assert command[:2] == ["python", "-c"]
     return subprocess.run(
-        [sys.executable, "-c", command[2], base_url], capture_output=True, text=True, check=False, timeout=60
+        [sys.executable, "-c", command[2], base_url, metrics_url],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
 
 
@@ -988,8 +992,11 @@ def test_helm_test_checks_the_operators_health_through_its_service(
     (pod,) = release.hook("Pod", "test")
     (container,) = pod["spec"]["containers"]
     service = release.one("Service")
-    name, port = service["metadata"]["name"], service["spec"]["ports"][0]["port"]
-    assert container["command"][-1] == f"http://{name}.{NAMESPACE}.svc:{port}"
+    name, port, metrics_port = service["metadata"]["name"], *(p["port"] for p in service["spec"]["ports"])
+    assert container["command"][-2:] == [
+        f"http://{name}.{NAMESPACE}.svc:{port}",
+        f"http://{name}.{NAMESPACE}.svc:{metrics_port}",
+    ]
     assert container["image"] == release.one("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
     # The test pod must not become an endpoint of the operator's Service.
     assert not service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
@@ -1003,14 +1010,18 @@ def test_the_helm_test_pods_command_passes_against_a_real_operator_app_and_fails
     campaigns = Campaigns()
     metrics = ServerMetrics(campaigns, component="operator")
     app = create_app(campaigns, observer=metrics.observe_request)
-    metrics.add_route(app)  # as `mlds operator` builds it
-    with _serve(app) as url:
-        done = run_test_pod(pod, url)
-    assert done.returncode == 0, done.stderr
-    assert "/healthz: HTTP 200" in done.stdout
-    with _serve(create_app(Campaigns())) as url:  # no /metrics route: the test must fail
-        failed = run_test_pod(pod, url)
-    assert failed.returncode != 0
+    metrics_app = web.Application()
+    metrics.add_route(metrics_app)  # as `mlds operator` builds them: two ports
+    with _serve(app) as url, _serve(metrics_app) as metrics_url:
+        done = run_test_pod(pod, url, metrics_url)
+        assert done.returncode == 0, done.stderr
+        assert "/healthz: HTTP 200" in done.stdout
+        failed = run_test_pod(pod, url, url)  # no /metrics on the lease port: the test must fail
+        assert failed.returncode != 0
+        leaky = create_app(Campaigns())  # metrics on the lease port: the test must fail too
+        metrics.add_route(leaky)
+        with _serve(leaky) as leaky_url:
+            assert run_test_pod(pod, leaky_url, metrics_url).returncode != 0
 
 
 # --- the uninstall hook (issue 16 item 9) -------------------------------------------------------------------

@@ -132,7 +132,8 @@ async def test_prometheus_scrapes_a_campaign_every_panel_has_data_and_a_stalled_
 ) -> None:
     await cluster.create(SECRETS, credentials_secret(NS, "s3-credentials", s3_server.access_key, s3_server.secret_key))
     port = free_port()
-    operator = operator_process(cluster, tmp_path, port)
+    metrics_port = free_port()  # /metrics has a port of its own; the lease port does not serve it
+    operator = operator_process(cluster, tmp_path, port, metrics_port)
     kubelet = Kubelet(cluster, tmp_path)
     manifest = campaign_manifest(
         NAME,
@@ -152,7 +153,9 @@ async def test_prometheus_scrapes_a_campaign_every_panel_has_data_and_a_stalled_
         stall_seconds=STALL_SECONDS, stall_for="2s", expiry_window="30s", failure_window="30s", interval="1s"
     )
     board = json.loads(DASHBOARD.read_text())
-    with prometheus_server(tmp_path / "prometheus", job=JOB, targets=[f"127.0.0.1:{port}"], rules=test_rules) as prom:
+    with prometheus_server(
+        tmp_path / "prometheus", job=JOB, targets=[f"127.0.0.1:{metrics_port}"], rules=test_rules
+    ) as prom:
         start = time.time()
         operator.start()
         kubelet.start()

@@ -98,12 +98,13 @@ class OperatorProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def operator_process(cluster: Cluster, folder: Path, port: int) -> OperatorProcess:
+def operator_process(cluster: Cluster, folder: Path, port: int, metrics_port: int | None = None) -> OperatorProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLDS_")}
     env.update(KUBECONFIG=str(cluster.kubeconfig), PYTHONUNBUFFERED="1")
     argv = [
         *(sys.executable, "-m", "mlds_cli", "operator", "--all-namespaces"),
         *("--listen", f"127.0.0.1:{port}", "--lease-url", f"http://127.0.0.1:{port}"),
+        *("--metrics-listen", f"127.0.0.1:{metrics_port or free_port()}"),
         *("--status-interval", "0.5", "--checkpoint-seconds", "1", "--liveness", ""),
         *("--worker-image-cpu", "registry.test/mlds/worker:e2e-cpu"),
     ]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.run_fixtures import manifest_rows, reap, start_mlds, worker_env, write_campaign
+from tests.run_fixtures import activity, manifest_rows, reap, start_mlds, worker_env, write_campaign
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +43,7 @@ def test_an_nvidia_pool_without_a_gpu_is_refused_in_one_line(tmp_path: Path) -> 
     if seen["gpus"]:
         pytest.skip("torch sees a GPU here: the refusal cannot happen")
     proc = start_mlds(["run", nvidia_campaign(tmp_path), "--store", "store"], cwd=tmp_path, tag="gpu")
-    code = proc.wait(120.0)
+    code = proc.wait(what="mlds run to refuse", progress=lambda: activity(tmp_path))
     assert code == 2, proc.describe()
     assert proc.stderr.splitlines() == [
         f"error: pool 'gpu' asks for nvidia GPUs, but torch {seen['torch']} sees none here; "
@@ -57,8 +57,8 @@ def test_device_cpu_trains_an_nvidia_pool_on_the_cpu_and_says_so(tmp_path: Path)
     proc = start_mlds(
         ["run", nvidia_campaign(tmp_path), "--store", "store", "--device", "cpu", "-q"], cwd=tmp_path, tag="cpu"
     )
-    code = proc.wait(240.0)
+    code = proc.wait(what="mlds run to finish", progress=lambda: activity(tmp_path))
     assert code == 0, proc.describe()
     assert proc.stderr.startswith("gpu: training on the CPU, one thread per worker; ")
     assert [row["device_type"] for row in manifest_rows(tmp_path / "store" / "manifest.parquet")] == ["cpu"]
-    assert reap(str(tmp_path), grace=10.0) == []
+    assert reap(str(tmp_path), wait=True) == []

@@ -92,7 +92,7 @@ def test_a_campaign_runs_to_the_end_and_prints_its_summary(finished: Finished) -
 @pytest.mark.slow
 def test_a_pulled_copy_s_readme_does_not_name_the_original_folder(finished: Finished, tmp_path: Path) -> None:
     pull = start_mlds(["dataset", "pull", finished.store, tmp_path / "copy", "-q"], cwd=tmp_path, tag="pull")
-    assert pull.wait(120.0) == 0, pull.describe()
+    assert pull.wait(what="mlds dataset pull", progress=lambda: activity(tmp_path)) == 0, pull.describe()
     readme = (tmp_path / "copy" / "README.md").read_text()
     assert readme.startswith("# quick: an MLDS ds1 dataset")
     assert str(finished.store) not in readme
@@ -262,6 +262,14 @@ BAD_FILES = {
     "not YAML": ("spec: [unclosed\n", "is not valid YAML"),
     "no TrainingCampaign in it": ("kind: ConfigMap\n", "holds no TrainingCampaign document"),
     "a missing file": (None, "cannot read"),
+    # Issue 13: the name becomes a folder of `mlds run`; Kubernetes would refuse these names anyway.
+    "a name that climbs out of the store": (GOOD.replace("{name: bad}", "{name: ../x}"), "DNS-1123"),
+    "a name that is '..'": (GOOD.replace("{name: bad}", '{name: ".."}'), "DNS-1123"),
+    "an absolute name": (GOOD.replace("{name: bad}", "{name: /tmp/x}"), "DNS-1123"),
+    "a storage prefix with '..'": (
+        GOOD + "  storage: {endpoint: 127.0.0.1:9, bucket: mlds, prefix: ../other}\n",
+        "storage.prefix",
+    ),
 }
 
 

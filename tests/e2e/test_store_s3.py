@@ -103,28 +103,28 @@ def test_two_campaigns_in_one_bucket_do_not_see_each_other(s3_server: S3Server, 
 
 def test_presigned_put_with_octet_stream_is_verified(s3_store: S3Store) -> None:
     body = b"\x00safetensors bytes\xff" * 100
-    url = s3_store.presign_put("Parity/00003/model.safetensors", timedelta(minutes=10))
+    url = s3_store.presign_put("_mlds/staging/3/0-w/model.safetensors", timedelta(minutes=10))
 
     assert http_put(url, body, OCTET) == 200
 
-    assert s3_store.get_bytes("Parity/00003/model.safetensors") == body
-    assert s3_store.verify("Parity/00003/model.safetensors", len(body), sha(body)) == body
+    assert s3_store.get_bytes("_mlds/staging/3/0-w/model.safetensors") == body
+    assert s3_store.verify("_mlds/staging/3/0-w/model.safetensors", len(body), sha(body)) == body
 
 
 def test_a_form_encoded_presigned_put_is_caught_by_verification(s3_store: S3Store) -> None:
     # urllib's default content type for a body is a form; the test server then stores nothing. The worker
     # must send application/octet-stream, and the server must not trust the upload either way.
     body = b"weights" * 50
-    url = s3_store.presign_put("Parity/00004/model.safetensors", timedelta(minutes=10))
+    url = s3_store.presign_put("_mlds/staging/4/0-w/model.safetensors", timedelta(minutes=10))
 
     assert http_put(url, body, {}) == 200
 
-    assert s3_store.verify("Parity/00004/model.safetensors", len(body), sha(body)) is RejectReason.size_mismatch
+    assert s3_store.verify("_mlds/staging/4/0-w/model.safetensors", len(body), sha(body)) is RejectReason.size_mismatch
 
 
 async def test_presigned_put_from_aiohttp(s3_store: S3Store) -> None:
     body = json.dumps({"unit": 9}).encode()
-    url = s3_store.presign_put("Parity/00009/meta.json", timedelta(minutes=5))
+    url = s3_store.presign_put("_mlds/staging/9/0-w/meta.json", timedelta(minutes=5))
 
     # encoded=True: send the signed query exactly as signed (no re-quoting of %2F in the credential).
     async with (
@@ -133,7 +133,7 @@ async def test_presigned_put_from_aiohttp(s3_store: S3Store) -> None:
     ):
         assert resp.status == 200
 
-    assert s3_store.verify("Parity/00009/meta.json", len(body), sha(body)) == body
+    assert s3_store.verify("_mlds/staging/9/0-w/meta.json", len(body), sha(body)) == body
 
 
 @pytest.mark.parametrize(

@@ -440,3 +440,28 @@ async def test_a_job_name_taken_by_something_else_is_reported_not_overwritten(
             **foreign,
             "metadata": cluster.get(JOBS, NS, "clash-cpu")["metadata"],
         }
+
+
+async def test_a_secret_named_like_the_token_secret_but_not_made_for_the_campaign_is_never_adopted_or_deleted(
+    cluster: Cluster, s3_server: S3Server, s3_bucket: str
+) -> None:
+    # Issue 13: someone else's Secret of that name must not reach worker pods, nor be deleted with the campaign.
+    await add_credentials(cluster, s3_server)
+    planted = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": pods.secret_name("squat"), "namespace": NS, "labels": {pods.LABEL_CAMPAIGN: "squat"}},
+        "data": {pods.TOKEN_KEY: base64.b64encode(b"a-token-someone-chose").decode()},
+    }
+    await cluster.create(SECRETS, planted)
+    async with running_operator(operator_config(cluster)):
+        await cluster.create(CAMPAIGNS, campaign_manifest("squat", NS, storage=s3_server.storage(s3_bucket, "squat")))
+        await wait_until_async(
+            lambda: condition(cluster.status(NS, "squat"), "Ready").get("reason") == "TokenSecretNotOwned",
+            what="a TokenSecretNotOwned condition",
+        )
+        assert cluster.jobs(NS, "squat") == {}  # nothing mounts the planted token
+
+        await cluster.delete(CAMPAIGNS, NS, "squat")
+        await wait_until_async(lambda: cluster.campaign(NS, "squat") is None, what="the campaign to go")
+        assert cluster.get(SECRETS, NS, pods.secret_name("squat")) is not None, "not ours to delete"

@@ -55,6 +55,9 @@ class OperatorConfig:
     settings: OperatorSettings
     listen_host: str = "0.0.0.0"  # noqa: S104 - the lease API must be reachable by worker pods
     listen_port: int = 8080
+    #: Where ``/metrics`` is served: a port of its own, never the lease API's (worker pods reach that one).
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod
+    metrics_port: int = 9464
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
     #: Seconds between status passes (the status timer): the bound on status writes per campaign.
     status_interval: float = 5.0
@@ -75,10 +78,11 @@ async def run_operator(
     controller = Controller(kube, campaigns, config.settings)
     server_metrics = ServerMetrics(campaigns, component="operator")
     app = create_app(campaigns, observer=server_metrics.observe_request)
-    server_metrics.add_route(app)  # GET /metrics beside the lease API (the chart's Service and ServiceMonitor)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    metrics_runner: web.AppRunner | None = None
     try:
+        metrics_runner = await server_metrics.serve(config.metrics_host, config.metrics_port)
         await _reopen_campaigns(kube, controller, config.namespaces)
         await web.TCPSite(runner, config.listen_host, config.listen_port, reuse_address=True).start()
         log.info(
@@ -100,6 +104,8 @@ async def run_operator(
     finally:
         await controller.close()  # idempotent; kopf's cleanup handler usually did it already
         await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         kube.close()
 
 
@@ -140,10 +146,10 @@ def _operator_namespace(given: str | None) -> str:
         return DEFAULT_OPERATOR_NAMESPACE
 
 
-def _listen(value: str) -> tuple[str, int]:
+def _listen(value: str, flag: str = "--listen") -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise click.BadParameter(f"expected HOST:PORT, got {value!r}", param_hint="--listen")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"expected HOST:PORT, got {value!r}", param_hint=flag)
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - see OperatorConfig.listen_host
 
 
@@ -170,6 +176,13 @@ def _version() -> str:
     default="0.0.0.0:8080",
     show_default=True,
     help="Address of the lease API served to worker pods.",
+)
+@click.option(
+    "--metrics-listen",
+    envvar="MLDS_METRICS_LISTEN",
+    default="0.0.0.0:9464",
+    show_default=True,
+    help="Address of /metrics (Prometheus). Its own port: the lease port serves only the lease API and health.",
 )
 @click.option(
     "--lease-url",
@@ -202,6 +215,16 @@ def _version() -> str:
         'Defaults of every worker pod: {"all": {...}, "cpu": {...}, "nvidia": {...}, "rocm": {...}}, each with '
         "imagePullSecrets, labels, annotations, priorityClassName, runtimeClassName, affinity, nodeSelector, "
         "tolerations, securityContext (the chart's workers.pod and workers.acceleratorPod values)."
+    ),
+)
+@click.option(
+    "--allowed-image-prefix",
+    "allowed_image_prefixes",
+    multiple=True,
+    envvar="MLDS_ALLOWED_IMAGE_PREFIXES",
+    help=(
+        "A prefix a campaign's pools[].image must start with (repeatable; env: space-separated). Others get an "
+        "ImageNotAllowed condition and no Job. Default: any image."
     ),
 )
 @click.option(
@@ -248,6 +271,7 @@ def operator_command(
     namespaces: tuple[str, ...],
     all_namespaces: bool,
     listen: str,
+    metrics_listen: str,
     lease_url: str | None,
     operator_namespace: str | None,
     worker_image_cpu: str | None,
@@ -255,6 +279,7 @@ def operator_command(
     worker_image_rocm: str | None,
     image_pull_policy: str,
     worker_pod_defaults: str | None,
+    allowed_image_prefixes: tuple[str, ...],
     worker_backoff_limit: int,
     status_interval: float,
     checkpoint_seconds: float,
@@ -270,6 +295,9 @@ def operator_command(
     names = tuple(n for value in namespaces for n in value.split() if n)
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON if log_format == "json" else kopf.LogFormat.FULL)
     host, port = _listen(listen)
+    metrics_host, metrics_port = _listen(metrics_listen, "--metrics-listen")
+    if (metrics_host, metrics_port) == (host, port):
+        raise click.BadParameter("/metrics needs a port of its own, not the lease API's", param_hint="--metrics-listen")
     try:
         pod_defaults, accelerator_pod_defaults = pods.parse_pod_defaults(worker_pod_defaults)
     except ValueError as exc:
@@ -290,6 +318,7 @@ def operator_command(
                 images=images,
                 image_pull_policy=image_pull_policy,
                 backoff_limit=worker_backoff_limit,
+                allowed_image_prefixes=tuple(p for value in allowed_image_prefixes for p in value.split() if p),
                 pod_defaults=pod_defaults,
                 accelerator_pod_defaults=accelerator_pod_defaults,
             ),
@@ -298,6 +327,8 @@ def operator_command(
         ),
         listen_host=host,
         listen_port=port,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
         namespaces=names,
         status_interval=status_interval,
         liveness=liveness or None,

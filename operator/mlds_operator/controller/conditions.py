@@ -97,6 +97,9 @@ class Reason(enum.StrEnum):
     CredentialsSecretInvalid = "CredentialsSecretInvalid"
     StorageRejected = "StorageRejected"  # the store refused the settings (access denied, bad endpoint)
     ImmutableFieldChanged = "ImmutableFieldChanged"  # workload/seed/training/storage edited mid-campaign
+    ImageNotAllowed = "ImageNotAllowed"  # a pool names a worker image outside the operator's allow-list
+    # Ready (False): a Secret named like the campaign's token Secret that the operator did not create
+    TokenSecretNotOwned = "TokenSecretNotOwned"
 
 
 #: Reasons that make an Event a Warning when their condition turns (or stays) the "bad" way.

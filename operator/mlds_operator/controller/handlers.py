@@ -132,7 +132,9 @@ def build_registry(*, status_interval: float = 5.0) -> kopf.OperatorRegistry:
     async def cleanup(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         controller: Controller = memo.controller
         try:
-            await controller.remove(body.metadata.namespace or "", body.metadata.name or "", logger)
+            await controller.remove(
+                body.metadata.namespace or "", body.metadata.name or "", logger, uid=body.metadata.uid
+            )
         except TemporaryError as exc:
             raise OutageError(str(exc), delay=exc.delay) from exc
 

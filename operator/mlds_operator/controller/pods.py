@@ -271,6 +271,14 @@ class WorkerSettings:
     #: The platform's defaults of every worker pod, and per accelerator (merged over those).
     pod_defaults: PodDefaults = field(default_factory=PodDefaults)
     accelerator_pod_defaults: Mapping[Accelerator, PodDefaults] = field(default_factory=dict)
+    #: Image prefixes a campaign's ``pools[].image`` may start with (e.g. ``registry.example.com/mlds/``);
+    #: empty: any image. Worker pods run what a campaign names with the campaign's token, so a platform can
+    #: pin them to its own registry. The operator's default images are always allowed.
+    allowed_image_prefixes: tuple[str, ...] = ()
+
+    def image_allowed(self, image: str) -> bool:
+        """May a campaign name this worker image?"""
+        return not self.allowed_image_prefixes or any(image.startswith(p) for p in self.allowed_image_prefixes)
 
     def defaults_for(self, accelerator: Accelerator) -> PodDefaults:
         """The defaults a pool of this accelerator gets (see :meth:`PodDefaults.over`)."""
@@ -371,6 +379,31 @@ def token_secret(ref: CampaignRef, token: str, *, plan_hash: str) -> dict[str, A
         "metadata": meta,
         "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()},
     }
+
+
+def owns_secret(ref: CampaignRef, secret: Mapping[str, Any]) -> bool:
+    """Did the operator make ``secret`` for this campaign? Its labels and a controller ownerReference say so.
+
+    The operator adopts, mounts and deletes only such Secrets (issue 13): a Secret of the same name made by
+    someone else (or left by an earlier campaign of that name) is never handed to worker pods or removed.
+    """
+    meta = secret.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if labels.get("app.kubernetes.io/managed-by") != "mlds-operator" or labels.get(LABEL_CAMPAIGN) != campaign_label(
+        ref.name
+    ):
+        return False
+    for owner in meta.get("ownerReferences") or ():
+        if (
+            isinstance(owner, Mapping)
+            and owner.get("kind") == KIND
+            and owner.get("apiVersion") == f"{API_GROUP}/{API_VERSION}"
+            and owner.get("name") == ref.name
+            and owner.get("controller") is True
+            and (not ref.uid or owner.get("uid") == ref.uid)
+        ):
+            return True
+    return False
 
 
 def token_from_secret(secret: Mapping[str, Any] | None) -> str | None:

@@ -169,6 +169,19 @@ def validate(spec: CampaignSpec) -> Problem | None:
     return None
 
 
+def image_problem(spec: CampaignSpec, settings: pods.WorkerSettings) -> Problem | None:
+    """A pool naming a worker image outside the operator's allow-list: a condition, and no Job for it."""
+    refused = [p.image for p in spec.pools if p.image is not None and not settings.image_allowed(p.image)]
+    if not refused:
+        return None
+    allowed = ", ".join(settings.allowed_image_prefixes)
+    return Problem(
+        Reason.ImageNotAllowed,
+        f"worker image {refused[0]!r} is not under an allowed prefix ({allowed}); use one, or omit pools[].image",
+        permanent=False,
+    )
+
+
 def plan_hash(spec: CampaignSpec) -> str:
     """Hash of the fields that define the campaign's units and where their results live."""
     storage = spec.storage
@@ -354,6 +367,8 @@ def reconcile(campaign: Campaign, observed: Observed, settings: pods.WorkerSetti
     old = campaign.status
     spec = campaign.spec
     problem = blocking_problem(campaign, observed.pinned_plan if observed.secret_exists else None)
+    if problem is None and spec is not None:
+        problem = image_problem(spec, settings)
     progress = observed.progress
     actions: list[Action] = []
 

@@ -146,13 +146,27 @@ class Controller:
         rt.uid = campaign.uid
         error: MldsError | None = None
         secret = await asyncio.to_thread(self.kube.get_secret, ns, pods.secret_name(name))
-        token = pods.token_from_secret(secret) or rt.token or secrets.token_urlsafe(32)
-        rt.token = token
-        pinned = ((secret or {}).get("metadata", {}).get("annotations") or {}).get(pods.ANNOTATION_PLAN)
-        problem = blocking_problem(campaign, pinned if secret is not None else None)
         external: Problem | None = None
+        foreign = secret is not None and not pods.owns_secret(campaign.ref, secret)
+        if foreign:
+            # Never adopt (mount into worker pods, take the token from) a Secret someone else made (issue 13).
+            external = Problem(
+                Reason.TokenSecretNotOwned,
+                f"Secret {pods.secret_name(name)!r} exists but was not created by mlds for this campaign (no "
+                "ownerReference to it); the operator neither uses nor deletes it: remove or rename it",
+                spec=False,
+            )
+            if rt.service is not None:
+                await self._close_service(ns, name, logger)
+                rt.service = None
+        token = (None if foreign else pods.token_from_secret(secret)) or rt.token or secrets.token_urlsafe(32)
+        rt.token = token
+        pinned = (
+            None if foreign else ((secret or {}).get("metadata", {}).get("annotations") or {}).get(pods.ANNOTATION_PLAN)
+        )
+        problem = blocking_problem(campaign, pinned if secret is not None else None)
         finished_before = campaign.status is not None and terminal(campaign.status)
-        if rt.service is None and problem is None and not finished_before:
+        if rt.service is None and problem is None and not finished_before and not foreign:
             external = await self._open(campaign, token, rt, logger)
         progress: Progress | None = None
         if rt.service is not None:
@@ -311,8 +325,8 @@ class Controller:
 
     # -------------------------------------------------------------------------------------- deletion
 
-    async def remove(self, namespace: str, name: str, logger: Logger) -> None:
-        """A campaign is being deleted: stop serving it, delete its Jobs and Secret; never its results."""
+    async def remove(self, namespace: str, name: str, logger: Logger, *, uid: str | None = None) -> None:
+        """A campaign is being deleted: stop serving it, delete its Jobs and (its own) Secret; never its results."""
         rt = self._runtimes.setdefault((namespace, name), _Runtime())
         async with rt.lock:
             await self._close_service(namespace, name, logger)
@@ -320,7 +334,11 @@ class Controller:
                 job_name = job["metadata"]["name"]
                 if await asyncio.to_thread(self.kube.delete_job, namespace, job_name):
                     logger.info("deleted Job %s", job_name)
-            if await asyncio.to_thread(self.kube.delete_secret, namespace, pods.secret_name(name)):
+            secret = await asyncio.to_thread(self.kube.get_secret, namespace, pods.secret_name(name))
+            ref = pods.CampaignRef(name=name, namespace=namespace, uid=uid)
+            if secret is not None and not pods.owns_secret(ref, secret):
+                logger.warning("Secret %s is not this campaign's (no ownerReference to it): left alone", ref.name)
+            elif await asyncio.to_thread(self.kube.delete_secret, namespace, pods.secret_name(name)):
                 logger.info("deleted Secret %s", pods.secret_name(name))
             self._runtimes.pop((namespace, name), None)
 

@@ -48,10 +48,26 @@ leases are Python objects. The rules:
   granted their units meanwhile. Units leased after the last checkpoint come back pending, and their
   workers re-adopt them the same way unless someone was granted them first. Completions after the last
   checkpoint are lost from it; a worker's late completion is still accepted.
+
+Workers are untrusted (DESIGN.md §2), so the book believes only what it issued:
+
+- **Attempts**: a holder's fail, release or unconverged completion must name the attempt its lease was
+  given for the unit, and any report must name an attempt the book has issued (at most the unit's
+  counter); otherwise :class:`NotIssued`. A failure report from a worker that holds no lease on the unit
+  counts only for a unit orphaned by a restart, at its current attempt: nobody can fail units they were
+  never given.
+- **Re-adoption** after a restart takes only what the checkpoint says that lease held: the checkpoint
+  records, per leased unit, a 64-bit tag of its lease id (a truncated SHA-256: the id itself, a bearer
+  token, stays out of the bucket), and a heartbeat re-establishes a lease only for orphaned units whose
+  tag is its id's, at the attempt the checkpoint holds. Units leased after the last checkpoint are not
+  re-adoptable: they come back pending and are granted again.
+- **Pools** are fixed at construction when ``pools`` is given: a grant, report or heartbeat naming another
+  pool raises :class:`UnknownPool`, so client-chosen names never grow the book, its stats or checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import json
@@ -81,17 +97,20 @@ __all__ = [
     "LeaseError",
     "LeaseView",
     "NotHolder",
+    "NotIssued",
     "PoolFigures",
     "UnitView",
     "UnknownLease",
+    "UnknownPool",
     "UnknownUnit",
+    "lease_tag",
 ]
 
 #: Seconds, from any fixed origin; only differences matter. Default: ``time.monotonic``.
 Clock = Callable[[], float]
 
-#: Version written into checkpoints; :meth:`LeaseBook.from_bytes` reads this version only.
-CHECKPOINT_VERSION = 1
+#: Version written into checkpoints; :meth:`LeaseBook.from_bytes` reads this one and version 1 (no lease tags).
+CHECKPOINT_VERSION = 2
 _MAGIC = b"MLDSBOOK"
 _HEADER = struct.Struct("<8sHI")  # magic, version, length of the JSON settings that follow
 
@@ -120,6 +139,19 @@ class NotHolder(LeaseError):
 
 class UnknownUnit(LeaseError, IndexError):
     """A unit index outside the campaign (HTTP 404)."""
+
+
+class NotIssued(LeaseError):
+    """A report names an attempt the book never issued for that unit, or not the one its lease holds (HTTP 422)."""
+
+
+class UnknownPool(LeaseError):
+    """A request names a pool that is not one of the campaign's (HTTP 422)."""
+
+
+def lease_tag(lease_id: str) -> int:
+    """The 64-bit tag a checkpoint stores for a lease: the first 8 bytes of SHA-256 of its id (never 0)."""
+    return int.from_bytes(hashlib.sha256(lease_id.encode()).digest()[:8], "little") or 1
 
 
 class CheckpointError(MldsError):
@@ -257,6 +289,10 @@ class LeaseBook:
         self._heap: list[tuple[float, int, str]] = []  # (deadline when pushed, lease seq, lease id)
         self._seq = itertools.count()
         self._pools: dict[str, _PoolCounter] = {name: _PoolCounter() for name in pools}
+        #: Given pools are the only ones (see the module docstring); without any, pools appear as workers name them.
+        self._fixed_pools = bool(self._pools)
+        self._slot_tags = np.zeros(0, dtype=np.uint64)  # lease_tag of the lease in each slot (for checkpoints)
+        self._orphan_tags = np.zeros(0, dtype=np.uint64)  # per unit, from the checkpoint; empty when none
         self._workers: dict[str, tuple[str, float]] = {}  # worker -> (pool, last seen)
         # worker -> its units another worker completed, not yet told (take_cancellations). At most one entry
         # per revoked copy, and a copy is revoked once, so this stays within the campaign's size.
@@ -426,9 +462,11 @@ class LeaseBook:
             return self._report_failure(unit, worker, pool, attempt)
         lease = self._holding_lease(unit, worker)
         if lease is not None:
+            self._check_attempt(unit, attempt, lease)
             self._give_back(unit, lease, counted=False)
             return Outcome.accepted
-        if self._state[unit] == _LEASED and self._holder[unit] == _ORPHAN:
+        self._check_attempt(unit, attempt, None)
+        if self._state[unit] == _LEASED and self._holder[unit] == _ORPHAN and attempt == int(self._attempts[unit]):
             # Leased before a restart and not re-adopted: its worker lets it go, so nobody need wait for the grace.
             self._holder[unit] = _NOBODY
             self._set_state(unit, _PENDING)
@@ -507,6 +545,10 @@ class LeaseBook:
     def stats(self, *, active_seconds: float = 300.0, failed_max_chars: int | None = 4096) -> BookStats:
         """Counts by state, per-pool figures (workers seen in the last ``active_seconds``) and failed ranges."""
         now = self._now()
+        if len(self._workers) > 1024:
+            # Worker ids are client-chosen: forget the long gone, so invented names cannot grow the book.
+            horizon = now - max(active_seconds, 3600.0)
+            self._workers = {w: seen for w, seen in self._workers.items() if seen[1] >= horizon}
         workers: dict[str, int] = {}
         for pool, last_seen in self._workers.values():
             if last_seen >= now - active_seconds:
@@ -546,7 +588,15 @@ class LeaseBook:
             "pools": {name: [c.succeeded, c.failed] for name, c in sorted(self._pools.items())},
         }
         head = json.dumps(settings, separators=(",", ":")).encode()
-        body = zlib.compress(self._state.tobytes() + self._attempts.astype("<u2").tobytes(), 6)
+        tags = np.zeros(self._n, dtype=np.uint64)
+        if self._orphan_tags.size:
+            orphaned = self._holder == _ORPHAN
+            tags[orphaned] = self._orphan_tags[orphaned]
+        held = self._holder >= 0
+        tags[held] = self._slot_tags[self._holder[held]]
+        body = zlib.compress(
+            self._state.tobytes() + self._attempts.astype("<u2").tobytes() + tags.astype("<u8").tobytes(), 6
+        )
         return _HEADER.pack(_MAGIC, CHECKPOINT_VERSION, len(head)) + head + body
 
     @classmethod
@@ -571,13 +621,16 @@ class LeaseBook:
         magic, version, head_len = _HEADER.unpack_from(data)
         if magic != _MAGIC:
             raise CheckpointError("not a lease-book checkpoint: bad magic bytes")
-        if version != CHECKPOINT_VERSION:
-            raise CheckpointError(f"lease-book checkpoint version {version}; this mlds reads {CHECKPOINT_VERSION}")
+        if version not in (1, CHECKPOINT_VERSION):
+            raise CheckpointError(f"lease-book checkpoint version {version}; this mlds reads 1..{CHECKPOINT_VERSION}")
         try:
             settings: dict[str, Any] = json.loads(data[_HEADER.size : _HEADER.size + head_len])
             n = int(settings["total"])
             raw = zlib.decompress(data[_HEADER.size + head_len :])
             saved_pools = {str(k): (int(v[0]), int(v[1])) for k, v in settings["pools"].items()}
+            pools = list(pools)
+            if pools:  # names a client invented before pools were fixed are dropped, not carried forever
+                saved_pools = {k: v for k, v in saved_pools.items() if k in pools}
             book = cls(
                 n,
                 max_attempts=int(settings["maxAttempts"]) if max_attempts is None else max_attempts,
@@ -589,7 +642,8 @@ class LeaseBook:
             raise CheckpointError(f"corrupt lease-book checkpoint: {exc}") from exc
         if total is not None and n != total:
             raise CheckpointError(f"checkpoint holds {n} units but the campaign has {total}")
-        if len(raw) != 3 * n:
+        per_unit = 3 if version == 1 else 11
+        if len(raw) != per_unit * n:
             raise CheckpointError(f"corrupt lease-book checkpoint: {len(raw)} body bytes for {n} units")
         state = np.frombuffer(raw, dtype=np.uint8, count=n).copy()
         if n and int(state.max()) > _FAILED:
@@ -602,6 +656,10 @@ class LeaseBook:
         book._counts = np.bincount(state, minlength=4).tolist()
         leased = np.flatnonzero(state == _LEASED)
         book._holder[leased] = _ORPHAN
+        book._orphan_tags = np.zeros(n, dtype=np.uint64)
+        if version > 1:
+            saved_tags = np.frombuffer(raw, dtype="<u8", count=n, offset=3 * n)
+            book._orphan_tags[leased] = saved_tags[leased]
         if leased.size:
             book._orphan_deadline = clock() + book._lease_seconds
         pending = np.flatnonzero(state == _PENDING)
@@ -616,9 +674,39 @@ class LeaseBook:
             raise UnknownUnit(f"unit {unit} is outside the campaign (0..{self._n - 1})")
 
     def _seen(self, worker: str, pool: str, now: float) -> None:
-        self._workers[worker] = (pool, now)
         if pool not in self._pools:
+            if self._fixed_pools:
+                raise UnknownPool(f"pool {pool!r} is not one of the campaign's ({', '.join(sorted(self._pools))})")
             self._pools[pool] = _PoolCounter()
+        self._workers[worker] = (pool, now)
+
+    def _check_attempt(self, unit: int, attempt: int, lease: _Lease | None) -> None:
+        """Raise :class:`NotIssued` unless ``attempt`` is ``lease``'s for ``unit`` (without one: was ever issued)."""
+        if lease is not None:
+            if attempt != self._attempt_of(lease, unit):
+                raise NotIssued(
+                    f"unit {unit}: attempt {attempt} is not the attempt {self._attempt_of(lease, unit)} "
+                    f"lease {lease.lease_id!r} was given"
+                )
+        elif not 0 <= attempt <= int(self._attempts[unit]):
+            raise NotIssued(
+                f"unit {unit}: attempt {attempt} was never issued (attempts so far: {int(self._attempts[unit])})"
+            )
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        """The pools the book counts for, by name."""
+        return tuple(sorted(self._pools))
+
+    def check_pool(self, pool: str) -> None:
+        """Raise :class:`UnknownPool` unless ``pool`` is one of the book's (when its pools are fixed)."""
+        if self._fixed_pools and pool not in self._pools:
+            raise UnknownPool(f"pool {pool!r} is not one of the campaign's ({', '.join(sorted(self._pools))})")
+
+    def issued(self, unit: int, attempt: int) -> bool:
+        """Has the book ever issued ``attempt`` of ``unit`` (is it at most the unit's attempt counter)?"""
+        self._check_unit(unit)
+        return 0 <= attempt <= int(self._attempts[unit])
 
     def set_costs(self, block: int, costs: Iterable[float]) -> None:
         """Hand out the most expensive blocks of ``block`` units first; ``costs`` are their expected costs."""
@@ -703,11 +791,16 @@ class LeaseBook:
         ok_units: list[int] = []
         ok_attempts: list[int] = []
         cancel: list[int] = []
+        tag = lease_tag(lease_id)
+        tags = self._orphan_tags
         for unit, attempt in sorted(units.items()):
+            # Only what the checkpoint says this lease held, at the attempt it held (module docstring).
             free = (
-                0 <= unit < self._n
-                and 0 <= attempt < self._max_attempts
-                and (self._state[unit] == _PENDING or (self._state[unit] == _LEASED and self._holder[unit] == _ORPHAN))
+                0 <= unit < tags.size
+                and self._state[unit] == _LEASED
+                and self._holder[unit] == _ORPHAN
+                and int(tags[unit]) == tag
+                and attempt == int(self._attempts[unit])
             )
             if free:
                 ok_units.append(unit)
@@ -717,18 +810,14 @@ class LeaseBook:
         if not ok_units:
             raise NotHolder(
                 f"lease {lease_id!r} is unknown and none of its units is free to re-establish it "
-                "(they succeeded, failed or are leased to another worker)"
+                "(they succeeded, failed, are leased to another worker, or were not this lease's at the last "
+                "checkpoint)"
             )
         arr = np.asarray(ok_units, dtype=np.int64)
         att = np.asarray(ok_attempts, dtype=np.int64)
         lease = self._new_lease(worker, pool, arr, att, now, speculative=False, lease_id=lease_id)
-        pending = int(np.count_nonzero(self._state[arr] == _PENDING))
-        self._counts[_PENDING] -= pending
-        self._counts[_LEASED] += pending
-        self._state[arr] = _LEASED
-        self._holder[arr] = lease.slot
-        # A worker on a later attempt than the book remembers (an old checkpoint): the earlier ones were counted.
-        self._attempts[arr] = np.maximum(self._attempts[arr], att).astype(np.uint16)
+        self._holder[arr] = lease.slot  # all were orphans: already counted as leased
+        self._orphan_tags[arr] = 0
         return HeartbeatResult(lease_id, lease.deadline, tuple(cancel), readopted=True)
 
     def _new_lease(
@@ -769,6 +858,9 @@ class LeaseBook:
             self._heap = [(x.deadline, x.seq, x.lease_id) for x in self._leases.values()]
             heapq.heapify(self._heap)
         self._slots[slot] = lease
+        if slot >= self._slot_tags.size:
+            self._slot_tags = np.resize(self._slot_tags, max(64, 2 * (slot + 1)))
+        self._slot_tags[slot] = lease_tag(lease_id)
         self._leases[lease_id] = lease
         heapq.heappush(self._heap, (lease.deadline, lease.seq, lease_id))
         return lease
@@ -895,11 +987,13 @@ class LeaseBook:
             return Outcome.duplicate
         lease = self._holding_lease(unit, worker)
         if lease is not None:
+            self._check_attempt(unit, attempt, lease)
             self._give_back(unit, lease, counted=True)
             return Outcome.accepted
-        # Not a holder any more (its lease expired, or the server restarted). Count the attempt only if it
-        # was not counted yet and no live lease holds the unit: otherwise the current holder's outcome decides.
-        if attempt < int(self._attempts[unit]) or (state == _LEASED and self._holder[unit] != _ORPHAN):
+        self._check_attempt(unit, attempt, None)
+        # Not a holder (its lease expired, or the server restarted). Count the attempt only for a unit
+        # orphaned by a restart, at its current attempt: a unit nobody was given cannot be failed by a report.
+        if not (state == _LEASED and self._holder[unit] == _ORPHAN and attempt == int(self._attempts[unit])):
             return Outcome.duplicate
         self._pools[pool].failed += 1
         self._count_failure(unit, attempt)

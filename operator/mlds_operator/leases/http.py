@@ -8,10 +8,15 @@ The routes, their bodies and their error statuses are the table :data:`mlds_cont
 :func:`create_app` registers one handler per route and :func:`openapi_document` describes the same table.
 
 Errors are RFC 9457 problem details (``ErrorReply``): 401 missing or wrong token (the same answer for
-an unknown campaign, so tokens cannot be probed per campaign), 404 unknown unit, 409 a lease the worker
-does not hold, 413 a body over :data:`MAX_BODY`, 422 a malformed body (types are checked strictly) or a
-result that fails verification, 503 storage outage (with Retry-After). Anything else is a bug and
-answers 500 with no internals.
+an unknown campaign, so tokens cannot be probed per campaign), 404 unknown unit (unit ids in URLs are
+ASCII digits only), 409 a lease the worker does not hold, 413 a body over :data:`MAX_BODY`, 422 a
+malformed body (types are checked strictly), a pool that is not the campaign's, an attempt the server
+never issued, or a result that fails verification, 503 storage outage (with Retry-After). Anything else
+is a bug and answers 500 with no internals; the fuzzers (tests/e2e/test_api_fuzz.py) hunt for those.
+
+This port serves the lease API, health and the OpenAPI document only: metrics are served on a port of
+their own (:func:`mlds_operator.leases.metrics.serve_metrics`), so a worker pod that can reach the lease
+API learns nothing about other campaigns.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ from mlds_contract.routes import (
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from mlds_operator.leases.book import NotHolder, UnknownLease, UnknownUnit
+from mlds_operator.leases.book import NotHolder, NotIssued, UnknownLease, UnknownPool, UnknownUnit
 from mlds_operator.leases.registry import Campaigns
 from mlds_operator.leases.service import CampaignService, ResultRejected
 from mlds_operator.storage.store import LocalStore
@@ -172,7 +177,8 @@ def _service(request: web.Request) -> CampaignService:
 
 def _int(request: web.Request, name: str) -> int:
     text = request.match_info[name]
-    if not text.isdigit() or len(text) > 12:
+    # isascii(): str.isdigit() is also true for '²' or '٣', which int() refuses or reads as another number.
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
         raise _HttpProblem(
             404, "Unknown unit", f"{name} must be a non-negative integer, got {text!r}", kind="unknown-unit"
         )
@@ -192,6 +198,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = problem(p.status, p.title, p.detail, kind=p.kind, request=request, headers=p.headers)
     except ResultRejected as exc:
         response = problem(422, "Result rejected", str(exc), kind=f"result-{exc.reason}", request=request)
+    except UnknownPool as exc:
+        response = problem(422, "Unknown pool", str(exc), kind="unknown-pool", request=request)
+    except NotIssued as exc:
+        response = problem(422, "Attempt not issued", str(exc), kind="not-issued", request=request)
     except (NotHolder, UnknownLease) as exc:
         response = problem(409, "Not the lease holder", str(exc), kind="not-holder", request=request)
     except UnknownUnit as exc:
@@ -294,8 +304,19 @@ async def _upload(request: web.Request) -> web.Response:
         raise _HttpProblem(404, "Not found", "this server hosts no local-folder store", kind="not-found")
     key = request.match_info["key"]
     q = request.query
-    if not store.check_upload(key, q.get("expires", ""), q.get("sig", "")):
+    scope = q.get("scope", "")
+    if not store.check_upload(key, q.get("expires", ""), q.get("sig", ""), scope=scope):
         raise _HttpProblem(403, "Forbidden", "upload URL is invalid, for another key, or expired", kind="forbidden")
+    # A valid signature is not enough: the right dies with the lease it was granted under. 409, not 403:
+    # after a restart the lease is unknown until its worker's heartbeat re-adopts it, so the worker retries.
+    owners = [s for _, s in request.app[CAMPAIGNS].items() if s.store is store]
+    if not any(s.upload_allowed(key, scope) for s in owners):
+        raise _HttpProblem(
+            409,
+            "Not the lease holder",
+            "the lease this upload URL was granted under no longer holds it",
+            kind="not-holder",
+        )
     if request.content_length is not None and request.content_length > MAX_UPLOAD:
         raise _HttpProblem(413, "Too large", f"uploads are limited to {MAX_UPLOAD} bytes", kind="too-large")
     data = await request.read()

@@ -52,6 +52,7 @@ __all__ = [
     "METRIC_NAMES",
     "CampaignMetrics",
     "ServerMetrics",
+    "bound_port",
     "instrument",
 ]
 
@@ -390,8 +391,32 @@ class ServerMetrics:
         return web.Response(body=self.exposition(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
     def add_route(self, app: web.Application) -> None:
-        """Serve ``GET /metrics`` from ``app`` (the lease API's application, before it starts)."""
+        """Serve ``GET /metrics`` from ``app`` (the metrics port's application, before it starts)."""
         app.router.add_get("/metrics", self.handle)
+
+    async def serve(self, host: str, port: int) -> web.AppRunner:
+        """Serve ``GET /metrics`` alone on ``host:port``, apart from the lease API; the caller cleans up the runner.
+
+        A port of its own: worker pods reach the lease port, and ``/metrics`` lists every campaign's
+        namespace and name, so it is not served there (issue 13). Port 0 picks a free one (see
+        :func:`bound_port`).
+        """
+        app = web.Application()
+        self.add_route(app)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The TCP port a started runner listens on."""
+    port: int = runner.addresses[0][1]
+    return port
 
 
 #: Every metric name this module exports (counters without their ``_total`` suffix), for docs and tests.

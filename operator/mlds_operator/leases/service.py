@@ -5,19 +5,24 @@ and ``mlds run`` create them, drive :meth:`CampaignService.tick` periodically, a
 :meth:`CampaignService.snapshot` for status and progress. Nothing here knows HTTP or kopf.
 
 **Results go through staging.** A grant hands out presigned PUT URLs for
-``_mlds/staging/<unit>/<attempt>-<worker>/<file>``, never for the final folder. On completion the
-service reads each staged object through :meth:`~mlds_operator.storage.store.Store.check` (one streaming
-read, bounded by the declared size) against the size and SHA-256 the worker declared, checks the model
-digest against meta.json, then has the store publish exactly the versions it checked to
-``<target>/<replica:05d>/`` (:meth:`~mlds_operator.storage.store.Store.publish`: a server-side copy on S3,
-a rename in a folder; no bytes pass through the server twice; meta.json last, so a folder with a
-meta.json is a whole, verified result) and only then tells the book. A worker whose lease expired while
-it trained can therefore never overwrite a verified result: the final keys are written by the server
-alone, once per unit, and a staged file replaced after its check is refused, not published. Staged
-objects left behind are deleted in batches when the rows are flushed. Non-converged attempts are kept
-for research under ``unconverged/<target>/<replica:05d>/attempt-<n>/`` and are not in the manifest.
-:meth:`CampaignService.complete_many` completes a stack's worth of units in one call (the
-``completeBatch`` route), each exactly as alone.
+``_mlds/staging/<unit>/<attempt>-<worker>/<file>``, never for the final folder (the stores refuse to
+sign anything else). On completion the service reads each staged object once, bounded by the declared
+size, against the size and SHA-256 the worker declared (:meth:`~mlds_operator.storage.store.Store.check`,
+which also claims the version it read), runs the checks of :mod:`mlds_operator.leases.checks` (meta.json
+strictly parsed and bounded, the model's safetensors header against the unit's architecture), builds
+the manifest row from the plan plus the worker's measured fields, has the store publish exactly the
+versions it checked to ``<target>/<replica:05d>/`` (:meth:`~mlds_operator.storage.store.Store.publish`:
+a server-side copy on S3, a rename in a folder; no bytes pass through the server twice) and writes
+*that row* as meta.json last (a folder with a meta.json is a whole, verified result), and only then
+tells the book. A result that cannot become a row is a 422 and the unit goes back to pending. A worker
+whose lease expired while it trained can therefore never overwrite a verified result: the final keys
+are written by the server alone, once per unit, and a staged file replaced after its check is refused,
+not published. Staged objects of published results are deleted in batches when the rows are flushed;
+other leftovers on failure, every attempt's when the unit succeeds, and at start-up those of units
+already done (not on lease expiry: a late completion of an expired lease is still accepted).
+Non-converged attempts are kept for research under ``unconverged/<target>/<replica:05d>/attempt-<n>/``
+and are not in the manifest. :meth:`CampaignService.complete_many` completes a stack's worth of units
+in one call (the ``completeBatch`` route), each exactly as alone.
 
 **Durability.** Verified rows accumulate in memory and are flushed as a manifest part, followed by a
 lease-book checkpoint, every ``checkpoint_seconds`` (and at the end). After a crash, the checkpoint
@@ -60,28 +65,24 @@ from mlds_contract.lease import (
     ReleaseRequest,
 )
 from mlds_contract.plan import Target, UnitSpec, campaign_targets, unit_spec
-from mlds_contract.results import META_FILE, MODEL_FILE, result_files_for
+from mlds_contract.results import META_FILE, MODEL_FILE, SNAPSHOTS_FILE, result_files_for
 from mlds_workloads import save_data, target_data
 
-from mlds_operator.leases.book import BookStats, CheckpointError, Clock, LeaseBook
+from mlds_operator.leases import checks
+from mlds_operator.leases.book import BookStats, CheckpointError, Clock, LeaseBook, NotIssued
+from mlds_operator.leases.checks import ResultRejected
 from mlds_operator.leases.costs import reference_costs
 from mlds_operator.leases.occupancy import PoolOccupancy, StackOccupancy
 from mlds_operator.storage import manifest as mf
-from mlds_operator.storage.store import Store
+from mlds_operator.storage.store import STAGING_PREFIX, Checked, Store
 
 __all__ = ["CampaignService", "ResultRejected", "ServiceObserver", "ServiceSettings", "Snapshot"]
 
 log = logging.getLogger(__name__)
 
-STAGING = "_mlds/staging"
-
-
-class ResultRejected(MldsError):
-    """A completion whose files are missing or do not match what the worker declared (HTTP 422)."""
-
-    def __init__(self, message: str, *, reason: RejectReason) -> None:
-        super().__init__(message)
-        self.reason = reason
+STAGING = STAGING_PREFIX.rstrip("/")
+#: Rejections that mean "this result can never become a manifest row": the unit goes back to pending.
+_UNUSABLE = frozenset({RejectReason.bad_meta, RejectReason.bad_model, RejectReason.bad_files})
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class Snapshot:
     training_seconds: float  # summed over verified networks
     rejected: dict[RejectReason, int]  # rejected completions by reason
     occupancy: dict[str, PoolOccupancy] = field(default_factory=dict)  # continuous stacks, by pool (issue 14)
+    unreadable: tuple[str, ...] = ()  # result folders recovery skipped (unreadable meta.json), first 100
 
 
 class ServiceObserver(Protocol):
@@ -149,7 +151,7 @@ class ServiceObserver(Protocol):
 @dataclass
 class _Verified:
     files: dict[str, bytes]
-    meta: dict[str, Any]
+    row: dict[str, Any]  # the manifest row, published as meta.json
     versions: dict[str, str]  # file name -> the version checked (Store.check), which publish() moves
 
 
@@ -176,6 +178,8 @@ class CampaignService:
     _flush_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _presign_inline: bool = field(init=False, default=False)  # see grant()
     _staged: list[str] = field(init=False, default_factory=list)  # staged keys of published results, to delete
+    _stale: list[str] = field(init=False, default_factory=list)  # staging prefixes to delete (expired leases)
+    _unreadable: list[str] = field(init=False, default_factory=list)  # result folders recovery skipped
     #: Told of leases, results and failures as they happen (the metrics layer: mlds_operator.leases.metrics.instrument).
     observer: ServiceObserver | None = None
     #: What continuous-stack workers report of their stacks (issue 14).
@@ -237,6 +241,7 @@ class CampaignService:
         service.book.set_costs(spec.networks_per_target, reference_costs(spec, service._targets))
         service._part_seq = await asyncio.to_thread(mf.next_part_seq, store)
         recovered = await service.recover()
+        await asyncio.to_thread(service._drop_finished_staging)
         if saved is not None or recovered:
             log.info(
                 "campaign=%s resumed: %d/%d succeeded (%d recovered from results)",
@@ -253,22 +258,28 @@ class CampaignService:
         n = self.spec.networks_per_target
         recovered = 0
         folders = await asyncio.to_thread(lambda: list(mf.find_results(self.store)))
+        pools = self.book.pools
         for folder in folders:
             target, _, replica = folder.partition("/")
-            if target not in index or not replica.isdigit() or int(replica) >= n:
+            if target not in index or not (replica.isascii() and replica.isdigit()) or int(replica) >= n:
                 continue
             unit = index[target] * n + int(replica)
             if self.book.unit(unit).state.value == "succeeded":
                 continue
             raw = await asyncio.to_thread(self.store.get_bytes, f"{folder}/{META_FILE}")
-            try:
-                meta = json.loads(raw or b"")
-            except ValueError:
+            read = checks.read_published(raw, unit=unit, target=target)
+            if read is None or not self.book.issued(unit, read.attempt):
+                # Skipped and reported, never fatal: one damaged object must not stop the campaign.
+                log.warning(
+                    "campaign=%s result %s has an unreadable meta.json; skipped (not counted)", self.name, folder
+                )
+                if len(self._unreadable) < 100:
+                    self._unreadable.append(folder)
                 continue
-            self.book.complete(
-                unit, worker="recovered", pool=str(meta.get("pool") or "recovered"), attempt=0, converged=True
-            )
-            self._rows.append(mf.manifest_row(meta, folder))
+            pool = read.pool if read.pool in pools or not pools else pools[0]
+            self.book.complete(unit, worker="recovered", pool=pool, attempt=read.attempt, converged=True)
+            spec = self.unit_spec(unit, read.attempt)
+            self._rows.append(checks.manifest_row(spec, read.measured, sha256=read.sha256, pool=pool, key=folder))
             recovered += 1
         if recovered:
             await self.flush()
@@ -323,7 +334,10 @@ class CampaignService:
             for unit, attempt in zip(view.units, view.attempts, strict=True):
                 spec = self.unit_spec(unit, attempt)
                 prefix = self.staging_prefix(unit, attempt, req.worker)
-                uploads = {f: self.store.presign_put(f"{prefix}/{f}", expires) for f in result_files_for(spec.dataset)}
+                uploads = {
+                    f: self.store.presign_put(f"{prefix}/{f}", expires, scope=view.lease_id)
+                    for f in result_files_for(spec.dataset)
+                }
                 out.append(LeasedUnit(spec=spec, uploads=uploads))
             return out
 
@@ -369,10 +383,32 @@ class CampaignService:
     def release(self, lease_id: str, req: ReleaseRequest) -> ReleaseReply:
         return ReleaseReply(released=self.book.release_lease(lease_id, req.worker))
 
+    def upload_allowed(self, key: str, scope: str) -> bool:
+        """May a PUT of staging ``key`` under lease ``scope`` land now? (The local store's upload route asks.)
+
+        Yes only while that lease is live, its worker is the key's, and it holds the key's unit at the
+        key's attempt, for one of the unit's result files: an upload right dies with its lease.
+        """
+        parts = key.removeprefix(STAGING_PREFIX).split("/")
+        if not key.startswith(STAGING_PREFIX) or len(parts) != 3:
+            return False
+        unit_text, owner, name = parts
+        attempt_text, _, worker = owner.partition("-")
+        if not (unit_text.isascii() and unit_text.isdigit() and attempt_text.isascii() and attempt_text.isdigit()):
+            return False
+        lease = self.book.lease(scope)
+        if lease is None or lease.worker != worker:
+            return False
+        unit, attempt = int(unit_text), int(attempt_text)
+        held = dict(zip(lease.units, lease.attempts, strict=True))
+        return held.get(unit) == attempt and name in result_files_for(self.spec.workload.dataset)
+
     def fail(self, req: FailRequest) -> FailReply:
         outcome = self.book.fail(
             req.unit, worker=req.worker, pool=req.pool, attempt=req.attempt, retry=req.kind is FailKind.release
         )
+        if outcome is Outcome.accepted:
+            self._drop_prefix_later(self.staging_prefix(req.unit, req.attempt, req.worker))
         if req.kind is FailKind.fail and outcome is Outcome.accepted and self.observer is not None:
             self.observer.attempt_failed(req.pool, "error")
         if req.kind is FailKind.fail:
@@ -397,6 +433,9 @@ class CampaignService:
 
     async def _complete(self, req: CompleteRequest) -> CompleteReply:
         self.book.unit(req.unit)  # UnknownUnit for an index outside the campaign
+        self.book.check_pool(req.pool)
+        if not self.book.issued(req.unit, req.attempt):
+            raise NotIssued(f"unit {req.unit}: attempt {req.attempt} was never issued")
         # One completion of a unit at a time: verify -> publish -> count must not interleave with another
         # copy's (a speculative twin, a late worker), or two attempts could both write the final folder.
         lock = self._finishing.setdefault(req.unit, asyncio.Lock())
@@ -437,8 +476,12 @@ class CampaignService:
             # One thread hop for both: a hop costs more CPU than a small result's reads and renames.
             verified = await asyncio.to_thread(self._verify_and_publish, req, spec, final)
         except ResultRejected as exc:
+            self._rejected[exc.reason] += 1
             if observer is not None:
                 observer.result_rejected(req.pool, exc.reason)
+            if exc.reason in _UNUSABLE:
+                # Never a row: the holder lets the unit go (uncounted), so another worker trains it.
+                self.book.fail(req.unit, worker=req.worker, pool=req.pool, attempt=req.attempt, retry=True)
             raise
         if observer is not None:
             observer.result_published(req.pool, sum(len(data) for data in verified.files.values()))
@@ -448,7 +491,7 @@ class CampaignService:
         if outcome is Outcome.accepted:  # converged or capped: what a unit of its target costs (issue 14)
             self.book.observe_cost(req.unit, epochs=req.epochs, seconds=req.training_seconds)
         if outcome is Outcome.accepted and req.converged:
-            self._rows.append(mf.manifest_row(verified.meta, spec.key))
+            self._rows.append(verified.row)
             self._recent.append(self.wall())
             self._training_seconds += req.training_seconds
             if observer is not None:
@@ -461,62 +504,108 @@ class CampaignService:
         return CompleteReply(status=outcome, state=self.book.unit(req.unit).state)
 
     def _verify_and_publish(self, req: CompleteRequest, spec: UnitSpec, folder: str) -> _Verified:
-        verified = self._verify(req, spec)
+        verified = self._verify(req, spec, folder)
         prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
-        # meta.json last: a folder with a meta.json is a whole result (recovery relies on it).
-        names = sorted(verified.files, key=lambda n: n == META_FILE)
-        changed = self.store.publish([(f"{prefix}/{n}", f"{folder}/{n}", verified.versions[n]) for n in names])
+        moves = [(f"{prefix}/{n}", f"{folder}/{n}", verified.versions[n]) for n in sorted(verified.versions)]
+        changed = self.store.publish(moves)
         if changed is not None:
-            self._rejected[RejectReason.sha_mismatch] += 1
             raise ResultRejected(
                 f"unit {req.unit}: {changed.rpartition('/')[2]} changed after it was verified",
                 reason=RejectReason.sha_mismatch,
             )
+        # meta.json last, and the server's own row: a folder with a meta.json is a whole result (recovery).
+        self.store.put_bytes(f"{folder}/{META_FILE}", verified.files[META_FILE], "application/json")
         return verified
 
-    def _verify(self, req: CompleteRequest, spec: UnitSpec) -> _Verified:
-        expected = set(result_files_for(spec.dataset))
-        if set(req.files) != expected:
-            self._rejected[RejectReason.bad_files] += 1
-            raise ResultRejected(
-                f"unit {req.unit}: expected files {sorted(expected)}, got {sorted(req.files)}",
-                reason=RejectReason.bad_files,
-            )
+    def _verify(self, req: CompleteRequest, spec: UnitSpec, final: str) -> _Verified:
+        """The checks of :mod:`~mlds_operator.leases.checks`, in order; raises :class:`ResultRejected`."""
+        checks.check_file_names(req, spec)
+        files, versions = self._read_staged(req)
+        measured = checks.check_meta(files[META_FILE], req, spec)
+        checks.check_model(files[MODEL_FILE], req, spec)
+        if SNAPSHOTS_FILE in files:
+            checks.check_snapshots(files[SNAPSHOTS_FILE], req, spec, measured.epochs)
+        row = checks.manifest_row(spec, measured, sha256=req.files[MODEL_FILE].sha256, pool=req.pool, key=final)
+        files[META_FILE] = (json.dumps(row, indent=2) + "\n").encode()
+        return _Verified(files=files, row=row, versions=versions)
+
+    def _read_staged(self, req: CompleteRequest) -> tuple[dict[str, bytes], dict[str, str]]:
+        """Each staged file exactly as declared (one bounded, streaming read: what is published is what was checked).
+
+        The worker's meta.json is only read (its measured fields go into the server's own row, which is
+        what gets published); every other file is claimed at the version read, for :meth:`Store.publish`.
+        """
         prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
         files: dict[str, bytes] = {}
         versions: dict[str, str] = {}
         for name, digest in req.files.items():
-            # One bounded, streaming read per file; what is published is exactly what was checked.
-            got = self.store.check(f"{prefix}/{name}", digest.size, digest.sha256)
+            got: Checked | bytes | RejectReason = (
+                self.store.verify(f"{prefix}/{name}", digest.size, digest.sha256)
+                if name == META_FILE
+                else self.store.check(f"{prefix}/{name}", digest.size, digest.sha256)
+            )
             if isinstance(got, RejectReason):
-                self._rejected[got] += 1
                 raise ResultRejected(f"unit {req.unit}: {name} {_WHY[got].format(size=digest.size)}", reason=got)
-            files[name], versions[name] = got.data, got.version
-        try:
-            meta = json.loads(files[META_FILE])
-        except ValueError as exc:
-            self._rejected[RejectReason.bad_meta] += 1
-            problem = f"unit {req.unit}: meta.json is not JSON: {exc}"
-            raise ResultRejected(problem, reason=RejectReason.bad_meta) from exc
-        problems = _meta_problems(meta, req, spec)
-        if problems:
-            self._rejected[RejectReason.bad_meta] += 1
-            raise ResultRejected(f"unit {req.unit}: meta.json {'; '.join(problems)}", reason=RejectReason.bad_meta)
-        return _Verified(files=files, meta=meta, versions=versions)
+            if isinstance(got, Checked):
+                files[name], versions[name] = got.data, got.version
+            else:
+                files[name] = got
+        return files, versions
 
     def _drop_staging(self, req: CompleteRequest) -> None:
-        prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
+        if self.book.unit(req.unit).state.value == "succeeded":
+            # Every attempt's leftovers of a finished unit (expired leases, rejected copies) go with it.
+            self._drop_prefix(f"{STAGING}/{req.unit}/")
+        else:
+            self._drop_prefix(self.staging_prefix(req.unit, req.attempt, req.worker) + "/")
+
+    def _drop_prefix(self, prefix: str) -> None:
+        """Delete every object under a staging prefix (whatever names a worker uploaded there)."""
         try:
-            for name in req.files:
-                self.store.delete(f"{prefix}/{name}")
-        except StorageUnavailable as exc:  # staging is garbage once published; a leftover costs bytes only
+            for key in list(self.store.list(prefix)):
+                self.store.delete(key)
+        except (StorageUnavailable, ValueError) as exc:  # staging is garbage; a leftover costs bytes only
             log.warning("campaign=%s could not delete staging %s: %s", self.name, prefix, exc)
+
+    def _drop_finished_staging(self) -> None:
+        """At startup: delete staged uploads of units that are done (succeeded or failed) or not units at all.
+
+        Not those of pending or leased units: a worker that uploaded while the server was down completes them
+        once it is back (its upload is not repeated), and a late result of a live unit is still accepted.
+        """
+        try:
+            keys = list(self.store.list(STAGING_PREFIX))
+        except (StorageUnavailable, ValueError) as exc:
+            log.warning("campaign=%s could not list staging: %s", self.name, exc)
+            return
+        total = self.book.total
+        for key in keys:
+            unit_text = key.removeprefix(STAGING_PREFIX).partition("/")[0]
+            unit = int(unit_text) if unit_text.isascii() and unit_text.isdigit() else -1
+            if 0 <= unit < total and self.book.unit(unit).state.value in ("pending", "leased"):
+                continue
+            try:
+                self.store.delete(key)
+            except (StorageUnavailable, ValueError) as exc:
+                log.warning("campaign=%s could not delete staging %s: %s", self.name, key, exc)
+
+    def _drop_prefixes(self, prefixes: list[str]) -> None:
+        for prefix in prefixes:
+            self._drop_prefix(prefix)
+
+    def _drop_prefix_later(self, prefix: str) -> None:
+        """Queue a staging prefix for deletion by the next :meth:`tick` (callers here run on the event loop)."""
+        if len(self._stale) < 100_000:
+            self._stale.append(prefix + "/")
 
     # ------------------------------------------------------------------------------------- housekeeping
 
     async def tick(self) -> None:
         """Periodic work: expire leases, flush rows + checkpoint when due, finalize when every unit is done."""
         self._expire()
+        if self._stale:
+            stale, self._stale = self._stale, []
+            await asyncio.to_thread(self._drop_prefixes, stale)
         due = self.book.now() - self._last_flush >= self.settings.checkpoint_seconds
         if due or len(self._rows) >= self.settings.part_rows:
             await self.flush()
@@ -526,6 +615,8 @@ class CampaignService:
     def _expire(self) -> None:
         paused = self.book.paused
         for lease in self.book.expire():
+            # Its staged uploads stay: a late completion of an expired lease is still accepted (see the
+            # book). They go when the unit finishes, or at the next start once it has.
             if self.observer is not None:
                 self.observer.lease_expired(lease.pool, units=len(lease.units), counted=not paused)
 
@@ -611,6 +702,7 @@ class CampaignService:
             training_seconds=self._training_seconds,
             rejected=dict(self._rejected),
             occupancy=self.occupancy.pools(),
+            unreadable=tuple(self._unreadable),
         )
 
 
@@ -620,18 +712,3 @@ _WHY = {
     RejectReason.size_mismatch: "is not the declared {size} bytes in storage",
     RejectReason.sha_mismatch: "sha256 does not match",
 }
-
-
-def _meta_problems(meta: object, req: CompleteRequest, spec: UnitSpec) -> list[str]:
-    """How an uploaded meta.json contradicts the completion (empty when it agrees)."""
-    if not isinstance(meta, dict):
-        return ["is not an object"]
-    problems = []
-    if meta.get("sha256") != req.files[MODEL_FILE].sha256:
-        problems.append("names another model sha256")
-    for key, want in (("unit", req.unit), ("attempt", req.attempt), ("target", spec.target)):
-        if meta.get(key) != want:
-            problems.append(f"{key} is {meta.get(key)!r}, expected {want!r}")
-    if bool(meta.get("converged")) != req.converged:
-        problems.append("disagrees with the completion on converged")
-    return problems

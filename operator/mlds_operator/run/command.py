@@ -26,7 +26,7 @@ from pathlib import Path
 
 import click
 from mlds_contract.campaign import Accelerator, TrainingCampaign
-from mlds_contract.errors import UserError
+from mlds_contract.errors import TemporaryError, UserError
 from mlds_contract.files import load_campaign
 
 __all__ = ["DevicePlan", "plan_devices", "probe_devices", "run_command"]
@@ -128,6 +128,12 @@ def plan_devices(campaign: TrainingCampaign, device: str, probe: dict[str, objec
     default=None,
     help="Where the campaign's token is kept (default: in the state folder).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus /metrics on this port (0: a free one, written to run.json). Default: none.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def run_command(
     campaign_file: Path,
@@ -137,6 +143,7 @@ def run_command(
     host: str,
     port: int | None,
     token_file: Path | None,
+    metrics_port: int | None,
     quiet: bool,
 ) -> None:
     """Run a campaign file on this machine; run it again to resume.
@@ -159,11 +166,15 @@ def run_command(
         host=host,
         port=port or None,
         token_file=token_file,
+        metrics_port=metrics_port,
         progress=not quiet,
         devices=plan.devices,
         accelerator=plan.accelerator.value,
     )
-    summary = asyncio.run(run_campaign(campaign, campaign_file, opts))
+    try:
+        summary = asyncio.run(run_campaign(campaign, campaign_file, opts))
+    except TemporaryError as exc:  # storage unreachable: one line, like any setup problem (exit 2)
+        raise UserError(f"{exc} (run the same command again once it is reachable)") from exc
     s = summary.snapshot.stats
     if summary.interrupted:
         click.echo(

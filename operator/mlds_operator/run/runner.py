@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mlds_operator.leases.http import create_app
-from mlds_operator.leases.metrics import ServerMetrics
+from mlds_operator.leases.metrics import ServerMetrics, bound_port
 from mlds_operator.leases.registry import Campaigns, open_campaign
 from mlds_operator.leases.service import CampaignService, ServiceSettings, Snapshot
 from mlds_operator.storage.store import LocalStore, Store
@@ -59,6 +58,8 @@ class RunOptions:
     host: str = "127.0.0.1"
     port: int | None = None
     token_file: Path | None = None
+    #: Port of /metrics (its own, never the lease API's); None: none served, 0: a free one (written to run.json).
+    metrics_port: int | None = None
     progress: bool = True
     restarts: int | None = None  # worker restarts allowed in total; default 3 per worker
     settings: ServiceSettings | None = None
@@ -205,6 +206,26 @@ def _state_dir(campaign: TrainingCampaign, store_dir: Path | None, manifest_path
     return manifest_path.parent / ".mlds" / campaign.name
 
 
+def _load_or_create_secret(path: Path) -> bytes:
+    """The upload-signing secret kept in the state folder (random, 0600), so URLs outlive a restart.
+
+    Random, never derived from the token: every worker holds the token, and a secret it could compute
+    would let it sign an upload of any key (issue 13).
+    """
+    with contextlib.suppress(OSError):
+        secret = path.read_bytes()
+        if len(secret) == 32:
+            return secret
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_bytes(32)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    os.replace(tmp, path)
+    return secret
+
+
 def _load_or_create_token(path: Path) -> str:
     if path.exists():
         token = path.read_text().strip()
@@ -226,11 +247,14 @@ class _Server:
     url: str  # the campaign's lease API base URL
     token_file: Path
     state: Path
+    metrics: web.AppRunner | None = None
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.service.flush()
         await self.runner.cleanup()
+        if self.metrics is not None:
+            await self.metrics.cleanup()
         self.store.close()
 
 
@@ -260,8 +284,7 @@ async def _open_server(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
         token=token,
         local_root=store_dir,  # used when the file has no spec.storage
         upload_base_url=base,
-        # The upload-signing secret derives from the token, so URLs handed out before a restart stay valid.
-        upload_secret=hashlib.sha256(b"mlds-uploads/" + token.encode()).digest(),
+        upload_secret=_load_or_create_secret(state / "upload-secret"),
         pools=[LOCAL_POOL],
         accelerators={LOCAL_POOL: opts.accelerator},  # what the workers train on
         settings=opts.settings,
@@ -270,14 +293,20 @@ async def _open_server(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
     local = store if isinstance(store, LocalStore) else None
     server_metrics = ServerMetrics(campaigns, component="run")
     app = create_app(campaigns, local_store=local, observer=server_metrics.observe_request)
-    server_metrics.add_route(app)  # GET /metrics on the lease API's port, as the operator serves it
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, opts.host, port, reuse_address=True).start()
+    info: dict[str, int] = {"port": port, "pid": os.getpid()}
+    metrics = None
+    if opts.metrics_port is not None:  # /metrics on a port of its own: workers reach the lease port
+        metrics = await server_metrics.serve(opts.host, opts.metrics_port)
+        info["metricsPort"] = bound_port(metrics)
     state.mkdir(parents=True, exist_ok=True)
-    run_info.write_text(json.dumps({"port": port, "pid": os.getpid()}) + "\n")
+    run_info.write_text(json.dumps(info) + "\n")
     url = f"{base}/v1/campaigns/{LOCAL_NAMESPACE}/{campaign.name}"
-    return _Server(service=service, store=store, runner=runner, url=url, token_file=token_file, state=state)
+    return _Server(
+        service=service, store=store, runner=runner, url=url, token_file=token_file, state=state, metrics=metrics
+    )
 
 
 def _worker_argv(server: _Server, units_per_lease: int, accelerator: str, *, fixed_stacks: bool = False) -> list[str]:

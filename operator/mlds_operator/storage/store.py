@@ -18,9 +18,14 @@ Workers hold no storage credentials (DESIGN.md §2). They upload each result fil
 - S3: an AWS SigV4 presigned URL (``X-Amz-Expires``, signed headers ``host``). The upload must send
   ``Content-Type: application/octet-stream``: some servers (moto, the S3 test server) store a body sent
   with a form content type as an *empty* object.
-- Local: ``{upload_base_url}/v1/objects/{key}?expires=<unix seconds>&sig=<hex>``, an HMAC-SHA256 over
-  method, key and expiry with a per-store secret. The lease API hosts that route and calls
-  :meth:`LocalStore.check_upload` then :meth:`LocalStore.put_bytes`.
+- Local: ``{upload_base_url}/v1/objects/{key}?expires=<unix seconds>&scope=<lease>&sig=<hex>``, an
+  HMAC-SHA256 over method, key, expiry and scope (the lease the URL was granted under) with a secret
+  that never leaves the server (random per store unless the caller keeps one). The lease API hosts that
+  route and calls :meth:`LocalStore.check_upload`, then asks the campaign whether the scope's lease
+  still holds the key's unit, then :meth:`LocalStore.put_bytes`.
+
+Only staging keys (:data:`STAGING_PREFIX`) are ever signable, by either backend: a result folder, the
+checkpoint or the manifest cannot be reached by any URL a worker holds (DESIGN.md §2).
 
 Nothing a worker declares is trusted: the lease service reads every staged result object through
 :meth:`Store.verify`, which checks its size and SHA-256 while it streams it (reading no more than the
@@ -72,12 +77,14 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_READ_TIMEOUT",
     "DEFAULT_RETRIES",
+    "STAGING_PREFIX",
     "Checked",
     "LocalStore",
     "ObjectInfo",
     "S3Store",
     "Store",
     "check_rel",
+    "check_signable",
     "open_store",
 ]
 
@@ -94,6 +101,9 @@ DEFAULT_READ_TIMEOUT = 15.0
 #: second, a server that accepts and never answers after (1 + retries) * read timeout = 45 s; the caller
 #: (the lease API, the campaign loop) then retries on its own schedule.
 DEFAULT_RETRIES = 2
+
+#: Where workers' uploads land until the server has verified them; the only keys a URL is ever signed for.
+STAGING_PREFIX = "_mlds/staging/"
 
 _CHUNK = 1 << 16
 # One key part: printable, no slash or backslash. Control characters would corrupt logs and XML listings.
@@ -190,8 +200,13 @@ class Store(Protocol):
         """Remove an object; removing a missing object is not an error."""
         ...
 
-    def presign_put(self, rel: str, expires: timedelta) -> str:
-        """A URL that lets its holder ``PUT`` exactly this key, until ``expires`` from now."""
+    def presign_put(self, rel: str, expires: timedelta, *, scope: str = "") -> str:
+        """A URL that lets its holder ``PUT`` exactly this staging key, until ``expires`` from now.
+
+        ``scope`` names the lease the URL is granted under (the local store signs it and its upload route
+        checks the lease is live; an S3 URL is bound to its key and expiry only). Raises ValueError for a
+        key outside :data:`STAGING_PREFIX`.
+        """
         ...
 
     def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
@@ -247,6 +262,14 @@ def check_rel(rel: str) -> str:
             raise ValueError(f"object key has an empty, '.' or '..' part: {rel!r}")
         if _BAD_PART.search(part):
             raise ValueError(f"object key has a backslash or control character: {rel!r}")
+    return rel
+
+
+def check_signable(rel: str) -> str:
+    """``rel`` when an upload URL may name it (a key under :data:`STAGING_PREFIX`); ValueError otherwise."""
+    check_rel(rel)
+    if not rel.startswith(STAGING_PREFIX):
+        raise ValueError(f"only staging keys ({STAGING_PREFIX}...) are signable for upload, not {rel!r}")
     return rel
 
 
@@ -348,7 +371,10 @@ class S3Store:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         if self.prefix:
-            check_rel(self.prefix)
+            try:
+                check_rel(self.prefix)
+            except ValueError as exc:
+                raise UserError(f"invalid storage.prefix {prefix!r}: {exc}") from exc
         self.secure = secure
         self.region = region
         try:
@@ -523,12 +549,14 @@ class S3Store:
         key = self.key(rel)
         self._call(f"deleting {rel}", lambda: self._client.remove_object(self.bucket, key))
 
-    def presign_put(self, rel: str, expires: timedelta) -> str:
-        """A SigV4 presigned PUT for exactly this key. No network I/O when the store has a region.
+    def presign_put(self, rel: str, expires: timedelta, *, scope: str = "") -> str:
+        """A SigV4 presigned PUT for exactly this staging key. No network I/O when the store has a region.
 
         Without a region the SDK asks the server for the bucket's location once (then caches it).
+        ``scope`` is not part of an S3 URL: S3 knows nothing of leases (the completion checks the rest).
         """
-        key = self.key(rel)
+        del scope
+        key = self.key(check_signable(rel))
         if not timedelta(seconds=1) <= expires <= timedelta(days=7):
             raise ValueError(f"presigned URL lifetime must be between 1 second and 7 days, got {expires}")
         url: str = self._call(f"signing {rel}", lambda: self._client.presigned_put_object(self.bucket, key, expires))
@@ -635,9 +663,10 @@ class LocalStore:
     files (``.<name>.mlds-tmp-<id>``) are never listed.
 
     Uploads from worker processes go through the lease API's ``PUT /v1/objects/{key}`` route:
-    :meth:`presign_put` signs ``(PUT, key, expiry)`` with HMAC-SHA256 and a per-store secret, and the
+    :meth:`presign_put` signs ``(PUT, key, expiry, scope)`` with HMAC-SHA256 and a per-store secret, and the
     route calls :meth:`check_upload` before :meth:`put_bytes`. The secret is random per store object
-    unless given, so URLs die with the server that issued them (local workers die with it too).
+    unless given (``mlds run`` keeps a random one in its state folder so URLs survive its restart); it is
+    never derived from anything a worker knows.
     """
 
     def __init__(
@@ -776,13 +805,15 @@ class LocalStore:
         except OSError as exc:
             raise self._error(exc, f"deleting {rel}") from exc
 
-    def _sign(self, key: str, expires: int) -> str:
-        message = f"PUT\n{key}\n{expires}".encode()
+    def _sign(self, key: str, expires: int, scope: str) -> str:
+        message = f"PUT\n{key}\n{expires}\n{scope}".encode("utf-8", "surrogateescape")
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
-    def presign_put(self, rel: str, expires: timedelta) -> str:
-        """``{upload_base_url}/v1/objects/{key}?expires=<unix seconds>&sig=<hex>`` for exactly this key."""
-        key = self.key(rel)
+    def presign_put(self, rel: str, expires: timedelta, *, scope: str = "") -> str:
+        """``{upload_base_url}/v1/objects/{key}?expires=<unix seconds>&scope=<scope>&sig=<hex>`` for this key."""
+        key = self.key(check_signable(rel))
+        if not _URL_SAFE_KEY.match(scope) or "/" in scope:
+            raise ValueError(f"an upload scope is a URL-safe token, got {scope!r}")
         if self.upload_base_url is None:
             raise RuntimeError("LocalStore.upload_base_url is not set: no server hosts the upload route")
         if expires <= timedelta(0):
@@ -792,22 +823,29 @@ class LocalStore:
         # expiry is an integer and the signature hex, so nothing needs escaping; urlencode and quote cost
         # more than the HMAC (`mlds bench leases`).
         path = key if _URL_SAFE_KEY.match(key) else urllib.parse.quote(key, safe="/")
-        return (
-            f"{self.upload_base_url.rstrip('/')}{_UPLOAD_PATH}{path}?expires={deadline}&sig={self._sign(key, deadline)}"
-        )
+        sig = self._sign(key, deadline, scope)
+        return f"{self.upload_base_url.rstrip('/')}{_UPLOAD_PATH}{path}?expires={deadline}&scope={scope}&sig={sig}"
 
-    def check_upload(self, key: str, expires: int | str, sig: str, now: float | None = None) -> bool:
+    def check_upload(
+        self, key: str, expires: int | str, sig: str, now: float | None = None, *, scope: str = ""
+    ) -> bool:
         """Does ``sig`` authorise a PUT of ``key`` (the URL-decoded path after ``/v1/objects/``) at ``now``?
 
-        False for another key, a tampered or malformed signature or expiry, an unsafe key, or a URL
-        past its expiry. ``now`` is Unix seconds; default: the store's clock.
+        False for another key or scope, a tampered or malformed signature or expiry (any text: a
+        non-ASCII signature is just a wrong one), a key that is not a staging key, or a URL past its
+        expiry. ``now`` is Unix seconds; default: the store's clock.
         """
-        try:
-            check_rel(key)
-            deadline = int(expires)
-        except (TypeError, ValueError):
+        text = str(expires)
+        if not (text.isascii() and text.isdigit() and len(text) <= 12):
             return False
-        if not hmac.compare_digest(self._sign(key, deadline), str(sig)):
+        try:
+            check_signable(key)
+        except ValueError:
+            return False
+        deadline = int(text)
+        # Bytes, not str: compare_digest refuses non-ASCII strings with a TypeError (which was a 500).
+        given = str(sig).encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(self._sign(key, deadline, scope).encode(), given):
             return False
         return (self._clock() if now is None else now) <= deadline
 
@@ -836,7 +874,11 @@ class LocalStore:
 
     def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
         got = self.check(rel, size, sha256)
-        return got.data if isinstance(got, Checked) else got
+        if not isinstance(got, Checked):
+            return got
+        with contextlib.suppress(OSError):  # nothing will publish this version: drop check()'s private link
+            os.unlink(f"{self.path(rel)}{_TMP_MARK}{got.version}")
+        return got.data
 
     def check(self, rel: str, size: int, sha256: str) -> Checked | RejectReason:
         path = self.path(rel)

@@ -575,3 +575,42 @@ def test_a_new_queue_name_replaces_the_job() -> None:
     c = campaign(queueName="other-queue")
     out = run(c, jobs=[job(old, "cpu", suspend=False), job(old, "gpu", suspend=False)])
     assert {a.name for a in out.actions if isinstance(a, DeleteJob)} == {"parity-cpu", "parity-gpu"}
+
+
+# ------------------------------------------------------------------------------- reach (issue 13)
+
+
+def test_a_pool_image_outside_the_allow_list_gets_a_condition_and_no_job() -> None:
+    allowing = pods.WorkerSettings(
+        lease_base_url=SETTINGS.lease_base_url, allowed_image_prefixes=("registry.example.com/mlds/",)
+    )
+    c = campaign(
+        pools=[
+            {"name": "cpu", "accelerator": "cpu", "replicas": 1, "image": "registry.example.com/mlds/worker:1"},
+            {"name": "evil", "accelerator": "cpu", "replicas": 1, "image": "docker.io/attacker/miner:latest"},
+        ]
+    )
+
+    out = reconcile(c, observed(c, jobs=[]), allowing)
+
+    assert not any(isinstance(a, CreateJob) for a in out.actions)
+    status, reason, message = cond(out, "InvalidSpec")
+    assert (status, reason) == ("True", Reason.ImageNotAllowed)
+    assert "docker.io/attacker/miner:latest" in message
+    allowed_only = campaign(pools=[{"name": "cpu", "accelerator": "cpu", "image": "registry.example.com/mlds/w:1"}])
+    made = reconcile(allowed_only, observed(allowed_only, jobs=[]), allowing)
+    assert [a.manifest["metadata"]["name"] for a in made.actions if isinstance(a, CreateJob)] == ["parity-cpu"]
+
+
+def test_only_a_secret_the_operator_made_for_this_campaign_is_its_own() -> None:
+    c = campaign()
+    made = pods.token_secret(c.ref, "tok", plan_hash="h")
+    assert pods.owns_secret(c.ref, made)
+    foreign = {"metadata": {"name": made["metadata"]["name"], "labels": made["metadata"]["labels"]}}
+    assert not pods.owns_secret(c.ref, foreign)  # labels alone (anyone can copy them) are not enough
+    earlier = pods.token_secret(
+        pods.CampaignRef(c.ref.name, c.ref.namespace, "uid-of-a-deleted-one"), "t", plan_hash="h"
+    )
+    assert not pods.owns_secret(c.ref, earlier)
+    unlabelled = {"metadata": {"ownerReferences": made["metadata"]["ownerReferences"]}}
+    assert not pods.owns_secret(c.ref, unlabelled)

@@ -555,50 +555,62 @@ def test_orphaned_units_return_uncounted_when_their_worker_never_comes_back() ->
     assert [w.attempts(u) for u in range(3)] == [0, 0, 0]
 
 
-def test_a_lease_granted_after_the_last_checkpoint_is_readopted_while_its_units_are_free() -> None:
+def test_a_lease_granted_after_the_last_checkpoint_is_not_readopted_but_its_result_still_counts() -> None:
+    # The checkpoint does not know the lease: re-adopting it would take the worker's word for what it held.
     w = world(4)
     snapshot = w.book.to_bytes()
     lease = w.grant("w1", 2)
     w.book = LeaseBook.from_bytes(snapshot, clock=w.clock)
     assert w.state(0) is UnitState.pending
-    assert w.heartbeat(lease) == ()
-    assert w.state(0) is UnitState.leased
-    assert w.grant("w2", 4).units == (2, 3)
+    with pytest.raises(NotHolder, match="none of its units is free"):
+        w.heartbeat(lease)
+    assert w.state(0) is UnitState.pending
+    assert w.grant("w2", 1).units == (0,)
+    assert w.complete(1, "w1") is Outcome.accepted  # its finished network still counts
 
 
 def test_readoption_loses_to_whoever_was_granted_the_units_first() -> None:
     w = world(4)
-    snapshot = w.book.to_bytes()
     lease = w.grant("w1", 2)
-    w.book = LeaseBook.from_bytes(snapshot, clock=w.clock)
-    w.grant("w2", 2)
-    with pytest.raises(NotHolder, match="none of its units is free"):
-        w.heartbeat(lease)
-    assert w.complete(1, "w1") is Outcome.accepted  # its finished network still counts
+    w.restart()
+    w.book.fail(0, worker="w1", pool="cpu", attempt=0, retry=True)  # its worker let unit 0 go: pending at once
+    w.grant("w2", 1)
+    assert w.book.heartbeat(lease.lease_id, "w1", pool="cpu", units={0: 0, 1: 0}).cancel == (0,)
 
 
-def test_readoption_keeps_the_free_units_and_cancels_the_rest() -> None:
-    w = world(6, max_attempts=3)
-    snapshot = w.book.to_bytes()
-    lease = w.grant("w1", 4)
-    w.book = LeaseBook.from_bytes(snapshot, clock=w.clock)
+def test_readoption_keeps_what_the_checkpoint_says_the_lease_held_and_cancels_the_rest() -> None:
+    w = world(8, max_attempts=3)
+    lease = w.grant("w1", 4)  # units 0-3
+    other = w.grant("w2", 1)  # unit 4
+    w.restart()
     w.complete(0, "w9")  # done elsewhere
-    w.grant("w2", 1)  # takes unit 1
-    result = w.book.heartbeat(lease.lease_id, "w1", pool="cpu", units={0: 0, 1: 0, 2: 0, 3: 2, 7: 0})
+    result = w.book.heartbeat(lease.lease_id, "w1", pool="cpu", units={0: 0, 1: 0, 2: 0, 3: 2, 4: 0, 5: 0, 70: 0})
     assert result.readopted
-    assert result.cancel == (0, 1, 7)  # done, leased elsewhere, not a unit at all
-    assert w.book.lease(lease.lease_id).units == (2, 3)  # type: ignore[union-attr]
-    assert w.attempts(3) == 2  # the worker was further along than the old checkpoint
+    # done; an attempt never issued; another lease's unit; a pending unit it never held; not a unit at all
+    assert result.cancel == (0, 3, 4, 5, 70)
+    assert w.book.lease(lease.lease_id).units == (1, 2)  # type: ignore[union-attr]
+    assert [w.attempts(u) for u in range(6)] == [0, 0, 0, 0, 0, 0]
+    assert w.book.heartbeat(other.lease_id, "w2", pool="cpu", units={4: 0}).readopted
 
 
-def test_a_lease_readopted_after_its_expiry_does_not_count_the_same_attempt_twice() -> None:
+def test_an_invented_lease_id_readopts_nothing() -> None:
+    w = world(30_000)
+    w.grant("w1", 4)
+    w.restart()
+    with pytest.raises(NotHolder):
+        w.book.heartbeat("invented-lease-id-0000", "w666", pool="cpu", units=dict.fromkeys(range(30000), 0))
+    stats = w.book.stats()
+    assert (stats.leases, stats.leased, stats.pending) == (0, 4, 29_996)
+
+
+def test_an_expired_lease_is_not_readopted_and_its_counted_attempt_is_not_counted_again() -> None:
     w = world(2, max_attempts=3)
     lease = w.grant("w1", 1)
     w.clock.advance(LEASE)
     w.book.expire()  # attempt 0 counted: the counter is 1
-    assert w.heartbeat(lease) == ()  # the worker was alive after all, and nobody took the unit
-    assert w.book.lease(lease.lease_id).attempts == (0,)  # type: ignore[union-attr]
-    assert w.fail(0, attempt=0) is Outcome.accepted  # the same attempt 0 fails for real
+    with pytest.raises(NotHolder):
+        w.heartbeat(lease)
+    assert w.fail(0, attempt=0) is Outcome.duplicate  # the same attempt 0 is not counted twice
     assert (w.state(0), w.attempts(0)) == (UnitState.pending, 1)
     assert w.grant("w2", 1).attempts == (1,)
 

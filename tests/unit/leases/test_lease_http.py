@@ -375,9 +375,11 @@ async def test_a_verified_result_is_counted_once_and_published(api: ApiHarness) 
     assert status == 200
     assert CompleteReply.model_validate(reply) == CompleteReply(status=Outcome.accepted, state=UnitState.succeeded)
 
-    # The server wrote the final folder itself, and cleared the worker's staging copies.
-    for name, data in files.items():
-        assert api.store.get_bytes(f"ParityMachine/00000/{name}") == data
+    # The server wrote the final folder itself (meta.json is its own row), and cleared the staging copies.
+    for name in ("model.safetensors", "history.csv"):
+        assert api.store.get_bytes(f"ParityMachine/00000/{name}") == files[name]
+    row = json.loads(api.store.get_bytes("ParityMachine/00000/meta.json") or b"")
+    assert (row["unit"], row["target"], row["key"]) == (0, "ParityMachine", "ParityMachine/00000")
     await api.service.flush()  # staged copies are deleted in batches, with the manifest rows
     assert not list(api.store.list("_mlds/staging/"))
 

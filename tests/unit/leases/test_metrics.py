@@ -8,6 +8,7 @@ prometheus_client's own parser, as Prometheus would see it.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -81,7 +82,8 @@ async def test_a_lease_story_is_counted_event_by_event(tmp_path: Path) -> None:
         first, second = grant.units
         files = result_files(first.spec)
         assert (await api.deliver(first))[0] == 200
-        assert (await api.deliver(first))[0] == 200  # a duplicate: dropped, not counted twice
+        # A duplicate (the reply was lost, the worker asks again): dropped, not counted twice.
+        assert (await api.post(api.complete_path(first.spec.unit), api.completion(first, files)))[0] == 200
         bad = {**{n: FileDigest(sha256=d.sha256, size=d.size) for n, d in api.completion(second, files).files.items()}}
         await api.upload(second, result_files(second.spec))
         status, _ = await api.post(
@@ -108,7 +110,8 @@ async def test_a_lease_story_is_counted_event_by_event(tmp_path: Path) -> None:
     assert pool_value(s, "mlds_attempts_failed_total", reason="error") == 1
     assert pool_value(s, "mlds_attempts_failed_total", reason="expired") == 2
     assert pool_value(s, "mlds_attempts_failed_total", reason="unconverged") == 0
-    assert pool_value(s, "mlds_uploaded_bytes_total") == sum(len(d) for d in files.values())
+    published = [api.store.get_bytes(k) or b"" for k in api.store.list(f"{first.spec.key}/")]
+    assert pool_value(s, "mlds_uploaded_bytes_total") == sum(len(d) for d in published)  # meta.json is the server's
     # Per-network figures as the worker reported them (12.5 s, 1 epoch in the harness's completion).
     assert pool_value(s, "mlds_network_training_seconds_count") == 1
     assert pool_value(s, "mlds_network_training_seconds_sum") == 12.5
@@ -254,14 +257,19 @@ def test_help_text_lists_every_rejection_reason(reason: str) -> None:
     assert reason in family.documentation
 
 
-async def test_mlds_run_serves_the_same_metrics_on_its_lease_port(tmp_path: Path) -> None:
+async def test_mlds_run_serves_the_same_metrics_on_their_own_port_not_the_lease_port(tmp_path: Path) -> None:
     path = write_campaign(tmp_path / "campaign.yaml", name="watched")
-    server = await _open_server(load_campaign(path), path, RunOptions(workers=1, store_dir=tmp_path / "store"))
+    opts = RunOptions(workers=1, store_dir=tmp_path / "store", metrics_port=0)
+    server = await _open_server(load_campaign(path), path, opts)
     try:
         base = server.url.split("/v1/")[0]
-        async with ClientSession() as http, http.get(f"{base}/metrics") as resp:
-            assert resp.status == 200
-            text = await resp.text()
+        metrics_port = json.loads((server.state / "run.json").read_text())["metricsPort"]
+        async with ClientSession() as http:
+            async with http.get(f"{base}/metrics") as resp:
+                assert resp.status == 404  # workers reach the lease port: it lists no campaigns (issue 13)
+            async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
     finally:
         await server.close()
     families = {f.name: f for f in text_string_to_metric_families(text)}

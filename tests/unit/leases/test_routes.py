@@ -50,4 +50,11 @@ def test_uploads_are_served_for_keys_with_slashes_but_left_out_of_the_document()
 
 
 def test_rejection_reasons_are_the_problem_types_and_metric_labels() -> None:
-    assert [r.value for r in RejectReason] == ["missing", "size_mismatch", "sha_mismatch", "bad_files", "bad_meta"]
+    assert [r.value for r in RejectReason] == [
+        "missing",
+        "size_mismatch",
+        "sha_mismatch",
+        "bad_files",
+        "bad_meta",
+        "bad_model",
+    ]

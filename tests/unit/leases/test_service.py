@@ -38,10 +38,12 @@ from mlds_contract.lease import (
     UnitAttempt,
     UnitState,
 )
+from mlds_contract.results import model_tensors
 from mlds_operator.leases.service import CampaignService, ResultRejected, ServiceSettings
 from mlds_operator.storage import manifest as mf
 from mlds_operator.storage.store import Checked, LocalStore
 
+from tests.api_fixtures import safetensors_bytes
 from tests.clock import FakeClock
 
 POOL = "local"
@@ -143,7 +145,9 @@ def trained(
 ) -> Result:
     """What a worker uploads for ``unit``: distinct weights per (worker, unit, attempt), a matching meta.json."""
     spec = service.unit_spec(unit, attempt)
-    model = f"weights of unit {unit} attempt {attempt} by {worker}".encode().ljust(256, b".")
+    # A real safetensors file of the unit's architecture; its bytes differ per (worker, unit, attempt).
+    fill = hashlib.sha256(f"{worker}/{unit}/{attempt}".encode()).digest()[0]
+    model = safetensors_bytes(model_tensors(spec), fill=fill)
     meta = {
         "campaign": "demo",
         "dataset": "ds1",
@@ -155,6 +159,7 @@ def trained(
         "epochs": 7,
         "converged": converged,
         "eval_loss": 5e-5 if converged else 0.02,
+        "seconds": 0.3,
         "sha256": sha(model),
         "pool": POOL,
     }
@@ -164,6 +169,19 @@ def trained(
         "meta.json": json.dumps(meta).encode(),
     }
     return Result(worker=worker, unit=unit, attempt=attempt, converged=converged, files=files)
+
+
+def published_as(store: LocalStore, folder: str, result: Result) -> None:
+    """``folder`` holds ``result``'s model and history, and the server's meta.json row for them."""
+    for name in ("model.safetensors", "history.csv"):
+        assert store.get_bytes(f"{folder}/{name}") == result.files[name], name
+    row = json.loads(store.get_bytes(f"{folder}/meta.json") or b"")
+    assert (row["unit"], row["attempt"], row["sha256"]) == (
+        result.unit,
+        result.attempt,
+        sha(result.files["model.safetensors"]),
+    )
+    assert row["eval_loss"] == result.meta["eval_loss"]
 
 
 def upload(store: LocalStore, service: CampaignService, result: Result, *, skip: tuple[str, ...] = ()) -> None:
@@ -222,8 +240,7 @@ async def test_a_verified_completion_is_published_meta_json_last_and_its_staging
     reply = await deliver(store, service, result)
 
     assert (reply.status, reply.state) == (Outcome.accepted, UnitState.succeeded)
-    for name, data in result.files.items():
-        assert store.get_bytes(f"SingleDirectMachine/00000/{name}") == data
+    published_as(store, "SingleDirectMachine/00000", result)
     final_writes = [key for key in store.writes if key.startswith("SingleDirectMachine/00000/")]
     assert len(final_writes) == 3
     assert final_writes[-1] == "SingleDirectMachine/00000/meta.json"  # its presence marks a whole result
@@ -240,7 +257,8 @@ class Tamper:
 
     reason: str
     skip_upload: tuple[str, ...] = ()
-    declare: dict[str, FileDigest | None] = field(default_factory=dict)  # None: leave the file undeclared
+    # None: leave the file undeclared; "other": the honest size with another file's sha256
+    declare: dict[str, FileDigest | str | None] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # meta.json fields to overwrite
     raw_meta: bytes | None = None
 
@@ -250,7 +268,7 @@ def _other(size: int) -> FileDigest:
 
 
 TAMPERED = {
-    "model bytes differ from the declared sha256": Tamper("sha_mismatch", declare={"model.safetensors": _other(256)}),
+    "model bytes differ from the declared sha256": Tamper("sha_mismatch", declare={"model.safetensors": "other"}),
     "history.csv is longer than declared": Tamper(
         "size_mismatch", declare={"history.csv": FileDigest(sha256="0" * 64, size=3)}
     ),
@@ -284,6 +302,8 @@ async def test_a_completion_that_disagrees_with_storage_is_rejected_and_counts_n
     for name, digest in tamper.declare.items():
         if digest is None:
             del bad.declared[name]
+        elif isinstance(digest, str):
+            bad.declared[name] = _other(len(files[name]))
         else:
             bad.declared[name] = digest
     upload(store, service, bad, skip=tamper.skip_upload)
@@ -294,7 +314,11 @@ async def test_a_completion_that_disagrees_with_storage_is_rejected_and_counts_n
 
     assert caught.value.reason == tamper.reason
     assert str(caught.value).startswith("unit 0:")
-    assert service.book.unit(0).state is UnitState.leased  # still the worker's: it may retry
+    if tamper.reason in ("bad_meta", "bad_files"):
+        # Never a manifest row: the unit goes back to pending, uncounted, for any worker to train.
+        assert (service.book.unit(0).state, service.book.unit(0).attempts) == (UnitState.pending, 0)
+    else:
+        assert service.book.unit(0).state is UnitState.leased  # still the worker's: it may retry a torn upload
     assert service.snapshot().stats.succeeded == 0
     assert service.snapshot().rejected == {tamper.reason: 1}
     assert store.tree("SingleDirectMachine/") == []
@@ -348,8 +372,7 @@ async def test_racing_completions_of_one_unit_publish_one_whole_copy(store: Reco
     assert sorted(r.status for r in replies) == [Outcome.accepted] + [Outcome.duplicate] * 3
     winner = copies[[r.status for r in replies].index(Outcome.accepted)]
     # Model, history and meta.json all come from the winning copy: never a mixture of two workers' files.
-    for name, data in winner.files.items():
-        assert store.get_bytes(f"SingleInvertMachine/00001/{name}") == data
+    published_as(store, "SingleInvertMachine/00001", winner)
     assert service.snapshot().stats.succeeded == 1
     await service.flush()
     assert part_units(store) == [4]
@@ -636,8 +659,26 @@ async def test_late_completions_of_a_failed_unit_still_publish_one_whole_copy(tm
 
     assert sorted(r.status for r in replies) == [Outcome.accepted, Outcome.duplicate]
     winner = first if replies[0].status is Outcome.accepted else second
-    for name, data in winner.files.items():
-        assert store.get_bytes(f"SingleDirectMachine/00000/{name}") == data
+    published_as(store, "SingleDirectMachine/00000", winner)
     await service.flush()
     (row,) = mf.read_parts(store).to_pylist()  # type: ignore[union-attr]
     assert row["sha256"] == store.sha256("SingleDirectMachine/00000/model.safetensors")
+
+
+async def test_a_restart_cleans_the_staging_of_finished_units_and_keeps_what_live_units_may_still_complete(
+    store: RecordingStore, clock: FakeClock
+) -> None:
+    service = await open_service(store, clock)
+    await lease(service, units=2)
+    await deliver(store, service, trained(service, 0))
+    upload(store, service, trained(service, 0, worker="worker-late"))  # a losing copy of a finished unit
+    waiting = trained(service, 1)
+    upload(store, service, waiting)  # uploaded while the server was down; the completion comes after
+    store.put_bytes("_mlds/staging/999999/0-x/junk", b"not a unit of this campaign")
+    await service.flush()
+
+    restarted = await open_service(store, FakeClock(start=5.0))
+
+    assert store.tree("_mlds/staging/") == sorted(f"_mlds/staging/1/0-worker-a/{name}" for name in waiting.files)
+    assert (await restarted.complete(waiting.request())).status is Outcome.accepted
+    assert store.tree("_mlds/staging/") == []

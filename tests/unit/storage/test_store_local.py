@@ -237,18 +237,18 @@ def split(url: str) -> tuple[str, str, str]:
 
 
 def test_upload_url_points_at_the_lease_api_route(store: LocalStore) -> None:
-    url = store.presign_put("Parity Machine/00003/model.safetensors", timedelta(minutes=10))
+    url = store.presign_put("_mlds/staging/Parity Machine/00003/model.safetensors", timedelta(minutes=10))
 
     parsed = urllib.parse.urlsplit(url)
     assert (parsed.scheme, parsed.netloc) == ("http", "127.0.0.1:8080")
-    assert parsed.path == "/v1/objects/Parity%20Machine/00003/model.safetensors"
+    assert parsed.path == "/v1/objects/_mlds/staging/Parity%20Machine/00003/model.safetensors"
     key, expires, _ = split(url)
-    assert key == "Parity Machine/00003/model.safetensors"
+    assert key == "_mlds/staging/Parity Machine/00003/model.safetensors"
     assert int(expires) == EPOCH + 600
 
 
 def test_a_signed_url_authorises_its_key_until_it_expires(store: LocalStore, clock: FakeClock) -> None:
-    key, expires, sig = split(store.presign_put("T/00003/meta.json", timedelta(minutes=10)))
+    key, expires, sig = split(store.presign_put("_mlds/staging/T/00003/meta.json", timedelta(minutes=10)))
 
     assert store.check_upload(key, expires, sig)
     assert store.check_upload(key, expires, sig, now=EPOCH + 600)  # the last second counts
@@ -260,21 +260,23 @@ def test_a_signed_url_authorises_its_key_until_it_expires(store: LocalStore, clo
 @pytest.mark.parametrize(
     ("change", "why"),
     [
-        pytest.param(lambda k, e, s: ("T/00004/meta.json", e, s), "another unit's key", id="other-key"),
-        pytest.param(lambda k, e, s: ("T/00003/model.safetensors", e, s), "another file", id="other-file"),
+        pytest.param(lambda k, e, s: ("_mlds/staging/T/00004/meta.json", e, s), "another unit's key", id="other-key"),
+        pytest.param(
+            lambda k, e, s: ("_mlds/staging/T/00003/model.safetensors", e, s), "another file", id="other-file"
+        ),
         pytest.param(lambda k, e, s: (k, str(int(e) + 3600), s), "a later expiry", id="extended-expiry"),
         pytest.param(lambda k, e, s: (k, e, s[:-1] + ("0" if s[-1] != "0" else "1")), "a flipped digit", id="tampered"),
         pytest.param(lambda k, e, s: (k, e, s.upper()), "upper-cased hex", id="case-changed"),
         pytest.param(lambda k, e, s: (k, e, ""), "no signature", id="missing-sig"),
         pytest.param(lambda k, e, s: (k, "", s), "no expiry", id="missing-expiry"),
         pytest.param(lambda k, e, s: (k, "soon", s), "garbage expiry", id="garbage-expiry"),
-        pytest.param(lambda k, e, s: ("T/00003/../00004/meta.json", e, s), "a traversal", id="traversal"),
+        pytest.param(lambda k, e, s: ("_mlds/staging/T/00003/../00004/meta.json", e, s), "a traversal", id="traversal"),
     ],
 )
 def test_a_changed_url_authorises_nothing(
     store: LocalStore, change: Callable[[str, str, str], tuple[str, str, str]], why: str
 ) -> None:
-    key, expires, sig = split(store.presign_put("T/00003/meta.json", timedelta(minutes=10)))
+    key, expires, sig = split(store.presign_put("_mlds/staging/T/00003/meta.json", timedelta(minutes=10)))
 
     k, e, s = change(key, expires, sig)
 
@@ -283,29 +285,75 @@ def test_a_changed_url_authorises_nothing(
 
 def test_urls_of_one_store_do_not_open_another(tmp_path: Path, store: LocalStore) -> None:
     other = LocalStore(tmp_path / "other", upload_base_url="http://127.0.0.1:8080", clock=FakeClock().wall)
-    key, expires, sig = split(store.presign_put("T/00003/meta.json", timedelta(minutes=10)))
+    key, expires, sig = split(store.presign_put("_mlds/staging/T/00003/meta.json", timedelta(minutes=10)))
 
     assert not other.check_upload(key, expires, sig)
 
 
 def test_a_shared_secret_survives_a_restart(tmp_path: Path) -> None:
-    # `mlds run` derives the secret from the campaign token, so URLs survive a server restart.
+    # `mlds run` keeps a random secret in its state folder, so URLs survive a server restart.
     before = LocalStore(tmp_path / "s", upload_base_url="http://h", secret=b"k" * 32, clock=FakeClock().wall)
     after = LocalStore(tmp_path / "s", upload_base_url="http://h", secret=b"k" * 32, clock=FakeClock().wall)
 
-    key, expires, sig = split(before.presign_put("T/00003/meta.json", timedelta(minutes=10)))
+    key, expires, sig = split(before.presign_put("_mlds/staging/T/00003/meta.json", timedelta(minutes=10)))
 
     assert after.check_upload(key, expires, sig)
+
+
+@pytest.mark.parametrize(
+    "rel",
+    [
+        pytest.param("ParityMachine/00000/model.safetensors", id="a-published-result"),
+        pytest.param("_mlds/checkpoint.bin", id="the-checkpoint"),
+        pytest.param("manifest.parquet", id="the-manifest"),
+        pytest.param("_mlds/parts/part-000001.parquet", id="a-manifest-part"),
+        pytest.param("_mlds/staging", id="the-staging-folder-itself"),
+    ],
+)
+def test_only_staging_keys_are_ever_signable(store: LocalStore, rel: str) -> None:
+    with pytest.raises(ValueError, match="staging"):
+        store.presign_put(rel, timedelta(minutes=1))
+    # Nor does a signature made with the store's own secret open them (a leaked or derived secret).
+    expires = str(int(EPOCH) + 60)
+    assert not store.check_upload(rel, expires, store._sign(rel, int(expires), ""))
+
+
+def test_a_url_is_bound_to_the_lease_it_was_granted_under(store: LocalStore) -> None:
+    url = store.presign_put("_mlds/staging/3/0-w/meta.json", timedelta(minutes=10), scope="lease-one")
+    key, expires, sig = split(url)
+    assert "scope=lease-one" in url
+    assert store.check_upload(key, expires, sig, scope="lease-one")
+    assert not store.check_upload(key, expires, sig, scope="lease-two")
+    assert not store.check_upload(key, expires, sig)
+
+
+@pytest.mark.parametrize(
+    ("expires", "sig"),
+    [
+        pytest.param(None, "\u00e9" * 64, id="non-ascii-signature"),
+        pytest.param(None, "\udcff" * 64, id="undecodable-signature"),
+        pytest.param("\u00b2", None, id="superscript-digit-expiry"),
+        pytest.param("\u0663" * 10, None, id="arabic-indic-digit-expiry"),
+        pytest.param("9" * 400, None, id="huge-expiry"),
+    ],
+)
+def test_a_malformed_signature_or_expiry_is_just_refused(
+    store: LocalStore, expires: str | None, sig: str | None
+) -> None:
+    key, good_expires, good_sig = split(store.presign_put("_mlds/staging/3/0-w/meta.json", timedelta(minutes=10)))
+    assert not store.check_upload(key, expires or good_expires, sig or good_sig)
 
 
 def test_presign_needs_an_upload_base_url_and_a_positive_lifetime(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     with pytest.raises(RuntimeError, match="upload_base_url"):
-        store.presign_put("k", timedelta(minutes=1))
+        store.presign_put("_mlds/staging/k", timedelta(minutes=1))
     store.upload_base_url = "http://127.0.0.1:1234/"
     with pytest.raises(ValueError, match="positive"):
-        store.presign_put("k", timedelta(0))
-    assert store.presign_put("k", timedelta(minutes=1)).startswith("http://127.0.0.1:1234/v1/objects/k?")
+        store.presign_put("_mlds/staging/k", timedelta(0))
+    assert store.presign_put("_mlds/staging/k", timedelta(minutes=1)).startswith(
+        "http://127.0.0.1:1234/v1/objects/_mlds/staging/k?"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ open
@@ -316,7 +364,9 @@ def test_open_store_without_storage_opens_the_local_folder(tmp_path: Path) -> No
 
     assert isinstance(store, LocalStore)
     assert (tmp_path / "runs" / "quick").is_dir()
-    assert store.presign_put("k", timedelta(seconds=5)).startswith("http://127.0.0.1:9/v1/objects/k?")
+    assert store.presign_put("_mlds/staging/k", timedelta(seconds=5)).startswith(
+        "http://127.0.0.1:9/v1/objects/_mlds/staging/k?"
+    )
 
 
 def test_open_store_needs_a_folder_when_there_is_no_storage() -> None:

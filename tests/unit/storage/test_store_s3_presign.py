@@ -94,11 +94,11 @@ def with_param(url: str, name: str, value: str) -> str:
 
 @pytest.fixture
 def url() -> str:
-    return make_store().presign_put("ParityMachine/00007/model.safetensors", timedelta(minutes=10))
+    return make_store().presign_put("_mlds/staging/7/0-w/model.safetensors", timedelta(minutes=10))
 
 
 def test_the_url_is_a_put_of_exactly_the_units_key(url: str) -> None:
-    assert urllib.parse.urlsplit(url).path == "/mlds/ds1-parity/ParityMachine/00007/model.safetensors"
+    assert urllib.parse.urlsplit(url).path == "/mlds/ds1-parity/_mlds/staging/7/0-w/model.safetensors"
     assert sigv4_allows(url, "PUT")
 
 
@@ -111,15 +111,22 @@ def test_the_url_does_not_read_or_delete(url: str) -> None:
 @pytest.mark.parametrize(
     "path",
     [
-        pytest.param("/mlds/ds1-parity/ParityMachine/00008/model.safetensors", id="next-unit"),
-        pytest.param("/mlds/ds1-parity/ParityMachine/00007/meta.json", id="other-file-of-the-unit"),
-        pytest.param("/mlds/other-campaign/ParityMachine/00007/model.safetensors", id="other-campaign"),
-        pytest.param("/other-bucket/ds1-parity/ParityMachine/00007/model.safetensors", id="other-bucket"),
+        pytest.param("/mlds/ds1-parity/_mlds/staging/8/0-w/model.safetensors", id="next-unit"),
+        pytest.param("/mlds/ds1-parity/_mlds/staging/7/0-w/meta.json", id="other-file-of-the-unit"),
+        pytest.param("/mlds/ds1-parity/ParityMachine/00007/model.safetensors", id="the-published-result"),
+        pytest.param("/mlds/other-campaign/_mlds/staging/7/0-w/model.safetensors", id="other-campaign"),
+        pytest.param("/other-bucket/ds1-parity/_mlds/staging/7/0-w/model.safetensors", id="other-bucket"),
         pytest.param("/mlds/ds1-parity/_mlds/checkpoint.bin", id="the-checkpoint"),
     ],
 )
 def test_the_url_authorises_no_other_key(url: str, path: str) -> None:
     assert not sigv4_allows(with_path(url, path), "PUT")
+
+
+@pytest.mark.parametrize("rel", ["ParityMachine/00007/model.safetensors", "_mlds/checkpoint.bin", "manifest.parquet"])
+def test_only_staging_keys_are_signed(rel: str) -> None:
+    with pytest.raises(ValueError, match="staging"):
+        make_store().presign_put(rel, timedelta(minutes=10))
 
 
 def test_the_url_expires(url: str) -> None:
@@ -155,7 +162,7 @@ def test_the_url_carries_no_secret_and_signs_only_the_host(url: str) -> None:
 )
 def test_lifetimes_s3_cannot_sign_are_refused(expires: timedelta) -> None:
     with pytest.raises(ValueError, match="lifetime"):
-        make_store().presign_put("k", expires)
+        make_store().presign_put("_mlds/staging/k", expires)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,9 @@ import pytest
 import torch
 from mlds_contract.campaign import Dataset, Variant
 from mlds_contract.errors import StorageUnavailable
+from mlds_contract.lease import CompleteRequest, FileDigest
+from mlds_contract.results import model_tensors
+from mlds_operator.leases import checks
 from mlds_worker.nets import DigitsCNN, GRUNet
 from mlds_worker.results import (
     META_FIELDS,
@@ -187,3 +190,40 @@ def test_an_unwritable_folder_is_a_storage_error(tmp_path: Path) -> None:
     blocker.write_text("not a folder")
     with pytest.raises(StorageUnavailable, match="cannot write results"):
         write_result(blocker / "sub", {"meta.json": b"{}"})
+
+
+# ------------------------------------------------------------------------- what the lease server checks
+
+
+@pytest.mark.parametrize("which", ["ds1", "ds3", "ds4"])
+def test_a_real_result_passes_every_check_of_the_lease_server(
+    which: str, ds1_result: TrainResult, ds3_result: TrainResult, ds4_result: TrainResult
+) -> None:
+    # The server checks the model header against mlds_contract.results.model_tensors and parses meta.json
+    # strictly (mlds_operator.leases.checks): what the worker writes must pass as it is.
+    result = {"ds1": ds1_result, "ds3": ds3_result, "ds4": ds4_result}[which]
+    files = result_files(result, pool="cpu")
+    request = CompleteRequest(
+        worker="w-1",
+        pool="cpu",
+        unit=result.unit.unit,
+        attempt=result.unit.attempt,
+        converged=result.converged,
+        files={n: FileDigest(sha256=hashlib.sha256(d).hexdigest(), size=len(d)) for n, d in files.items()},
+        training_seconds=1.0,
+        epochs=result.epochs,
+    )
+    checks.check_file_names(request, result.unit)
+    measured = checks.check_meta(files["meta.json"], request, result.unit)
+    checks.check_model(files["model.safetensors"], request, result.unit)
+    if "snapshots.safetensors" in files:
+        checks.check_snapshots(files["snapshots.safetensors"], request, result.unit, measured.epochs)
+    assert {k: tuple(v.shape) for k, v in result.state_dict.items()} == model_tensors(result.unit)
+    row = checks.manifest_row(
+        result.unit, measured, sha256=request.files["model.safetensors"].sha256, pool="cpu", key="k"
+    )
+    worker_meta = json.loads(files["meta.json"])
+    # The server's row says what the worker's meta.json says, field for field, but the folder key it adds and
+    # data_seed: these fixtures hand-make data with their own seed; a campaign's data comes from the plan's.
+    same = [k for k in row if k not in ("key", "data_seed")]
+    assert {k: row[k] for k in same} == {k: worker_meta[k] for k in same}
