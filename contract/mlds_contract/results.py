@@ -64,7 +64,7 @@ def result_files_for(dataset: Dataset) -> tuple[str, ...]:
 #: and future fields, and bounds what a hostile worker can make the server parse).
 MAX_META_BYTES: Final = 64 << 10
 
-#: The GRU network's input and output widths (command bus in, outputs out; MLDS-SPEC §3).
+#: The GRU network's input and output widths (command bus in, outputs out; docs/workloads.md §3).
 GRU_INPUTS: Final = 9
 GRU_OUTPUTS: Final = 8
 #: ds4's classes (digits 0-9).

@@ -69,7 +69,7 @@ BUCKET = "mlds-bench"
 ACCESS_KEY = "mlds-bench-access"
 SECRET_KEY = "mlds-bench-secret"  # noqa: S105 - a loopback test server's fake credential
 REGION = "us-east-1"
-#: Epochs in the template result's history.csv: MLDS-SPEC §4's mean epochs-to-converge over ds1 (348).
+#: Epochs in the template result's history.csv: docs/workloads.md §4's mean epochs-to-converge over ds1 (348).
 HISTORY_EPOCHS = 348
 
 

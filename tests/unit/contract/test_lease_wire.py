@@ -160,7 +160,7 @@ def test_every_field_says_what_it_is(message: Model) -> None:
 
 def test_keys_are_camel_case_on_the_wire() -> None:
     grant = EXAMPLES[2].wire()
-    assert set(grant) == {"leaseId", "deadline", "leaseSeconds", "heartbeatSeconds", "speculative", "units"}
+    assert set(grant) == {"leaseId", "deadline", "leaseSeconds", "heartbeatSeconds", "speculative", "units", "cancel"}
     assert grant["deadline"] == "2026-01-01T12:00:00Z"
     assert set(grant["units"][0]) == {"spec", "uploads"}
     assert grant["units"][0]["spec"]["initSeed"] > 0
