@@ -306,7 +306,7 @@ def _check_metadata(metadata: object, problem: Any) -> list[Problem]:
         return [
             problem(
                 ("metadata", "name"),
-                f"{value!r} is not a valid name: lower-case letters, digits, '-' and '.', "
+                f"{value!r} is not a valid name (a DNS-1123 subdomain): lower-case letters, digits, '-' and '.', "
                 "starting and ending with a letter or digit, at most 253 characters",
             )
         ]
