@@ -258,10 +258,10 @@ async def test_prometheus_scrapes_a_campaign_every_panel_has_data_and_a_stalled_
                 shutil.copyfile(tmp_path / "dashboard.png", PNG)
 
             # A deleted campaign's series vanish from the operator's /metrics.
-            assert re.search(rf'campaign="{NAME}"', await asyncio.to_thread(scrape, port))
+            assert re.search(rf'campaign="{NAME}"', await asyncio.to_thread(scrape, metrics_port))
             await cluster.delete(CAMPAIGNS, NS, NAME)
             await wait_until_async(lambda: cluster.campaign(NS, NAME) is None, what="the campaign to go")
-            text = await asyncio.to_thread(scrape, port)
+            text = await asyncio.to_thread(scrape, metrics_port)
             assert f'campaign="{NAME}"' not in text
             assert "mlds_build_info{" in text
         except BaseException:
