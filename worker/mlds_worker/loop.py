@@ -281,14 +281,15 @@ class Worker:
         self, client: LeaseClient, state: _LeaseState, stack: Callable[[], StackReport] | None = None
     ) -> None:
         interval = state.grant.heartbeat_seconds
-        last = time.monotonic()
+        clock = asyncio.get_running_loop().time  # the clock asyncio.sleep runs on (one clock, not two)
+        last = clock()
         while True:
             # Wake at least every TAIL_HEARTBEAT_SECONDS to see whether the campaign entered its tail.
             await asyncio.sleep(min(interval, TAIL_HEARTBEAT_SECONDS) * random.uniform(0.9, 1.0))
             tail = self._in_tail or state.grant.speculative
-            if not state.remaining or (time.monotonic() - last < 0.9 * interval and not tail):
+            if not state.remaining or (clock() - last < 0.9 * interval and not tail):
                 continue
-            last = time.monotonic()
+            last = clock()
             body = HeartbeatRequest(
                 worker=self.cfg.worker_id,
                 pool=self.cfg.pool,

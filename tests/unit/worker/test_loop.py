@@ -82,11 +82,6 @@ async def test_an_unreachable_server_is_retried_with_capped_exponential_backoff_
 
 
 @pytest.mark.looptime
-@pytest.mark.xfail(
-    strict=False,
-    reason="known regression from the issue-13 merge, under investigation: after a long store outage the "
-    "local upload route answers 409 not-holder although heartbeats kept the lease, so the unit is retrained",
-)
 async def test_heartbeats_keep_a_lease_through_a_store_outage_many_leases_long(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
