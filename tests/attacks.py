@@ -22,6 +22,7 @@ import aiohttp
 from mlds_contract.plan import UnitSpec
 
 from tests.api_fixtures import result_files
+from tests.waiting import files_under
 
 __all__ = ["Attacker", "Seen", "published_state"]
 
@@ -32,10 +33,13 @@ _SKIP = ("_mlds/staging/", "_mlds/logs/", "_mlds/run.json", "_mlds/run-token", "
 def published_state(root: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under ``root`` but staging, logs and run state."""
     out: dict[str, str] = {}
-    for path in sorted(root.rglob("*")):
+    for path in sorted(files_under(root)):
         rel = path.relative_to(root).as_posix()
-        if path.is_file() and not rel.startswith(_SKIP) and ".mlds-tmp-" not in rel:
-            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        if not rel.startswith(_SKIP) and ".mlds-tmp-" not in rel:
+            try:
+                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            except FileNotFoundError:  # a temporary file renamed meanwhile: not a published one
+                continue
     return out
 
 

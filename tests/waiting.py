@@ -34,6 +34,7 @@ __all__ = [
     "Progress",
     "cpu_seconds",
     "file_sizes",
+    "files_under",
     "wait_exit",
     "wait_until",
     "wait_until_async",
@@ -161,14 +162,20 @@ def file_sizes(*places: Path | Iterable[Path]) -> dict[str, int]:
     for place in places:
         paths: Iterable[Path] = [place] if isinstance(place, Path) else place
         for path in paths:
-            files = path.rglob("*") if path.is_dir() else [path]
-            for f in files:
+            for f in files_under(path):
                 try:
-                    if f.is_file():
-                        sizes[str(f)] = f.stat().st_size
+                    sizes[str(f)] = f.stat().st_size
                 except OSError:  # it went away meanwhile: nothing to count
                     continue
     return sizes
+
+
+def files_under(path: Path) -> list[Path]:
+    """The files at or under ``path`` now; folders that vanish mid-walk (staging swept) are skipped, not raised."""
+    if not path.is_dir():
+        return [path] if path.is_file() else []
+    # os.walk ignores a folder that disappears between listing and entering it; Path.rglob raises.
+    return [Path(root, name) for root, _, names in os.walk(path) for name in names]
 
 
 def cpu_seconds(pids: Iterable[int]) -> float:
@@ -194,7 +201,7 @@ def wait_exit(
     """The exit status of ``popen`` once it ends; killed (and the wait failed) if ``progress`` stalls."""
     try:
         wait_until(lambda: popen.poll() is not None, what=what, progress=progress, stall=stall)
-    except AssertionError:
+    except BaseException:  # a stall, or an error in the progress probe: never leave the process running
         popen.kill()
         popen.wait()
         raise
