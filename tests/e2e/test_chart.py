@@ -45,7 +45,7 @@ import pytest
 import yaml
 from aiohttp import web
 from mlds_contract.campaign import API_GROUP, PLURAL, Accelerator, CampaignSpec, Pool, Workload
-from mlds_operator.artifacts.chart_readme import value_docs
+from mlds_operator.artifacts.chart_readme import PERMISSIONS, value_docs
 from mlds_operator.artifacts.crd import crd_manifest
 from mlds_operator.controller import pods
 from mlds_operator.controller.command import operator_command
@@ -678,6 +678,36 @@ def test_rbac_is_exactly_what_the_code_calls(rendered: dict[str, Rendered], scen
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": service_account, "namespace": NAMESPACE}]
     bound = {b["roleRef"]["name"] for b in release.kind("ClusterRoleBinding")}
     assert bound == ({"mlds-campaigns", "mlds-discovery"} if clusterwide else {"mlds-discovery"})
+
+
+def _hook_rules(release: Rendered, kind: str) -> set[Rule]:
+    (role,) = [r for r in release.hook(kind, "pre-delete") if r["metadata"]["name"] == "mlds-uninstall"]
+    return {
+        (g, res, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for res in rule["resources"]
+        for v in rule["verbs"]
+    }
+
+
+def test_the_permissions_table_is_every_rule_the_chart_grants(rendered: dict[str, Rendered]) -> None:
+    """The chart README's "Permissions" table (PERMISSIONS) is the rendered roles, rule for rule, each with a why."""
+    table: dict[str, set[Rule]] = {}
+    for p in PERMISSIONS:
+        assert len(p.why) > 40, f"say why <fullname>-{p.role} needs {p.resource}"
+        table.setdefault(p.role, set()).update((p.group, p.resource, v) for v in p.verbs)
+    default, namespaced = rendered["default"], rendered["namespaced"]
+    assert table["campaigns"] == chart_rules(default, "mlds-campaigns") == chart_rules(namespaced, "mlds-campaigns")
+    # The namespaces rule is granted only when namespaces are listed: the table documents the widest chart.
+    assert table["discovery"] == chart_rules(namespaced, "mlds-discovery")
+    assert chart_rules(default, "mlds-discovery") == {r for r in table["discovery"] if r[1] != "namespaces"}
+    assert table["uninstall"] == _hook_rules(default, "Role") | _hook_rules(default, "ClusterRole")
+    readme = (ROOT / "charts" / "mlds" / "README.md").read_text()
+    for p in PERMISSIONS:
+        group = f"`{p.group}`" if p.group else "core"
+        row = f"| `<fullname>-{p.role}` | {group} | `{p.resource}` | {', '.join(p.verbs)} |"
+        assert row in readme
 
 
 _ACTION_VERBS = {"list": "list", "watch": "watch", "fetch": "get", "create": "create", "delete": "delete"}

@@ -22,7 +22,15 @@ import yaml
 
 from mlds_operator.artifacts.generate import default_root
 
-__all__ = ["CHART_DIR", "UndocumentedValue", "ValueDoc", "render_chart_readme", "value_docs"]
+__all__ = [
+    "CHART_DIR",
+    "PERMISSIONS",
+    "Permission",
+    "UndocumentedValue",
+    "ValueDoc",
+    "render_chart_readme",
+    "value_docs",
+]
 
 #: The chart, relative to the repository root.
 CHART_DIR = "charts/mlds"
@@ -112,6 +120,126 @@ def _type(value: Any) -> str:
             return "object"
 
 
+@dataclass(frozen=True)
+class Permission:
+    """One row of the chart's permissions table: a rule of one of its roles, and why it is there.
+
+    The table is the chart's documented account of its RBAC; ``tests/e2e/test_chart.py`` checks that the
+    rows of each role are exactly the rules the rendered chart grants it (and those, that the operator
+    calls nothing else), so a rule cannot be added or widened without saying why here.
+    """
+
+    role: str  # the role's name after "<fullname>-"
+    group: str  # API group; "" is the core group
+    resource: str
+    verbs: tuple[str, ...]
+    why: str
+
+
+#: Every rule the chart grants, by role, with the reason it is needed (rendered into the chart README).
+PERMISSIONS: tuple[Permission, ...] = (
+    Permission(
+        "campaigns",
+        "mlds.dev",
+        "trainingcampaigns",
+        ("list", "watch"),
+        "kopf watches campaigns (a watch starts with a list); at start-up the operator lists them to reopen "
+        "every campaign's lease book before the lease API listens, so no worker is told a lease is unknown.",
+    ),
+    Permission(
+        "campaigns",
+        "mlds.dev",
+        "trainingcampaigns",
+        ("patch",),
+        "kopf adds and removes the `mlds.dev/cleanup` finalizer and keeps its handler progress in annotations.",
+    ),
+    Permission(
+        "campaigns",
+        "mlds.dev",
+        "trainingcampaigns/status",
+        ("patch",),
+        "The status (phase, counts, conditions) is written by one merge patch per reconcile pass.",
+    ),
+    Permission(
+        "campaigns",
+        "batch",
+        "jobs",
+        ("list", "create", "patch", "delete"),
+        "One worker Job per pool: listed by label each pass, created, scaled and suspended by patch, deleted "
+        "when its image or pod template changes (Jobs are immutable there), when its pool is removed, or "
+        "with the campaign.",
+    ),
+    Permission(
+        "campaigns",
+        "",
+        "secrets",
+        ("get", "create", "delete"),
+        "`create`: the campaign's lease-token Secret (labelled and owned by the campaign). `get`: the storage "
+        "credentials the campaign names, by name (never list or watch), and an existing token Secret, to "
+        "refuse one the operator did not create. `delete`: its own token Secret when the campaign goes.",
+    ),
+    Permission(
+        "campaigns",
+        "",
+        "events",
+        ("create",),
+        "Events on the campaign: condition changes, kopf's handler warnings and errors (`kubectl describe`).",
+    ),
+    Permission(
+        "discovery",
+        "apiextensions.k8s.io",
+        "customresourcedefinitions",
+        ("list", "watch"),
+        "Cluster-scoped, whatever the operator watches: kopf notices the CRD being installed or removed at "
+        "run time and starts or stops its watch. Read-only; CRDs hold no secrets.",
+    ),
+    Permission(
+        "discovery",
+        "",
+        "namespaces",
+        ("list", "watch"),
+        "Only with `operator.watchNamespaces`: kopf resolves the listed namespaces (and follows ones created "
+        "later). Cluster-scoped by nature; read-only names and labels.",
+    ),
+    Permission(
+        "uninstall",
+        "apps",
+        "deployments",
+        ("get", "patch"),
+        "`helm uninstall`'s pre-delete hook only, in the release namespace, on the operator's Deployment by "
+        "name: scale it to zero and see it stop before finalizers are released.",
+    ),
+    Permission(
+        "uninstall",
+        "mlds.dev",
+        "trainingcampaigns",
+        ("list", "patch"),
+        "The same hook, in the watched namespaces: remove the operator's finalizer from every campaign, so "
+        "deleting one later never hangs. Hook objects exist only while it runs.",
+    ),
+)
+
+
+def _permissions_table() -> list[str]:
+    lines = [
+        "## Permissions",
+        "",
+        "Every rule the chart grants, and why. `campaigns` is bound cluster-wide, or, with "
+        "`operator.watchNamespaces`, by one RoleBinding per listed namespace (nothing elsewhere); `discovery` "
+        "is always cluster-wide because its resources are cluster-scoped; `uninstall` exists only while "
+        "`helm uninstall` runs. A chart test checks that this table, the rendered roles and the API calls "
+        "the operator and kopf make are the same set.",
+        "",
+        "| Role | API group | Resource | Verbs | Why |",
+        "|------|-----------|----------|-------|-----|",
+    ]
+    for p in PERMISSIONS:
+        group = f"`{p.group}`" if p.group else "core"
+        verbs = ", ".join(p.verbs)
+        lines.append(f"| `<fullname>-{p.role}` | {group} | `{p.resource}` | {verbs} | {_cell(p.why)} |")
+    return [*lines, ""]
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -139,7 +267,8 @@ new one with `kubectl apply --server-side -f charts/mlds/crds/`.
 (list, watch, patch; status: patch), Jobs (list, create, patch, delete), Secrets (get, create, delete),
 Events (create). It is bound cluster-wide, or with `operator.watchNamespaces` by one RoleBinding per
 namespace. `<fullname>-discovery` lets kopf list and watch CRDs (and namespaces, when watching a list of
-them). A test compares these rules with the API calls the code makes.
+them). The table under "Permissions" says why each rule is there; a test compares these rules with the API
+calls the code makes.
 
 **One replica**: every campaign's lease book lives in the operator's memory (checkpointed to the bucket),
 so the Deployment has exactly one replica and the `Recreate` strategy; workers keep training through an
@@ -180,6 +309,7 @@ def render_chart_readme() -> str:
         " ".join(str(chart["description"]).split()),
         "",
         _INTRO,
+        *_permissions_table(),
         "## Values",
         "",
         "| Key | Type | Default | Description |",
