@@ -176,7 +176,7 @@ UPLOAD: Final = Route(
     "Store one result file at a presigned key (local-folder stores only).",
     None,
     (),
-    (403, 404, 413),
+    (403, 404, 409, 413),  # 409: the lease the URL was granted under is unknown (until re-established) or gone
     multi_segment=frozenset({"key"}),
     documented=False,
 )

@@ -7,8 +7,10 @@ Used by the worker loop (:mod:`mlds_worker.loop`). Maps HTTP answers onto what t
 
     LeaseApiError
     ├── Unauthorized   401: wrong token or campaign gone: the worker exits non-zero (a config error)
-    ├── NotHeld        409: the lease is not ours (any more): stop training its units
-    ├── Rejected       422/404/400: our request or result was refused: fail the unit, do not repeat
+    ├── NotHeld        409: the lease is not ours (any more): stop training its units; on an upload,
+    │                  the lease is unknown until a heartbeat re-establishes it (after a server restart)
+    ├── Rejected       422/404/400/403: our request or result was refused; ``reason`` names a refused
+    │                  completion's RejectReason (a staged copy lost or torn is uploaded afresh once)
     └── Unreachable    connection errors, timeouts, 5xx, 503: retry with backoff (a server restart
                        or an outage; the lease survives it, see HeartbeatRequest)
 """
@@ -32,6 +34,7 @@ from mlds_contract.lease import (
     LeaseGrant,
     LeaseRequest,
     NoLease,
+    RejectReason,
     ReleaseReply,
     ReleaseRequest,
 )
@@ -64,7 +67,14 @@ class NotHeld(LeaseApiError):
 
 
 class Rejected(LeaseApiError):
-    """4xx other than 401/409: the request or the result was refused; repeating it will not help."""
+    """4xx other than 401/409: the request or the result was refused; repeating it will not help.
+
+    ``reason``: why a completion was refused (from the problem's type); None for any other refusal.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, reason: RejectReason | None = None) -> None:
+        super().__init__(message, status=status)
+        self.reason = reason
 
 
 class Unreachable(LeaseApiError):
@@ -140,7 +150,9 @@ async def upload(session: aiohttp.ClientSession, url: str, data: bytes) -> None:
     """PUT one result file to its presigned URL.
 
     Always ``application/octet-stream``: some S3 servers store a body sent with a form content type as an
-    empty object. Raises :class:`Unreachable` (retry) or :class:`Rejected` (e.g. an expired URL).
+    empty object. Raises :class:`Unreachable` (retry), :class:`NotHeld` (a local-folder store's upload
+    right lives with the lease: refused until a heartbeat re-establishes it after a server restart) or
+    :class:`Rejected` (e.g. an expired URL).
     """
     try:
         # A bare request: presigned URLs carry their own authorisation and must not get our bearer token.
@@ -152,17 +164,20 @@ async def upload(session: aiohttp.ClientSession, url: str, data: bytes) -> None:
             text = (await resp.text())[:300]
             if resp.status >= 500:
                 raise Unreachable(f"upload failed with HTTP {resp.status}: {text}", status=resp.status)
+            if resp.status == 409:
+                raise NotHeld(f"upload refused with HTTP 409: {text}", status=resp.status)
             raise Rejected(f"upload refused with HTTP {resp.status}: {text}", status=resp.status)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise Unreachable(f"upload failed: {exc!r}") from exc
 
 
 def _error(status: int, text: str, retry_after: str | None) -> LeaseApiError:
-    detail = text
+    detail, kind = text, ""
     try:
         body = json.loads(text)
         if isinstance(body, dict):
             detail = str(body.get("detail") or body.get("title") or text)
+            kind = str(body.get("type") or "")
     except ValueError:
         pass
     delay = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
@@ -172,4 +187,4 @@ def _error(status: int, text: str, retry_after: str | None) -> LeaseApiError:
         return NotHeld(detail, status=status)
     if status >= 500 or status == 429:
         return Unreachable(f"HTTP {status}: {detail}", status=status, retry_after=delay)
-    return Rejected(f"HTTP {status}: {detail}", status=status)
+    return Rejected(f"HTTP {status}: {detail}", status=status, reason=RejectReason.of_problem(kind))

@@ -18,7 +18,11 @@ each member's result delivered as soon as that member is done. What happens when
   heartbeats come every ``TAIL_HEARTBEAT_SECONDS``, so a losing copy stops within seconds even when
   the worker has nothing to complete or top up.
 - **Upload or storage outage**: retry the upload and the completion with backoff; results live in
-  memory until acknowledged.
+  memory until acknowledged. An upload refused because a restarted server does not know the lease yet
+  waits the same way, for the next heartbeat to re-establish it.
+- **Result rejected**: a staged copy the server found missing or torn (size or sha256) is uploaded
+  afresh, once per reason; any other rejection (or the same one again) fails the attempt. Network
+  retries and fresh uploads are counted apart (:meth:`Worker._deliver`).
 - **Training error** (a bug, NaN, out of memory): the unit is reported ``fail`` (the attempt counts).
 - **SIGTERM/SIGINT**: stop at the next epoch, release the lease's remaining units (not counted as
   failures) and exit 0; the units go straight back to pending for other workers. A result still waiting
@@ -62,6 +66,7 @@ from mlds_contract.lease import (
     LeaseRequest,
     NoLease,
     NoLeaseReason,
+    RejectReason,
     ReleaseRequest,
     StackReport,
     UnitAttempt,
@@ -421,8 +426,18 @@ class Worker:
         request: CompleteRequest,
         kv: dict[str, object],
     ) -> None:
+        """Upload a result's files and complete it, until the server has had its say on the result.
+
+        Two budgets, counted apart so that neither uses up or stretches the other: network failures (an
+        unreachable server or store, a 5xx, an upload refused until a heartbeat re-establishes the lease)
+        are retried with capped backoff until :data:`DELIVERY_PATIENCE_SECONDS`, a lost lease or a stop
+        signal; a rejection of the staged copy (:attr:`RejectReason.cured_by_upload`: an upload lost or
+        torn on its way) is answered by one fresh upload per reason, so at most three. Any other
+        rejection, or a second one of the same reason, fails the attempt.
+        """
         deadline = time.monotonic() + DELIVERY_PATIENCE_SECONDS
-        attempt = 0
+        retries = 0  # network failures so far: the backoff's exponent
+        uploaded_afresh: set[RejectReason] = set()
         uploaded: set[str] = set()
         while True:
             try:
@@ -431,37 +446,59 @@ class Worker:
                         await upload(client.session, leased.uploads[name], files[name])
                         uploaded.add(name)
                 reply = await client.complete(request)
-                state.remaining.pop(request.unit, None)
-                self._cancel(reply.cancel)
-                self._log(logging.INFO, f"completed ({reply.status.value})", **kv, state=reply.state.value)
-                return
             except Unauthorized as exc:
                 self._log(logging.ERROR, "completion refused: token no longer valid", **kv, error=exc)
                 state.remaining.pop(request.unit, None)
                 return
             except Rejected as exc:
-                # The server read back something other than what we sent (or the URL expired): one
-                # fresh upload may fix a torn object; after that the attempt is reported failed.
-                if attempt == 0 and uploaded:
-                    uploaded.clear()
-                    attempt += 1
-                    continue
-                self._log(logging.ERROR, "result rejected", **kv, error=exc)
-                await self._report_fail(client, state, request.unit, request.attempt, FailKind.fail, str(exc))
-                return
-            except (Unreachable, LeaseApiError) as exc:
-                if time.monotonic() > deadline or self._orphan_gave_up():
-                    self._log(logging.ERROR, "giving up delivering a result", **kv, error=exc)
-                    state.remaining.pop(request.unit, None)
+                reason = exc.reason
+                if reason is None or not reason.cured_by_upload or reason in uploaded_afresh:
+                    self._log(logging.ERROR, "result rejected", **kv, error=exc)
+                    await self._report_fail(client, state, request.unit, request.attempt, FailKind.fail, str(exc))
                     return
-                if self.stop.is_set():
-                    # Shutting down: the unit stays in `remaining`, so it is released if the server answers.
-                    self._log(logging.WARNING, "shutting down with a result undelivered", **kv, error=exc)
+                self._log(logging.WARNING, "result rejected; uploading it afresh", **kv, reason=reason.value)
+                uploaded_afresh.add(reason)
+                uploaded.clear()
+                continue
+            except LeaseApiError as exc:  # Unreachable, or NotHeld from an upload
+                if not self._still_delivering(state, request, deadline, kv, exc):
                     return
                 self._log(logging.WARNING, "delivery failed; retrying", **kv, error=exc)
                 # Woken early by a shutdown signal, for one last try.
-                await self._backoff(min(attempt, 8))
-                attempt += 1
+                await self._backoff(min(retries, 8))
+                retries += 1
+                continue
+            state.remaining.pop(request.unit, None)
+            self._cancel(reply.cancel)
+            self._log(logging.INFO, f"completed ({reply.status.value})", **kv, state=reply.state.value)
+            return
+
+    def _still_delivering(
+        self,
+        state: _LeaseState,
+        request: CompleteRequest,
+        deadline: float,
+        kv: dict[str, object],
+        exc: LeaseApiError,
+    ) -> bool:
+        """After a network failure: is the result worth another try?
+
+        If not, says why and gives the unit up, unless shutting down (then it stays held, to be released).
+        """
+        if time.monotonic() > deadline or self._orphan_gave_up():
+            self._log(logging.ERROR, "giving up delivering a result", **kv, error=exc)
+            state.remaining.pop(request.unit, None)
+            return False
+        if isinstance(exc, NotHeld) and state.lost:
+            # The upload right died with the lease (a heartbeat said so): no later try can land.
+            self._log(logging.ERROR, "giving up delivering a result: the lease is lost", **kv, error=exc)
+            state.remaining.pop(request.unit, None)
+            return False
+        if self.stop.is_set():
+            # Shutting down: the unit stays in `remaining`, so it is released if the server answers.
+            self._log(logging.WARNING, "shutting down with a result undelivered", **kv, error=exc)
+            return False
+        return True
 
     async def _report_fail(
         self, client: LeaseClient, state: _LeaseState, unit: int, attempt: int, kind: FailKind, reason: str

@@ -32,6 +32,7 @@ from aiohttp import web
 from mlds_contract.errors import StorageUnavailable, TemporaryError
 from mlds_contract.lease import (
     PROBLEM_JSON,
+    PROBLEM_TYPE_PREFIX,
     CompleteBatchItem,
     CompleteBatchReply,
     CompleteBatchRequest,
@@ -101,7 +102,7 @@ def problem(
     headers: dict[str, str] | None = None,
 ) -> web.Response:
     body = ErrorReply(
-        type=f"urn:mlds:lease:{kind}",
+        type=PROBLEM_TYPE_PREFIX + kind,
         title=title,
         status=status,
         detail=detail,
@@ -197,7 +198,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except _HttpProblem as p:
         response = problem(p.status, p.title, p.detail, kind=p.kind, request=request, headers=p.headers)
     except ResultRejected as exc:
-        response = problem(422, "Result rejected", str(exc), kind=f"result-{exc.reason}", request=request)
+        response = problem(422, "Result rejected", str(exc), kind=exc.reason.problem_kind, request=request)
     except UnknownPool as exc:
         response = problem(422, "Unknown pool", str(exc), kind="unknown-pool", request=request)
     except NotIssued as exc:
@@ -268,14 +269,14 @@ async def _complete(request: web.Request) -> web.Response:
 def _item_problem(exc: Exception, path: str) -> ErrorReply:
     """The problem a refused completion of a batch gets: what the single-unit route would have answered."""
     if isinstance(exc, ResultRejected):
-        status, title, kind = 422, "Result rejected", f"result-{exc.reason}"
+        status, title, kind = 422, "Result rejected", exc.reason.problem_kind
     elif isinstance(exc, UnknownUnit):
         status, title, kind = 404, "Unknown unit", "unknown-unit"
     elif isinstance(exc, (StorageUnavailable, TemporaryError)):
         status, title, kind = 503, "Temporarily unavailable", "unavailable"
     else:
         raise exc  # a bug: the middleware answers 500
-    return ErrorReply(type=f"urn:mlds:lease:{kind}", title=title, status=status, detail=str(exc), instance=path)
+    return ErrorReply(type=PROBLEM_TYPE_PREFIX + kind, title=title, status=status, detail=str(exc), instance=path)
 
 
 async def _complete_batch(request: web.Request) -> web.Response:

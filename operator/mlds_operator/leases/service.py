@@ -81,8 +81,9 @@ __all__ = ["CampaignService", "ResultRejected", "ServiceObserver", "ServiceSetti
 log = logging.getLogger(__name__)
 
 STAGING = STAGING_PREFIX.rstrip("/")
-#: Rejections that mean "this result can never become a manifest row": the unit goes back to pending.
-_UNUSABLE = frozenset({RejectReason.bad_meta, RejectReason.bad_model, RejectReason.bad_files})
+#: Rejections that mean "this result can never become a manifest row": the unit goes back to pending. The
+#: others are about the staged copy, which the worker uploads afresh (RejectReason.cured_by_upload).
+_UNUSABLE = frozenset(reason for reason in RejectReason if not reason.cured_by_upload)
 
 
 @dataclass(frozen=True)
