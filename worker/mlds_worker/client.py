@@ -1,7 +1,8 @@
 """The worker's client of the lease API (:mod:`mlds_operator.leases.http` serves it).
 
 The wire types (:mod:`mlds_contract.lease`) and the routes (:mod:`mlds_contract.routes`) are the
-contract's, shared with the server; every route here is a POST below the campaign's base URL.
+contract's, shared with the server; every route here is below the campaign's base URL: POSTs of JSON,
+and one GET of a file (``input``: a campaign input such as an MNIST IDX file, which only the store holds).
 
 Used by the worker loop (:mod:`mlds_worker.loop`). Maps HTTP answers onto what the worker does next:
 
@@ -38,7 +39,7 @@ from mlds_contract.lease import (
     ReleaseReply,
     ReleaseRequest,
 )
-from mlds_contract.routes import COMPLETE, FAIL, HEARTBEAT, LEASE, RELEASE
+from mlds_contract.routes import COMPLETE, FAIL, HEARTBEAT, INPUT, LEASE, RELEASE
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 __all__ = ["LeaseApiError", "LeaseClient", "NotHeld", "Rejected", "Unauthorized", "Unreachable", "upload"]
@@ -116,6 +117,22 @@ class LeaseClient:
                 if resp.status == 200:
                     return text
                 raise _error(resp.status, text, resp.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unreachable(f"lease server unreachable at {url}: {exc!r}") from exc
+
+    async def input_file(self, name: str) -> bytes:
+        """The bytes of one of the campaign's input files (:func:`mlds_workloads.input_files`).
+
+        Tens of MB for MNIST: only a stalled transfer times out (after the client's timeout without a
+        byte), not a slow one. Raises :class:`Rejected` (404: not there) or :class:`Unreachable`.
+        """
+        url = f"{self.base_url}{INPUT.campaign_path(file=name)}"
+        timeout = aiohttp.ClientTimeout(connect=self._timeout.connect, sock_read=self._timeout.total)
+        try:
+            async with self.session.get(url, timeout=timeout) as resp:
+                if resp.status == 200:
+                    return await resp.read()
+                raise _error(resp.status, await resp.text(), resp.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Unreachable(f"lease server unreachable at {url}: {exc!r}") from exc
 

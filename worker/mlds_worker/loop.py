@@ -24,6 +24,9 @@ each member's result delivered as soon as that member is done. What happens when
   afresh, once per reason; any other rejection (or the same one again) fails the attempt. Network
   retries and fresh uploads are counted apart (:meth:`Worker._deliver`).
 - **Training error** (a bug, NaN, out of memory): the unit is reported ``fail`` (the attempt counts).
+- **Input files** (ds4 on MNIST: IDX files only the store holds): fetched from the lease server once per
+  worker, before the first such unit, into a folder of the worker's own (removed at exit); an
+  unreachable server is waited for, a file the server does not have fails the unit (the attempt counts).
 - **SIGTERM/SIGINT**: stop at the next epoch, release the lease's remaining units (not counted as
   failures) and exit 0; the units go straight back to pending for other workers. A result still waiting
   for an unreachable server is given one more try, then dropped (its lease expires; it is retrained).
@@ -43,9 +46,11 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,13 +77,14 @@ from mlds_contract.lease import (
     UnitAttempt,
 )
 from mlds_contract.plan import UnitSpec
+from mlds_workloads import input_files, target_data
 
 from .batched import train_batch
 from .client import LeaseApiError, LeaseClient, NotHeld, Rejected, Unauthorized, Unreachable, upload
 from .device import describe_device, resolve_device
 from .results import result_files, sha256_hex
 from .stack import ContinuousStack, fit_width
-from .train import EpochRecord, TrainResult, train_unit
+from .train import EpochRecord, ImageArrays, SequenceArrays, TrainResult, train_unit
 
 __all__ = ["WorkerConfig", "run_worker", "worker_command"]
 
@@ -141,6 +147,8 @@ class Worker:
         self._held: dict[str, _LeaseState] = {}  # lease id -> its state, for cancellations in any reply
         #: The server said ``busy`` (nothing pending) since the last grant of pending units: heartbeat faster.
         self._in_tail = False
+        #: Where the campaign's input files are fetched to (see :meth:`_data`); made on first need.
+        self._inputs: Path | None = None
 
     def _log(self, level: int, msg: str, **kv: object) -> None:
         fields = " ".join(f"{k}={v}" for k, v in {"pool": self.cfg.pool, "device": self._device_type, **kv}.items())
@@ -191,10 +199,14 @@ class Worker:
     async def run(self) -> ExitCode:
         """The loop. Returns the process exit status (the Job's podFailurePolicy reads it)."""
         await asyncio.to_thread(self._setup_device)
-        async with LeaseClient(self.cfg.url, self.cfg.token) as client:
-            if self.cfg.max_units > 1 and not self.cfg.fixed_stacks:
-                return await self._continuous(client)
-            return await self._lease_loop(client)
+        try:
+            async with LeaseClient(self.cfg.url, self.cfg.token) as client:
+                if self.cfg.max_units > 1 and not self.cfg.fixed_stacks:
+                    return await self._continuous(client)
+                return await self._lease_loop(client)
+        finally:
+            if self._inputs is not None:
+                shutil.rmtree(self._inputs, ignore_errors=True)
 
     async def _lease_loop(self, client: LeaseClient) -> ExitCode:
         """One lease at a time: one network, or a fixed stack of the lease's units (``--fixed-stacks``)."""
@@ -328,7 +340,8 @@ class Worker:
 
         started = time.monotonic()
         try:
-            result = await asyncio.to_thread(train_unit, spec, device=self._device, on_epoch=on_epoch)
+            data = await self._data(client, spec)
+            result = await asyncio.to_thread(train_unit, spec, data=data, device=self._device, on_epoch=on_epoch)
         except _Stop:
             if spec.unit in state.cancelled:
                 state.remaining.pop(spec.unit, None)
@@ -339,6 +352,46 @@ class Worker:
             await self._report_fail(client, state, spec.unit, spec.attempt, FailKind.fail, f"training failed: {exc!r}")
             return
         await self._finish(client, state, leased, result, time.monotonic() - started)
+
+    async def _data(self, client: LeaseClient, spec: UnitSpec) -> SequenceArrays | ImageArrays | None:
+        """The data to train ``spec`` on, when the trainer cannot make it alone; None: the trainer's default.
+
+        ds4 on MNIST reads the campaign's IDX files, which only its store holds; workers hold no storage
+        credentials, so they come from the lease server (:meth:`_fetch_inputs`). Raises :class:`_Stop` on
+        shutdown while the server is unreachable, and :class:`LeaseApiError` when it refuses a file (the
+        attempt fails, as for any unusable data).
+        """
+        names = input_files(spec.dataset, spec.images)
+        if not names:
+            return None
+        folder = await self._fetch_inputs(client, spec, list(names))
+        return await asyncio.to_thread(target_data, spec, mnist_dir=folder)
+
+    async def _fetch_inputs(self, client: LeaseClient, spec: UnitSpec, names: list[str]) -> Path:
+        """Fetch the input files not fetched yet into this worker's folder; returns the folder."""
+        if self._inputs is None:
+            self._inputs = Path(tempfile.mkdtemp(prefix="mlds-inputs-"))
+        folder = self._inputs
+        for name in names:
+            path = folder / name
+            if path.exists():
+                continue
+            retries = 0
+            while True:
+                try:
+                    data = await client.input_file(name)
+                    break
+                except Unreachable as exc:
+                    if self.stop.is_set():
+                        raise _Stop from exc
+                    self._log(logging.WARNING, "input file unavailable; retrying", campaign=spec.campaign, file=name)
+                    await self._backoff(min(retries, 8), exc.retry_after)
+                    retries += 1
+            partial = path.with_name(f".{name}.partial")
+            await asyncio.to_thread(partial.write_bytes, data)
+            partial.replace(path)  # a file under its name is whole
+            self._log(logging.INFO, "fetched an input file", campaign=spec.campaign, file=name, bytes=len(data))
+        return folder
 
     def _abandon_lease(self, state: _LeaseState) -> bool:
         """Train nothing more of this lease: shutting down, the lease is lost, or orphaned for too long."""
@@ -371,9 +424,12 @@ class Worker:
         self._log(logging.INFO, "training a stack", **kv)
         failure: Exception | None = None
         try:
+            data = [await self._data(client, spec) for spec in specs]
             await asyncio.to_thread(
-                train_batch, specs, device=self._device, should_stop=should_stop, on_result=on_result
+                train_batch, specs, device=self._device, should_stop=should_stop, on_result=on_result, data=data
             )
+        except _Stop:
+            pass  # shutting down while waiting for the input files: the units stay in `remaining`, released
         except Exception as exc:
             failure = exc
             self._log(logging.ERROR, "training failed", **kv, error=repr(exc))
@@ -639,7 +695,10 @@ class _StackRun:
         for leased in grant.units:
             spec = leased.spec
             try:
-                await asyncio.to_thread(self.stack.add, spec.unit, spec)  # may generate the target's data
+                data = await w._data(self.client, spec)
+                await asyncio.to_thread(self.stack.add, spec.unit, spec, data)  # may generate the target's data
+            except _Stop:
+                continue  # shutting down while waiting for the input files: the unit is released
             except Exception as exc:
                 w._log(logging.ERROR, "training failed", **_unit_fields(state, spec), error=repr(exc))
                 await w._report_fail(self.client, state, spec.unit, spec.attempt, FailKind.fail, f"{exc!r}")

@@ -9,10 +9,12 @@ The routes, their bodies and their error statuses are the table :data:`mlds_cont
 
 Errors are RFC 9457 problem details (``ErrorReply``): 401 missing or wrong token (the same answer for
 an unknown campaign, so tokens cannot be probed per campaign), 404 unknown unit (unit ids in URLs are
-ASCII digits only), 409 a lease the worker does not hold, 413 a body over :data:`MAX_BODY`, 422 a
-malformed body (types are checked strictly), a pool that is not the campaign's, an attempt the server
-never issued, or a result that fails verification, 503 storage outage (with Retry-After). Anything else
-is a bug and answers 500 with no internals; the fuzzers (tests/e2e/test_api_fuzz.py) hunt for those.
+ASCII digits only) or input file (the ``input`` route serves a campaign's input files, e.g. MNIST's,
+from its store to workers, which hold no storage credentials), 409 a lease the worker does not hold,
+413 a body over :data:`MAX_BODY`, 422 a malformed body (types are checked strictly), a pool that is not
+the campaign's, an attempt the server never issued, or a result that fails verification, 503 storage
+outage (with Retry-After). Anything else is a bug and answers 500 with no internals; the fuzzers
+(tests/e2e/test_api_fuzz.py) hunt for those.
 
 This port serves the lease API, health and the OpenAPI document only: metrics are served on a port of
 their own (:func:`mlds_operator.leases.metrics.serve_metrics`), so a worker pod that can reach the lease
@@ -58,6 +60,7 @@ from mlds_contract.routes import (
     FAIL,
     HEALTH,
     HEARTBEAT,
+    INPUT,
     LEASE,
     OPENAPI,
     RELEASE,
@@ -69,7 +72,7 @@ from pydantic.json_schema import models_json_schema
 
 from mlds_operator.leases.book import NotHolder, NotIssued, UnknownLease, UnknownPool, UnknownUnit
 from mlds_operator.leases.registry import Campaigns
-from mlds_operator.leases.service import CampaignService, ResultRejected
+from mlds_operator.leases.service import CampaignService, ResultRejected, UnknownInput
 from mlds_operator.storage.store import LocalStore
 
 __all__ = ["RequestObserver", "create_app", "openapi_document", "render_openapi_json"]
@@ -207,6 +210,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = problem(409, "Not the lease holder", str(exc), kind="not-holder", request=request)
     except UnknownUnit as exc:
         response = problem(404, "Unknown unit", str(exc), kind="unknown-unit", request=request)
+    except UnknownInput as exc:
+        response = problem(404, "Unknown input", str(exc), kind="unknown-input", request=request)
     except (StorageUnavailable, TemporaryError) as exc:
         delay = str(max(1, round(exc.delay)))
         response = problem(
@@ -299,6 +304,12 @@ async def _fail(request: web.Request) -> web.Response:
     return _reply(reply)
 
 
+async def _input(request: web.Request) -> web.Response:
+    service = _service(request)
+    data = await service.input_file(request.match_info["file"])
+    return web.Response(body=data, content_type="application/octet-stream")
+
+
 async def _upload(request: web.Request) -> web.Response:
     store = request.app[LOCAL_STORE]
     if store is None:
@@ -342,6 +353,7 @@ _HANDLERS: dict[str, Handler] = {
     COMPLETE.operation: _complete,
     COMPLETE_BATCH.operation: _complete_batch,
     FAIL.operation: _fail,
+    INPUT.operation: _input,
     HEALTH.operation: _health,
     OPENAPI.operation: _openapi,
     UPLOAD.operation: _upload,
@@ -395,6 +407,8 @@ def openapi_document() -> dict[str, Any]:
             replies = route.replies
             ok_schema = ref(replies[0]) if len(replies) == 1 else {"oneOf": [ref(r) for r in replies]}
             ok["content"] = {"application/json": {"schema": ok_schema}}
+        elif route.octet_stream:
+            ok["content"] = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
         responses: dict[str, Any] = {"200": ok}
         for status in route.errors:
             responses[str(status)] = {
