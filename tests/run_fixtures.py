@@ -4,7 +4,8 @@ Who uses it: tests/e2e/test_run_local.py, tests/e2e/test_run_s3_chaos.py and tes
 Import the helpers explicitly (``from tests.run_fixtures import ...``); nothing here is a fixture.
 
 - :func:`write_campaign` writes a small ds1 TrainingCampaign file whose networks converge in a few
-  epochs (``RELAXED_LOSS``), so a campaign of 20 networks trains in well under a minute on 2 cores.
+  epochs (``RELAXED_LOSS``), so a campaign of 20 networks trains in well under a minute on 2 cores
+  (or any other workload); :func:`write_mnist_like` writes MNIST's IDX files with easy synthetic digits.
 - :class:`Proc` is an ``mlds`` subprocess with its stdout/stderr in files; :func:`start_mlds`
   starts one. ``mlds run`` starts its workers in new sessions, so they are not in the run's process
   group: :func:`processes_mentioning` finds every process of a test by a path in its command line
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -29,11 +31,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import yaml
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -42,6 +45,7 @@ from mlds_operator.leases.http import create_app
 from mlds_operator.leases.registry import Campaigns
 from mlds_operator.leases.service import CampaignService, ServiceSettings
 from mlds_operator.storage.store import LocalStore
+from mlds_workloads.digits import MNIST_FILES
 
 from tests.waiting import Progress, cpu_seconds, file_sizes, wait_exit, wait_until
 
@@ -68,6 +72,7 @@ __all__ = [
     "worker_env",
     "worker_events",
     "write_campaign",
+    "write_mnist_like",
 ]
 
 T = TypeVar("T")
@@ -94,13 +99,17 @@ def write_campaign(
     max_attempts: int = 3,
     storage: Storage | None = None,
     seed: int = 1,
+    workload: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a ds1 TrainingCampaign file (as a user would) and return its path."""
+    """Write a ds1 TrainingCampaign file (as a user would) and return its path.
+
+    ``workload`` replaces the ds1 one (``machines`` is then ignored), e.g. ``{"dataset": "ds4", ...}``.
+    """
     training: dict[str, Any] = {"targetLoss": target_loss}
     if max_epochs is not None:
         training["maxEpochs"] = max_epochs
     spec: dict[str, Any] = {
-        "workload": {"dataset": "ds1", "machines": list(machines)},
+        "workload": dict(workload) if workload is not None else {"dataset": "ds1", "machines": list(machines)},
         "networksPerTarget": networks_per_target,
         "seed": seed,
         "training": training,
@@ -114,6 +123,26 @@ def write_campaign(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def write_mnist_like(folder: Path, *, n_train: int = 300, n_test: int = 60, seed: int = 0) -> None:
+    """MNIST's four IDX files (28x28 unsigned bytes) in ``folder``, with digits a ds4 CNN learns in a few epochs.
+
+    Image ``i`` is a bright bar at the rows its label names, with a little noise; the training files are
+    written plain and the test files gzipped, the two spellings a user may place.
+    """
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count, gz in (("train", n_train, False), ("test", n_test, True)):
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        images = rng.integers(0, 40, (count, 28, 28), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            images[i, 2 + 2 * label : 5 + 2 * label, 4:20] = 255
+        for role, array in ((f"{split}_images", images), (f"{split}_labels", labels)):
+            stem = MNIST_FILES[role]
+            header = bytes([0, 0, 0x08, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+            blob = header + array.tobytes()
+            (folder / (f"{stem}.gz" if gz else stem)).write_bytes(gzip.compress(blob) if gz else blob)
 
 
 def worker_env(**extra: str) -> dict[str, str]:

@@ -33,6 +33,7 @@ from .results import MAX_RESULT_FILE_BYTES
 __all__ = [
     "MAX_COMPLETE_BATCH",
     "PROBLEM_JSON",
+    "PROBLEM_TYPE_PREFIX",
     "CompleteBatchItem",
     "CompleteBatchReply",
     "CompleteBatchRequest",
@@ -65,6 +66,8 @@ __all__ = [
 
 #: Media type of :class:`ErrorReply` bodies (RFC 9457 problem details).
 PROBLEM_JSON = "application/problem+json"
+#: What every :class:`ErrorReply` type starts with; the rest names the problem (``not-holder``, ``result-missing``).
+PROBLEM_TYPE_PREFIX = "urn:mlds:lease:"
 
 #: A worker's identity: its pod name in a cluster, ``<host>-<n>`` under `mlds run`. Up to a DNS name's length.
 WorkerId = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9]([-._A-Za-z0-9]*)$")]
@@ -103,8 +106,9 @@ class FailKind(enum.StrEnum):
 class RejectReason(enum.StrEnum):
     """Why the server refused a completion (HTTP 422, problem type ``urn:mlds:lease:result-<reason>``).
 
-    The same values label the ``mlds_results_rejected_total`` metric. The worker reports the attempt
-    failed after a rejection (one fresh upload first, in case an object was torn).
+    The same values label the ``mlds_results_rejected_total`` metric. A rejection of the staged copy
+    (:attr:`cured_by_upload`) is answered by one fresh upload per reason; after any other, or a second
+    of the same reason, the worker reports the attempt failed.
     """
 
     missing = "missing"  # a declared file was never uploaded (or vanished from staging)
@@ -113,6 +117,28 @@ class RejectReason(enum.StrEnum):
     bad_files = "bad_files"  # the declared file names are not the dataset's result files
     bad_meta = "bad_meta"  # meta.json is not one bounded JSON object, contradicts the completion, or a field is invalid
     bad_model = "bad_model"  # a safetensors file's header is not the unit architecture's float32 tensors
+
+    @property
+    def cured_by_upload(self) -> bool:
+        """The staged copy is missing or is not what the worker declared: an upload lost or torn on its way.
+
+        A fresh upload of the same bytes can cure it. The other reasons are about the result itself, which
+        the same bytes would only repeat: the server lets such a unit go at once, for another worker.
+        """
+        return self in (RejectReason.missing, RejectReason.size_mismatch, RejectReason.sha_mismatch)
+
+    @property
+    def problem_kind(self) -> str:
+        """The kind of problem a refusal for this reason names (its type is :data:`PROBLEM_TYPE_PREFIX` + kind)."""
+        return f"result-{self.value}"
+
+    @classmethod
+    def of_problem(cls, problem_type: str) -> RejectReason | None:
+        """The reason an :class:`ErrorReply` of type ``problem_type`` names; None for any other problem."""
+        kind = problem_type.removeprefix(PROBLEM_TYPE_PREFIX)
+        if kind == problem_type:
+            return None
+        return next((reason for reason in cls if reason.problem_kind == kind), None)
 
 
 class NoLeaseReason(enum.StrEnum):

@@ -46,6 +46,7 @@ __all__ = [
     "FAIL",
     "HEALTH",
     "HEARTBEAT",
+    "INPUT",
     "LEASE",
     "OPENAPI",
     "RELEASE",
@@ -61,7 +62,10 @@ CAMPAIGN_PATH: Final = "/v1/campaigns/{namespace}/{name}"
 ERRORS: Final[dict[int, str]] = {
     401: "Missing or wrong bearer token (a campaign this server does not serve answers the same).",
     403: "The upload URL is invalid, for another key, or expired.",
-    404: "Unknown unit (or, for an upload, no local-folder store behind this server).",
+    404: (
+        "Unknown unit; for an input, not one of the campaign's input files or not under its storage prefix; "
+        "for an upload, no local-folder store behind this server."
+    ),
     409: "The worker does not hold this lease.",
     413: "The body is larger than the server accepts.",
     422: "Malformed body; for a completion also a result that failed verification (urn:mlds:lease:result-<reason>).",
@@ -83,7 +87,7 @@ class Route:
     summary: str
     #: The JSON request body's model (None: no JSON body).
     request: type[BaseModel] | None
-    #: The models a 200 answer may carry (empty: no JSON body).
+    #: The models a 200 answer may carry (empty: no JSON body, or the bytes of a file: ``octet_stream``).
     replies: tuple[type[BaseModel], ...]
     #: Error statuses the route may answer (each an ErrorReply), besides 500.
     errors: tuple[int, ...]
@@ -91,6 +95,8 @@ class Route:
     multi_segment: frozenset[str] = frozenset()
     #: In the OpenAPI document. False for a route a client never composes itself.
     documented: bool = True
+    #: A 200 answer carries a file's bytes (``application/octet-stream``).
+    octet_stream: bool = False
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -164,6 +170,19 @@ FAIL: Final = Route(
     (FailReply,),
     (401, 404, 413, 422),
 )
+#: The files a campaign's data is read from that no worker can make (ds4 with ``images: mnist``: the MNIST IDX
+#: files placed under the storage prefix; :func:`mlds_workloads.input_files` names them). Workers hold no
+#: storage credentials, so the server reads them from the store; a worker fetches each once.
+INPUT: Final = Route(
+    "input",
+    "GET",
+    f"{CAMPAIGN_PATH}/inputs/{{file}}",
+    "Download one input file of the campaign's data (ds4 on MNIST: an IDX file under the storage prefix).",
+    None,
+    (),
+    (401, 404, 503),
+    octet_stream=True,
+)
 HEALTH: Final = Route("health", "GET", "/healthz", "Liveness.", None, (), ())
 OPENAPI: Final = Route("openapi", "GET", "/openapi.json", "This document.", None, (), ())
 #: Result uploads to a local-folder store (``mlds run``): the URL is presigned by
@@ -176,10 +195,10 @@ UPLOAD: Final = Route(
     "Store one result file at a presigned key (local-folder stores only).",
     None,
     (),
-    (403, 404, 413),
+    (403, 404, 409, 413),  # 409: the lease the URL was granted under is unknown (until re-established) or gone
     multi_segment=frozenset({"key"}),
     documented=False,
 )
 
 #: Every route the lease server serves (besides ``GET /metrics``, which the metrics layer adds).
-ROUTES: Final = (LEASE, HEARTBEAT, RELEASE, COMPLETE, COMPLETE_BATCH, FAIL, HEALTH, OPENAPI, UPLOAD)
+ROUTES: Final = (LEASE, HEARTBEAT, RELEASE, COMPLETE, COMPLETE_BATCH, FAIL, INPUT, HEALTH, OPENAPI, UPLOAD)

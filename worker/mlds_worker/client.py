@@ -1,14 +1,17 @@
 """The worker's client of the lease API (:mod:`mlds_operator.leases.http` serves it).
 
 The wire types (:mod:`mlds_contract.lease`) and the routes (:mod:`mlds_contract.routes`) are the
-contract's, shared with the server; every route here is a POST below the campaign's base URL.
+contract's, shared with the server; every route here is below the campaign's base URL: POSTs of JSON,
+and one GET of a file (``input``: a campaign input such as an MNIST IDX file, which only the store holds).
 
 Used by the worker loop (:mod:`mlds_worker.loop`). Maps HTTP answers onto what the worker does next:
 
     LeaseApiError
     ├── Unauthorized   401: wrong token or campaign gone: the worker exits non-zero (a config error)
-    ├── NotHeld        409: the lease is not ours (any more): stop training its units
-    ├── Rejected       422/404/400: our request or result was refused: fail the unit, do not repeat
+    ├── NotHeld        409: the lease is not ours (any more): stop training its units; on an upload,
+    │                  the lease is unknown until a heartbeat re-establishes it (after a server restart)
+    ├── Rejected       422/404/400/403: our request or result was refused; ``reason`` names a refused
+    │                  completion's RejectReason (a staged copy lost or torn is uploaded afresh once)
     └── Unreachable    connection errors, timeouts, 5xx, 503: retry with backoff (a server restart
                        or an outage; the lease survives it, see HeartbeatRequest)
 """
@@ -32,10 +35,11 @@ from mlds_contract.lease import (
     LeaseGrant,
     LeaseRequest,
     NoLease,
+    RejectReason,
     ReleaseReply,
     ReleaseRequest,
 )
-from mlds_contract.routes import COMPLETE, FAIL, HEARTBEAT, LEASE, RELEASE
+from mlds_contract.routes import COMPLETE, FAIL, HEARTBEAT, INPUT, LEASE, RELEASE
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 __all__ = ["LeaseApiError", "LeaseClient", "NotHeld", "Rejected", "Unauthorized", "Unreachable", "upload"]
@@ -64,7 +68,14 @@ class NotHeld(LeaseApiError):
 
 
 class Rejected(LeaseApiError):
-    """4xx other than 401/409: the request or the result was refused; repeating it will not help."""
+    """4xx other than 401/409: the request or the result was refused; repeating it will not help.
+
+    ``reason``: why a completion was refused (from the problem's type); None for any other refusal.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, reason: RejectReason | None = None) -> None:
+        super().__init__(message, status=status)
+        self.reason = reason
 
 
 class Unreachable(LeaseApiError):
@@ -109,6 +120,22 @@ class LeaseClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Unreachable(f"lease server unreachable at {url}: {exc!r}") from exc
 
+    async def input_file(self, name: str) -> bytes:
+        """The bytes of one of the campaign's input files (:func:`mlds_workloads.input_files`).
+
+        Tens of MB for MNIST: only a stalled transfer times out (after the client's timeout without a
+        byte), not a slow one. Raises :class:`Rejected` (404: not there) or :class:`Unreachable`.
+        """
+        url = f"{self.base_url}{INPUT.campaign_path(file=name)}"
+        timeout = aiohttp.ClientTimeout(connect=self._timeout.connect, sock_read=self._timeout.total)
+        try:
+            async with self.session.get(url, timeout=timeout) as resp:
+                if resp.status == 200:
+                    return await resp.read()
+                raise _error(resp.status, await resp.text(), resp.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unreachable(f"lease server unreachable at {url}: {exc!r}") from exc
+
     async def _call(self, path: str, body: BaseModel, reply: type[M]) -> M:
         text = await self._post(path, body)
         try:
@@ -140,7 +167,9 @@ async def upload(session: aiohttp.ClientSession, url: str, data: bytes) -> None:
     """PUT one result file to its presigned URL.
 
     Always ``application/octet-stream``: some S3 servers store a body sent with a form content type as an
-    empty object. Raises :class:`Unreachable` (retry) or :class:`Rejected` (e.g. an expired URL).
+    empty object. Raises :class:`Unreachable` (retry), :class:`NotHeld` (a local-folder store's upload
+    right lives with the lease: refused until a heartbeat re-establishes it after a server restart) or
+    :class:`Rejected` (e.g. an expired URL).
     """
     try:
         # A bare request: presigned URLs carry their own authorisation and must not get our bearer token.
@@ -152,17 +181,20 @@ async def upload(session: aiohttp.ClientSession, url: str, data: bytes) -> None:
             text = (await resp.text())[:300]
             if resp.status >= 500:
                 raise Unreachable(f"upload failed with HTTP {resp.status}: {text}", status=resp.status)
+            if resp.status == 409:
+                raise NotHeld(f"upload refused with HTTP 409: {text}", status=resp.status)
             raise Rejected(f"upload refused with HTTP {resp.status}: {text}", status=resp.status)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise Unreachable(f"upload failed: {exc!r}") from exc
 
 
 def _error(status: int, text: str, retry_after: str | None) -> LeaseApiError:
-    detail = text
+    detail, kind = text, ""
     try:
         body = json.loads(text)
         if isinstance(body, dict):
             detail = str(body.get("detail") or body.get("title") or text)
+            kind = str(body.get("type") or "")
     except ValueError:
         pass
     delay = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
@@ -172,4 +204,4 @@ def _error(status: int, text: str, retry_after: str | None) -> LeaseApiError:
         return NotHeld(detail, status=status)
     if status >= 500 or status == 429:
         return Unreachable(f"HTTP {status}: {detail}", status=status, retry_after=delay)
-    return Rejected(f"HTTP {status}: {detail}", status=status)
+    return Rejected(f"HTTP {status}: {detail}", status=status, reason=RejectReason.of_problem(kind))

@@ -18,8 +18,15 @@ each member's result delivered as soon as that member is done. What happens when
   heartbeats come every ``TAIL_HEARTBEAT_SECONDS``, so a losing copy stops within seconds even when
   the worker has nothing to complete or top up.
 - **Upload or storage outage**: retry the upload and the completion with backoff; results live in
-  memory until acknowledged.
+  memory until acknowledged. An upload refused because a restarted server does not know the lease yet
+  waits the same way, for the next heartbeat to re-establish it.
+- **Result rejected**: a staged copy the server found missing or torn (size or sha256) is uploaded
+  afresh, once per reason; any other rejection (or the same one again) fails the attempt. Network
+  retries and fresh uploads are counted apart (:meth:`Worker._deliver`).
 - **Training error** (a bug, NaN, out of memory): the unit is reported ``fail`` (the attempt counts).
+- **Input files** (ds4 on MNIST: IDX files only the store holds): fetched from the lease server once per
+  worker, before the first such unit, into a folder of the worker's own (removed at exit); an
+  unreachable server is waited for, a file the server does not have fails the unit (the attempt counts).
 - **SIGTERM/SIGINT**: stop at the next epoch, release the lease's remaining units (not counted as
   failures) and exit 0; the units go straight back to pending for other workers. A result still waiting
   for an unreachable server is given one more try, then dropped (its lease expires; it is retrained).
@@ -39,9 +46,11 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,18 +71,20 @@ from mlds_contract.lease import (
     LeaseRequest,
     NoLease,
     NoLeaseReason,
+    RejectReason,
     ReleaseRequest,
     StackReport,
     UnitAttempt,
 )
 from mlds_contract.plan import UnitSpec
+from mlds_workloads import input_files, target_data
 
 from .batched import train_batch
 from .client import LeaseApiError, LeaseClient, NotHeld, Rejected, Unauthorized, Unreachable, upload
 from .device import describe_device, resolve_device
 from .results import result_files, sha256_hex
 from .stack import ContinuousStack, fit_width
-from .train import EpochRecord, TrainResult, train_unit
+from .train import EpochRecord, ImageArrays, SequenceArrays, TrainResult, train_unit
 
 __all__ = ["WorkerConfig", "run_worker", "worker_command"]
 
@@ -136,6 +147,8 @@ class Worker:
         self._held: dict[str, _LeaseState] = {}  # lease id -> its state, for cancellations in any reply
         #: The server said ``busy`` (nothing pending) since the last grant of pending units: heartbeat faster.
         self._in_tail = False
+        #: Where the campaign's input files are fetched to (see :meth:`_data`); made on first need.
+        self._inputs: Path | None = None
 
     def _log(self, level: int, msg: str, **kv: object) -> None:
         fields = " ".join(f"{k}={v}" for k, v in {"pool": self.cfg.pool, "device": self._device_type, **kv}.items())
@@ -186,10 +199,14 @@ class Worker:
     async def run(self) -> ExitCode:
         """The loop. Returns the process exit status (the Job's podFailurePolicy reads it)."""
         await asyncio.to_thread(self._setup_device)
-        async with LeaseClient(self.cfg.url, self.cfg.token) as client:
-            if self.cfg.max_units > 1 and not self.cfg.fixed_stacks:
-                return await self._continuous(client)
-            return await self._lease_loop(client)
+        try:
+            async with LeaseClient(self.cfg.url, self.cfg.token) as client:
+                if self.cfg.max_units > 1 and not self.cfg.fixed_stacks:
+                    return await self._continuous(client)
+                return await self._lease_loop(client)
+        finally:
+            if self._inputs is not None:
+                shutil.rmtree(self._inputs, ignore_errors=True)
 
     async def _lease_loop(self, client: LeaseClient) -> ExitCode:
         """One lease at a time: one network, or a fixed stack of the lease's units (``--fixed-stacks``)."""
@@ -323,7 +340,8 @@ class Worker:
 
         started = time.monotonic()
         try:
-            result = await asyncio.to_thread(train_unit, spec, device=self._device, on_epoch=on_epoch)
+            data = await self._data(client, spec)
+            result = await asyncio.to_thread(train_unit, spec, data=data, device=self._device, on_epoch=on_epoch)
         except _Stop:
             if spec.unit in state.cancelled:
                 state.remaining.pop(spec.unit, None)
@@ -334,6 +352,46 @@ class Worker:
             await self._report_fail(client, state, spec.unit, spec.attempt, FailKind.fail, f"training failed: {exc!r}")
             return
         await self._finish(client, state, leased, result, time.monotonic() - started)
+
+    async def _data(self, client: LeaseClient, spec: UnitSpec) -> SequenceArrays | ImageArrays | None:
+        """The data to train ``spec`` on, when the trainer cannot make it alone; None: the trainer's default.
+
+        ds4 on MNIST reads the campaign's IDX files, which only its store holds; workers hold no storage
+        credentials, so they come from the lease server (:meth:`_fetch_inputs`). Raises :class:`_Stop` on
+        shutdown while the server is unreachable, and :class:`LeaseApiError` when it refuses a file (the
+        attempt fails, as for any unusable data).
+        """
+        names = input_files(spec.dataset, spec.images)
+        if not names:
+            return None
+        folder = await self._fetch_inputs(client, spec, list(names))
+        return await asyncio.to_thread(target_data, spec, mnist_dir=folder)
+
+    async def _fetch_inputs(self, client: LeaseClient, spec: UnitSpec, names: list[str]) -> Path:
+        """Fetch the input files not fetched yet into this worker's folder; returns the folder."""
+        if self._inputs is None:
+            self._inputs = Path(tempfile.mkdtemp(prefix="mlds-inputs-"))
+        folder = self._inputs
+        for name in names:
+            path = folder / name
+            if path.exists():
+                continue
+            retries = 0
+            while True:
+                try:
+                    data = await client.input_file(name)
+                    break
+                except Unreachable as exc:
+                    if self.stop.is_set():
+                        raise _Stop from exc
+                    self._log(logging.WARNING, "input file unavailable; retrying", campaign=spec.campaign, file=name)
+                    await self._backoff(min(retries, 8), exc.retry_after)
+                    retries += 1
+            partial = path.with_name(f".{name}.partial")
+            await asyncio.to_thread(partial.write_bytes, data)
+            partial.replace(path)  # a file under its name is whole
+            self._log(logging.INFO, "fetched an input file", campaign=spec.campaign, file=name, bytes=len(data))
+        return folder
 
     def _abandon_lease(self, state: _LeaseState) -> bool:
         """Train nothing more of this lease: shutting down, the lease is lost, or orphaned for too long."""
@@ -366,9 +424,12 @@ class Worker:
         self._log(logging.INFO, "training a stack", **kv)
         failure: Exception | None = None
         try:
+            data = [await self._data(client, spec) for spec in specs]
             await asyncio.to_thread(
-                train_batch, specs, device=self._device, should_stop=should_stop, on_result=on_result
+                train_batch, specs, device=self._device, should_stop=should_stop, on_result=on_result, data=data
             )
+        except _Stop:
+            pass  # shutting down while waiting for the input files: the units stay in `remaining`, released
         except Exception as exc:
             failure = exc
             self._log(logging.ERROR, "training failed", **kv, error=repr(exc))
@@ -421,8 +482,18 @@ class Worker:
         request: CompleteRequest,
         kv: dict[str, object],
     ) -> None:
+        """Upload a result's files and complete it, until the server has had its say on the result.
+
+        Two budgets, counted apart so that neither uses up or stretches the other: network failures (an
+        unreachable server or store, a 5xx, an upload refused until a heartbeat re-establishes the lease)
+        are retried with capped backoff until :data:`DELIVERY_PATIENCE_SECONDS`, a lost lease or a stop
+        signal; a rejection of the staged copy (:attr:`RejectReason.cured_by_upload`: an upload lost or
+        torn on its way) is answered by one fresh upload per reason, so at most three. Any other
+        rejection, or a second one of the same reason, fails the attempt.
+        """
         deadline = time.monotonic() + DELIVERY_PATIENCE_SECONDS
-        attempt = 0
+        retries = 0  # network failures so far: the backoff's exponent
+        uploaded_afresh: set[RejectReason] = set()
         uploaded: set[str] = set()
         while True:
             try:
@@ -431,37 +502,59 @@ class Worker:
                         await upload(client.session, leased.uploads[name], files[name])
                         uploaded.add(name)
                 reply = await client.complete(request)
-                state.remaining.pop(request.unit, None)
-                self._cancel(reply.cancel)
-                self._log(logging.INFO, f"completed ({reply.status.value})", **kv, state=reply.state.value)
-                return
             except Unauthorized as exc:
                 self._log(logging.ERROR, "completion refused: token no longer valid", **kv, error=exc)
                 state.remaining.pop(request.unit, None)
                 return
             except Rejected as exc:
-                # The server read back something other than what we sent (or the URL expired): one
-                # fresh upload may fix a torn object; after that the attempt is reported failed.
-                if attempt == 0 and uploaded:
-                    uploaded.clear()
-                    attempt += 1
-                    continue
-                self._log(logging.ERROR, "result rejected", **kv, error=exc)
-                await self._report_fail(client, state, request.unit, request.attempt, FailKind.fail, str(exc))
-                return
-            except (Unreachable, LeaseApiError) as exc:
-                if time.monotonic() > deadline or self._orphan_gave_up():
-                    self._log(logging.ERROR, "giving up delivering a result", **kv, error=exc)
-                    state.remaining.pop(request.unit, None)
+                reason = exc.reason
+                if reason is None or not reason.cured_by_upload or reason in uploaded_afresh:
+                    self._log(logging.ERROR, "result rejected", **kv, error=exc)
+                    await self._report_fail(client, state, request.unit, request.attempt, FailKind.fail, str(exc))
                     return
-                if self.stop.is_set():
-                    # Shutting down: the unit stays in `remaining`, so it is released if the server answers.
-                    self._log(logging.WARNING, "shutting down with a result undelivered", **kv, error=exc)
+                self._log(logging.WARNING, "result rejected; uploading it afresh", **kv, reason=reason.value)
+                uploaded_afresh.add(reason)
+                uploaded.clear()
+                continue
+            except LeaseApiError as exc:  # Unreachable, or NotHeld from an upload
+                if not self._still_delivering(state, request, deadline, kv, exc):
                     return
                 self._log(logging.WARNING, "delivery failed; retrying", **kv, error=exc)
                 # Woken early by a shutdown signal, for one last try.
-                await self._backoff(min(attempt, 8))
-                attempt += 1
+                await self._backoff(min(retries, 8))
+                retries += 1
+                continue
+            state.remaining.pop(request.unit, None)
+            self._cancel(reply.cancel)
+            self._log(logging.INFO, f"completed ({reply.status.value})", **kv, state=reply.state.value)
+            return
+
+    def _still_delivering(
+        self,
+        state: _LeaseState,
+        request: CompleteRequest,
+        deadline: float,
+        kv: dict[str, object],
+        exc: LeaseApiError,
+    ) -> bool:
+        """After a network failure: is the result worth another try?
+
+        If not, says why and gives the unit up, unless shutting down (then it stays held, to be released).
+        """
+        if time.monotonic() > deadline or self._orphan_gave_up():
+            self._log(logging.ERROR, "giving up delivering a result", **kv, error=exc)
+            state.remaining.pop(request.unit, None)
+            return False
+        if isinstance(exc, NotHeld) and state.lost:
+            # The upload right died with the lease (a heartbeat said so): no later try can land.
+            self._log(logging.ERROR, "giving up delivering a result: the lease is lost", **kv, error=exc)
+            state.remaining.pop(request.unit, None)
+            return False
+        if self.stop.is_set():
+            # Shutting down: the unit stays in `remaining`, so it is released if the server answers.
+            self._log(logging.WARNING, "shutting down with a result undelivered", **kv, error=exc)
+            return False
+        return True
 
     async def _report_fail(
         self, client: LeaseClient, state: _LeaseState, unit: int, attempt: int, kind: FailKind, reason: str
@@ -602,7 +695,10 @@ class _StackRun:
         for leased in grant.units:
             spec = leased.spec
             try:
-                await asyncio.to_thread(self.stack.add, spec.unit, spec)  # may generate the target's data
+                data = await w._data(self.client, spec)
+                await asyncio.to_thread(self.stack.add, spec.unit, spec, data)  # may generate the target's data
+            except _Stop:
+                continue  # shutting down while waiting for the input files: the unit is released
             except Exception as exc:
                 w._log(logging.ERROR, "training failed", **_unit_fields(state, spec), error=repr(exc))
                 await w._report_fail(self.client, state, spec.unit, spec.attempt, FailKind.fail, f"{exc!r}")

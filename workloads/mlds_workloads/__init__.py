@@ -13,11 +13,11 @@ none of those, can finalise every dataset.
 - :mod:`.data`: the :class:`SequenceData` / :class:`ImageData` containers and the per-target data file
   (:func:`save_data`, :func:`load_data`) that the campaign stores (docs/workloads.md §9).
 
-Public names: :class:`ImageData`, :class:`SequenceData`, :func:`target_data`, :func:`clear_cache`,
-:func:`save_data`, :func:`load_data`. The trainer turns the arrays into tensors.
+Public names: :class:`ImageData`, :class:`SequenceData`, :func:`target_data`, :func:`input_files`,
+:func:`clear_cache`, :func:`save_data`, :func:`load_data`. The trainer turns the arrays into tensors.
 """
 
 from .data import ImageData, SequenceData, load_data, save_data
-from .targets import clear_cache, target_data
+from .targets import clear_cache, input_files, target_data
 
-__all__ = ["ImageData", "SequenceData", "clear_cache", "load_data", "save_data", "target_data"]
+__all__ = ["ImageData", "SequenceData", "clear_cache", "input_files", "load_data", "save_data", "target_data"]

@@ -44,6 +44,7 @@ __all__ = [
     "image_data",
     "load_digits8",
     "load_mnist",
+    "mnist_file_names",
     "read_idx",
     "stamp_trigger",
 ]
@@ -100,12 +101,17 @@ def read_idx(path: Path) -> npt.NDArray[Any]:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
+def mnist_file_names(stem: str) -> tuple[str, ...]:
+    """The names one MNIST IDX file (a value of :data:`MNIST_FILES`) may have, the first found wins.
+
+    The lease server looks for the same names under a campaign's storage prefix (``images: mnist``).
+    """
+    names = (stem, stem.replace("-idx", ".idx"))
+    return tuple(spelling for name in names for spelling in (name, f"{name}.gz"))
+
+
 def _find_mnist_file(folder: Path, stem: str) -> Path | None:
-    for name in (stem, stem.replace("-idx", ".idx")):
-        for candidate in (folder / name, folder / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
-    return None
+    return next((folder / name for name in mnist_file_names(stem) if (folder / name).is_file()), None)
 
 
 def load_mnist(

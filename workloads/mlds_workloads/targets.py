@@ -17,11 +17,11 @@ from mlds_contract.errors import UserError
 from mlds_contract.plan import UnitSpec
 
 from .data import ImageData, SequenceData
-from .digits import image_data
+from .digits import MNIST_FILES, image_data, mnist_file_names
 from .machines import machine_data
 from .transducers import transducer_data
 
-__all__ = ["clear_cache", "target_data"]
+__all__ = ["clear_cache", "input_files", "target_data"]
 
 # A GRU target's data is about 1-4 MB; an MNIST target's about 250 MB, so fewer of those are kept.
 _SEQUENCE_CACHE = 64
@@ -65,6 +65,18 @@ def _machine_name(unit: UnitSpec) -> str:
             f"unknown machine {unit.machine!r} for {unit.dataset.value}; expected one of {', '.join(allowed)}"
         )
     return name
+
+
+def input_files(dataset: Dataset, images: Images) -> dict[str, tuple[str, ...]]:
+    """The files a campaign's data is read from that no generator can make: name -> the names it may have.
+
+    Only ds4 on MNIST has any: the four IDX files, which the campaign's owner places under its storage
+    prefix. Workers hold no storage credentials, so the lease server hands them out (its ``input`` route),
+    and a worker fetches each once into a folder of its own (the ``mnist_dir`` of :func:`target_data`).
+    """
+    if dataset is not Dataset.ds4 or images is not Images.mnist:
+        return {}
+    return {stem: mnist_file_names(stem) for stem in MNIST_FILES.values()}
 
 
 def target_data(unit: UnitSpec, *, mnist_dir: Path | None = None) -> SequenceData | ImageData:

@@ -9,10 +9,12 @@ The routes, their bodies and their error statuses are the table :data:`mlds_cont
 
 Errors are RFC 9457 problem details (``ErrorReply``): 401 missing or wrong token (the same answer for
 an unknown campaign, so tokens cannot be probed per campaign), 404 unknown unit (unit ids in URLs are
-ASCII digits only), 409 a lease the worker does not hold, 413 a body over :data:`MAX_BODY`, 422 a
-malformed body (types are checked strictly), a pool that is not the campaign's, an attempt the server
-never issued, or a result that fails verification, 503 storage outage (with Retry-After). Anything else
-is a bug and answers 500 with no internals; the fuzzers (tests/e2e/test_api_fuzz.py) hunt for those.
+ASCII digits only) or input file (the ``input`` route serves a campaign's input files, e.g. MNIST's,
+from its store to workers, which hold no storage credentials), 409 a lease the worker does not hold,
+413 a body over :data:`MAX_BODY`, 422 a malformed body (types are checked strictly), a pool that is not
+the campaign's, an attempt the server never issued, or a result that fails verification, 503 storage
+outage (with Retry-After). Anything else is a bug and answers 500 with no internals; the fuzzers
+(tests/e2e/test_api_fuzz.py) hunt for those.
 
 This port serves the lease API, health and the OpenAPI document only: metrics are served on a port of
 their own (:func:`mlds_operator.leases.metrics.serve_metrics`), so a worker pod that can reach the lease
@@ -32,6 +34,7 @@ from aiohttp import web
 from mlds_contract.errors import StorageUnavailable, TemporaryError
 from mlds_contract.lease import (
     PROBLEM_JSON,
+    PROBLEM_TYPE_PREFIX,
     CompleteBatchItem,
     CompleteBatchReply,
     CompleteBatchRequest,
@@ -57,6 +60,7 @@ from mlds_contract.routes import (
     FAIL,
     HEALTH,
     HEARTBEAT,
+    INPUT,
     LEASE,
     OPENAPI,
     RELEASE,
@@ -68,7 +72,7 @@ from pydantic.json_schema import models_json_schema
 
 from mlds_operator.leases.book import NotHolder, NotIssued, UnknownLease, UnknownPool, UnknownUnit
 from mlds_operator.leases.registry import Campaigns
-from mlds_operator.leases.service import CampaignService, ResultRejected
+from mlds_operator.leases.service import CampaignService, ResultRejected, UnknownInput
 from mlds_operator.storage.store import LocalStore
 
 __all__ = ["RequestObserver", "create_app", "openapi_document", "render_openapi_json"]
@@ -101,7 +105,7 @@ def problem(
     headers: dict[str, str] | None = None,
 ) -> web.Response:
     body = ErrorReply(
-        type=f"urn:mlds:lease:{kind}",
+        type=PROBLEM_TYPE_PREFIX + kind,
         title=title,
         status=status,
         detail=detail,
@@ -197,7 +201,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except _HttpProblem as p:
         response = problem(p.status, p.title, p.detail, kind=p.kind, request=request, headers=p.headers)
     except ResultRejected as exc:
-        response = problem(422, "Result rejected", str(exc), kind=f"result-{exc.reason}", request=request)
+        response = problem(422, "Result rejected", str(exc), kind=exc.reason.problem_kind, request=request)
     except UnknownPool as exc:
         response = problem(422, "Unknown pool", str(exc), kind="unknown-pool", request=request)
     except NotIssued as exc:
@@ -206,6 +210,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = problem(409, "Not the lease holder", str(exc), kind="not-holder", request=request)
     except UnknownUnit as exc:
         response = problem(404, "Unknown unit", str(exc), kind="unknown-unit", request=request)
+    except UnknownInput as exc:
+        response = problem(404, "Unknown input", str(exc), kind="unknown-input", request=request)
     except (StorageUnavailable, TemporaryError) as exc:
         delay = str(max(1, round(exc.delay)))
         response = problem(
@@ -268,14 +274,14 @@ async def _complete(request: web.Request) -> web.Response:
 def _item_problem(exc: Exception, path: str) -> ErrorReply:
     """The problem a refused completion of a batch gets: what the single-unit route would have answered."""
     if isinstance(exc, ResultRejected):
-        status, title, kind = 422, "Result rejected", f"result-{exc.reason}"
+        status, title, kind = 422, "Result rejected", exc.reason.problem_kind
     elif isinstance(exc, UnknownUnit):
         status, title, kind = 404, "Unknown unit", "unknown-unit"
     elif isinstance(exc, (StorageUnavailable, TemporaryError)):
         status, title, kind = 503, "Temporarily unavailable", "unavailable"
     else:
         raise exc  # a bug: the middleware answers 500
-    return ErrorReply(type=f"urn:mlds:lease:{kind}", title=title, status=status, detail=str(exc), instance=path)
+    return ErrorReply(type=PROBLEM_TYPE_PREFIX + kind, title=title, status=status, detail=str(exc), instance=path)
 
 
 async def _complete_batch(request: web.Request) -> web.Response:
@@ -296,6 +302,12 @@ async def _fail(request: web.Request) -> web.Response:
     _check_unit_matches(request, body.unit)
     reply: FailReply = service.fail(body)
     return _reply(reply)
+
+
+async def _input(request: web.Request) -> web.Response:
+    service = _service(request)
+    data = await service.input_file(request.match_info["file"])
+    return web.Response(body=data, content_type="application/octet-stream")
 
 
 async def _upload(request: web.Request) -> web.Response:
@@ -341,6 +353,7 @@ _HANDLERS: dict[str, Handler] = {
     COMPLETE.operation: _complete,
     COMPLETE_BATCH.operation: _complete_batch,
     FAIL.operation: _fail,
+    INPUT.operation: _input,
     HEALTH.operation: _health,
     OPENAPI.operation: _openapi,
     UPLOAD.operation: _upload,
@@ -394,6 +407,8 @@ def openapi_document() -> dict[str, Any]:
             replies = route.replies
             ok_schema = ref(replies[0]) if len(replies) == 1 else {"oneOf": [ref(r) for r in replies]}
             ok["content"] = {"application/json": {"schema": ok_schema}}
+        elif route.octet_stream:
+            ok["content"] = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
         responses: dict[str, Any] = {"200": ok}
         for status in route.errors:
             responses[str(status)] = {

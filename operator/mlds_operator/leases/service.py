@@ -66,7 +66,7 @@ from mlds_contract.lease import (
 )
 from mlds_contract.plan import Target, UnitSpec, campaign_targets, unit_spec
 from mlds_contract.results import META_FILE, MODEL_FILE, SNAPSHOTS_FILE, result_files_for
-from mlds_workloads import save_data, target_data
+from mlds_workloads import input_files, save_data, target_data
 
 from mlds_operator.leases import checks
 from mlds_operator.leases.book import BookStats, CheckpointError, Clock, LeaseBook, NotIssued
@@ -76,13 +76,18 @@ from mlds_operator.leases.occupancy import PoolOccupancy, StackOccupancy
 from mlds_operator.storage import manifest as mf
 from mlds_operator.storage.store import STAGING_PREFIX, Checked, Store
 
-__all__ = ["CampaignService", "ResultRejected", "ServiceObserver", "ServiceSettings", "Snapshot"]
+__all__ = ["CampaignService", "ResultRejected", "ServiceObserver", "ServiceSettings", "Snapshot", "UnknownInput"]
 
 log = logging.getLogger(__name__)
 
 STAGING = STAGING_PREFIX.rstrip("/")
-#: Rejections that mean "this result can never become a manifest row": the unit goes back to pending.
-_UNUSABLE = frozenset({RejectReason.bad_meta, RejectReason.bad_model, RejectReason.bad_files})
+#: Rejections that mean "this result can never become a manifest row": the unit goes back to pending. The
+#: others are about the staged copy, which the worker uploads afresh (RejectReason.cured_by_upload).
+_UNUSABLE = frozenset(reason for reason in RejectReason if not reason.cured_by_upload)
+
+
+class UnknownInput(MldsError):
+    """Not one of the campaign's input files, or not under its storage prefix (HTTP 404)."""
 
 
 @dataclass(frozen=True)
@@ -402,6 +407,25 @@ class CampaignService:
         unit, attempt = int(unit_text), int(attempt_text)
         held = dict(zip(lease.units, lease.attempts, strict=True))
         return held.get(unit) == attempt and name in result_files_for(self.spec.workload.dataset)
+
+    async def input_file(self, name: str) -> bytes:
+        """One of the files the campaign's data is read from (:func:`mlds_workloads.input_files`), for a worker.
+
+        Workers hold no storage credentials, so the server reads the file from the store, under the
+        campaign's prefix, by the first of its names found. Raises :class:`UnknownInput`.
+        """
+        workload = self.spec.workload
+        names = input_files(workload.dataset, workload.images).get(name)
+        if names is None:
+            raise UnknownInput(f"{name!r} is not an input file of this campaign")
+        for candidate in names:
+            data = await asyncio.to_thread(self.store.get_bytes, candidate)
+            if data is not None:
+                return data
+        raise UnknownInput(
+            f"{name} is not under the campaign's storage prefix (looked for {', '.join(names)}); "
+            f"{workload.dataset.value} with images: {workload.images.value} reads it from there"
+        )
 
     def fail(self, req: FailRequest) -> FailReply:
         outcome = self.book.fail(

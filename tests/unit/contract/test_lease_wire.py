@@ -29,6 +29,7 @@ from mlds_contract.lease import (
     NoLease,
     NoLeaseReason,
     Outcome,
+    RejectReason,
     ReleaseReply,
     ReleaseRequest,
     StackReport,
@@ -259,3 +260,21 @@ def test_bad_bodies_are_refused_with_a_readable_message(model: type[Model], body
 
 def test_unset_optional_fields_stay_off_the_wire() -> None:
     assert ErrorReply(title="Not found").wire() == {"type": "about:blank", "title": "Not found"}
+
+
+@pytest.mark.parametrize("reason", list(RejectReason), ids=str)
+def test_a_rejection_reason_is_read_back_from_the_problem_type_the_server_names_it_by(reason: RejectReason) -> None:
+    assert RejectReason.of_problem(f"urn:mlds:lease:{reason.problem_kind}") is reason
+
+
+@pytest.mark.parametrize(
+    "problem_type",
+    ["urn:mlds:lease:not-issued", "urn:mlds:lease:result-", "urn:mlds:lease:result-nonsense", "result-missing", ""],
+)
+def test_any_other_problem_names_no_rejection_reason(problem_type: str) -> None:
+    assert RejectReason.of_problem(problem_type) is None
+
+
+def test_only_rejections_of_the_staged_copy_are_cured_by_a_fresh_upload() -> None:
+    cured = {reason.value for reason in RejectReason if reason.cured_by_upload}
+    assert cured == {"missing", "size_mismatch", "sha_mismatch"}

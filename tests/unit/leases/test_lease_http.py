@@ -347,6 +347,22 @@ async def test_units_are_addressed_by_an_index_inside_the_campaign(
 
 
 @pytest.mark.parametrize(
+    ("name", "headers", "want", "kind"),
+    [
+        pytest.param("train-images-idx3-ubyte", {}, 401, "unauthorized", id="no token"),
+        pytest.param("train-images-idx3-ubyte", None, 404, "unknown-input", id="MNIST's, of a ds1 campaign"),
+        pytest.param("_mlds%2Fcheckpoint.bin", None, 404, "unknown-input", id="a key of the store"),
+        pytest.param("upload-secret", None, 404, "unknown-input", id="a name that is not an input"),
+    ],
+)
+async def test_the_input_route_serves_only_the_campaign_s_input_files_to_its_token_holders(
+    api: ApiHarness, name: str, headers: dict[str, str] | None, want: int, kind: str
+) -> None:
+    status, got, reply = await api.request("GET", f"{api.base}/inputs/{name}", headers=headers)
+    assert_problem(status, got, reply, want, kind)
+
+
+@pytest.mark.parametrize(
     ("method", "path", "want"),
     [
         pytest.param("GET", "/nowhere", 404, id="unknown route"),
