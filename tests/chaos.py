@@ -171,6 +171,11 @@ class Report:
                 f"{'in flight' if k.hostile_in_flight else '-':>8} {restart:>9}"
             )
         refused = sum(n for answer, n in self.hostile.items() if answer != "server down")
+        by_answer: dict[str, int] = {}
+        for answer, n in self.hostile.items():
+            if answer != "server down":
+                status = answer.rpartition(": ")[2]
+                by_answer[status] = by_answer.get(status, 0) + n
         lines += [
             "",
             f"outcome: {self.outcome}",
@@ -179,7 +184,7 @@ class Report:
             f"published objects rewritten or removed: {len(self.changed)}",
             f"restarts: {len(self.kills)}, failed: {len(self.restart_failures)}",
             f"hostile: {self.hostile_rounds} rounds, {refused} requests answered, {len(self.breaches)} taken, "
-            f"{self.hostile.get('server down', 0)} met a dead server",
+            f"{self.hostile.get('server down', 0)} met a dead server; answers {dict(sorted(by_answer.items()))}",
             f"processes left at the end: {len(self.leftovers)}",
             f"wall: {self.wall_seconds:.0f} s",
             "verdict: " + ("all checks held" if not self.failures() else "FAILED: " + "; ".join(self.failures())),
