@@ -383,7 +383,7 @@ class OperatorTarget:
             and status.get("progress") == f"{self.units}/{self.units}"
         )
         await wait_until_async(lambda: not self.kubelet.alive(), what="the workers to exit", progress=self.progress)
-        exits = sorted(c for run in self.kubelet.runs.values() for c in run.exit_codes)
+        exits = [pod.proc.returncode for pod in self.kubelet.every_pod]  # the Jobs may be gone, not their pods
         if any(exits):
             report.restart_failures.append(f"worker pods exited {exits}")
         log = self.operator.log()
