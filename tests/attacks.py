@@ -81,12 +81,20 @@ def published_objects(store: Store) -> dict[str, str]:
 
 
 def changed_objects(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
-    """Objects written once that were rewritten or removed between two :func:`published_objects` views."""
-    return sorted(
-        f"{key} {'removed' if key not in after else 'rewritten'}"
-        for key, digest in before.items()
-        if key not in MUTABLE_KEYS and after.get(key) != digest
-    )
+    """Objects written once that were rewritten or removed between two :func:`published_objects` views.
+
+    A result folder is written once whole, meta.json last: the files of a folder that has no meta.json
+    yet (a server killed mid-publish) are not a result, and the unit's next publish may replace them.
+    """
+    out = []
+    for key, digest in before.items():
+        if key in MUTABLE_KEYS or after.get(key) == digest:
+            continue
+        folder = key.rpartition("/")[0]
+        if not key.startswith(("_mlds/", mf.DATA_PREFIX)) and f"{folder}/meta.json" not in before:
+            continue
+        out.append(f"{key} {'removed' if key not in after else 'rewritten'}")
+    return sorted(out)
 
 
 @dataclass
