@@ -30,16 +30,22 @@ Driver = Callable[..., Awaitable[Report]]
 
 
 def _options(f: Callable[..., None]) -> Callable[..., None]:
-    f = click.option("--kills", default=10, show_default=True, help="SIGKILLs before the campaign may finish.")(f)
-    f = click.option("--units", default=40, show_default=True, help="ds1 networks (two machines, half each).")(f)
-    f = click.option("--workers", default=2, show_default=True, help="Worker processes (or pods).")(f)
-    f = click.option("--seed", default=13, show_default=True, help="Seed of the kill plan and the harasser.")(f)
-    return click.option(
-        "--folder",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help="Where the campaign runs (default: a temporary folder, kept if a check fails).",
-    )(f)
+    at_least_one = click.IntRange(min=1)
+    options = [  # as --help lists them
+        click.option("--kills", default=10, type=at_least_one, show_default=True, help="SIGKILLs before the end."),
+        click.option("--units", default=40, type=click.IntRange(min=2), show_default=True, help="ds1 networks."),
+        click.option("--workers", default=2, type=at_least_one, show_default=True, help="Worker processes (pods)."),
+        click.option("--seed", default=13, show_default=True, help="Seed of the kill plan and the harasser."),
+        click.option(
+            "--folder",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Where the campaign runs (default: a temporary folder, kept if a check fails).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 def _chaos(driver: Driver, folder: Path | None, **kwargs: int) -> None:
