@@ -1,6 +1,7 @@
 """Helpers for end-to-end tests of ``mlds run`` and ``mlds worker``: real processes, real servers, real logs.
 
-Who uses it: tests/e2e/test_run_local.py, tests/e2e/test_run_s3_chaos.py and tests/e2e/test_worker.py.
+Who uses it: tests/e2e/test_run_local.py, tests/e2e/test_run_s3_chaos.py, tests/e2e/test_worker.py,
+tests/e2e/test_attacks_run.py and the chaos driver (tests/chaos.py).
 Import the helpers explicitly (``from tests.run_fixtures import ...``); nothing here is a fixture.
 
 - :func:`write_campaign` writes a small ds1 TrainingCampaign file whose networks converge in a few
