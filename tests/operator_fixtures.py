@@ -1,6 +1,7 @@
 """Operator tests' cluster: the kmock Kubernetes emulator on loopback, made a little more like an API server.
 
-Who uses it: tests/e2e/test_operator.py and tests/e2e/test_operator_campaign.py. Import the helpers
+Who uses it: tests/operator (kopf in a thread), the e2e tests that run a real operator process
+(tests/operator_processes.py) and the chaos driver (tests/chaos.py). Import the helpers
 explicitly (``from tests.operator_fixtures import ...``); :func:`cluster` is a fixture for modules that
 list this file in ``pytest_plugins``.
 

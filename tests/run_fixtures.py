@@ -1,6 +1,7 @@
 """Helpers for end-to-end tests of ``mlds run`` and ``mlds worker``: real processes, real servers, real logs.
 
-Who uses it: tests/e2e/test_run_local.py, tests/e2e/test_run_s3_chaos.py and tests/e2e/test_worker.py.
+Who uses it: tests/e2e/test_run_local.py, tests/e2e/test_run_s3_chaos.py, tests/e2e/test_worker.py,
+tests/e2e/test_attacks_run.py and the chaos driver (tests/chaos.py).
 Import the helpers explicitly (``from tests.run_fixtures import ...``); nothing here is a fixture.
 
 - :func:`write_campaign` writes a small ds1 TrainingCampaign file whose networks converge in a few
@@ -266,15 +267,27 @@ def _cwd(pid: int) -> str:
         return ""
 
 
+def _ancestors() -> set[int]:
+    """This process and the ones that started it, up to init."""
+    out, pid = set(), os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        st = _stat(pid)
+        pid = st[1] if st is not None else 0
+    return out
+
+
 def processes_mentioning(text: str) -> list[int]:
-    """Live processes (not zombies, not this one) whose command line contains ``text`` or that run in it.
+    """Live processes (not zombies, not this one nor its ancestors) whose command line names ``text`` or that run in it.
 
     Pass a test's tmp folder: ``mlds run`` and its workers run there (workers inherit its working folder)
-    and name their token file under it, however deep in sessions and re-parenting they are.
+    and name their token file under it, however deep in sessions and re-parenting they are. The ancestors
+    are left out because they may name the folder too (``python bench/chaos.py --folder F`` under a shell).
     """
     out = []
+    mine = _ancestors()
     for pid in _pids():
-        if pid == os.getpid():
+        if pid in mine:
             continue
         st = _stat(pid)
         if st is None or st[0] == "Z":

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from mlds_contract.plan import UnitSpec
 from mlds_operator.storage import manifest as mf
 
-from tests.attacks import Attacker, deep_meta, published_state
+from tests.attacks import Attacker, attack_set, published_state
 from tests.run_fixtures import activity, manifest_rows, reap, start_mlds, write_campaign
 from tests.waiting import wait_until
 
@@ -28,48 +27,13 @@ pytestmark = pytest.mark.e2e
 
 
 async def attack(store: Path) -> dict[str, int]:
-    """Every attack once; returns what each got (name -> status)."""
+    """Every attack once (tests/attacks.py's set), as a local worker: the token file and run.json's ports."""
     token = (store / "_mlds" / "run-token").read_text().strip()
     info = json.loads((store / "_mlds" / "run.json").read_text())
     base = f"http://127.0.0.1:{info['port']}/v1/campaigns/local/attacked"
-    got: dict[str, int] = {}
     async with aiohttp.ClientSession() as session:
         intruder = Attacker(session, base, token, "local")
-        grant = await intruder.lease()
-        if grant is not None:  # the honest worker may hold everything pending right now
-            leased = grant["units"][0]
-            spec = UnitSpec.model_validate(leased["spec"])
-            got["epochs past uint64"] = (await intruder.deliver_forged(leased, epochs=18446744073709551616)).status
-            grant = await intruder.lease()
-        if grant is not None:
-            leased = grant["units"][0]
-            got["meta nested 100,000 deep"] = (await intruder.deliver_forged(leased, deep_meta(100_000))).status
-            granted = leased["uploads"]["model.safetensors"]
-            for key in ("SingleDirectMachine/00000/model.safetensors", mf.CHECKPOINT_KEY, mf.MANIFEST_KEY):
-                statuses = {await intruder.put(url, b"x") for url in intruder.forged_upload_urls(granted, key)}
-                got[f"upload to {key}"] = max(statuses)
-            spec = UnitSpec.model_validate(leased["spec"])
-            fail = {"worker": intruder.worker, "pool": "local", "unit": spec.unit, "attempt": 1_000_000, "kind": "fail"}
-            got["fail of attempt 1,000,000"] = (await intruder.send("POST", f"/units/{spec.unit}/fail", fail)).status
-            release = {"worker": intruder.worker}
-            await intruder.send("POST", f"/leases/{grant['leaseId']}/release", release)
-        beat = {"worker": intruder.worker, "pool": "local", "units": [{"unit": u, "attempt": 0} for u in range(6)]}
-        got["heartbeat of an invented lease"] = (
-            await intruder.send("POST", "/leases/invented-0000/heartbeat", beat)
-        ).status
-        pool = {"worker": intruder.worker, "pool": "invented", "accelerator": "cpu", "deviceName": "x", "maxUnits": 1}
-        got["an invented pool"] = (await intruder.send("POST", "/leases", pool)).status
-        got["a Unicode digit as unit"] = (await intruder.send("POST", "/units/\u00b2/fail", fail_body(2))).status
-        sig = f"{intruder.server}/v1/objects/_mlds/staging/0/0-w/meta.json?expires=9999999999&sig=\u00e9"
-        got["a non-ASCII signature"] = (await intruder.send("PUT", sig, b"x", auth=False)).status
-        got["/metrics on the lease port"] = (await intruder.send("GET", f"{intruder.server}/metrics")).status
-        async with session.get(f"http://127.0.0.1:{info['metricsPort']}/metrics") as resp:
-            got["/metrics on its own port"] = resp.status
-    return got
-
-
-def fail_body(unit: int) -> bytes:
-    return json.dumps({"worker": "intruder-0", "pool": "local", "unit": unit, "attempt": 0, "kind": "fail"}).encode()
+        return await attack_set(intruder, metrics_url=f"http://127.0.0.1:{info['metricsPort']}/metrics")
 
 
 @pytest.mark.slow
@@ -91,6 +55,7 @@ def test_attacks_on_a_running_campaign_change_nothing_published_and_it_still_fin
 
         expected = {
             "epochs past uint64": 422,
+            "a model of another architecture": 422,
             "meta nested 100,000 deep": 422,
             "upload to SingleDirectMachine/00000/model.safetensors": 403,
             f"upload to {mf.CHECKPOINT_KEY}": 403,
@@ -100,6 +65,8 @@ def test_attacks_on_a_running_campaign_change_nothing_published_and_it_still_fin
             "an invented pool": 422,
             "a Unicode digit as unit": 404,
             "a non-ASCII signature": 403,
+            "another campaign with this token": 401,
+            "no token": 401,
             "/metrics on the lease port": 404,
             "/metrics on its own port": 200,
         }

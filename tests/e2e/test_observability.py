@@ -1,7 +1,7 @@
 """Observability end to end: a real Prometheus scrapes a real ``mlds operator`` during a small campaign.
 
 The operator is an ``mlds operator`` process against the kmock emulator, its workers real ``mlds worker``
-processes started by the test playing the kubelet (the :class:`Kubelet` of test_operator_campaign.py),
+processes started by the test playing the kubelet (the :class:`Kubelet` of tests/operator_processes.py),
 storing to moto's S3. Prometheus (Debian's package) scrapes the operator's ``/metrics`` every second and
 evaluates a copy of the alert rules rendered with a short stall threshold.
 
@@ -34,7 +34,6 @@ from mlds_operator.artifacts.generate import default_root
 from mlds_operator.controller import pods
 
 from tests.dashboard_png import draw_dashboard
-from tests.e2e.test_operator_campaign import NS, Kubelet, operator_process
 from tests.operator_fixtures import (
     CAMPAIGNS,
     SECRETS,
@@ -43,6 +42,8 @@ from tests.operator_fixtures import (
     credentials_secret,
     free_port,
 )
+from tests.operator_processes import NAMESPACE as NS
+from tests.operator_processes import Kubelet, operator_process
 from tests.prometheus_fixtures import PrometheusServer, prometheus_server, requires_prometheus
 from tests.s3_fixtures import S3Server
 from tests.waiting import wait_until_async

@@ -18,7 +18,11 @@ from dataclasses import dataclass
 
 from mlds_contract.lease import StackReport
 
-__all__ = ["PoolOccupancy", "StackOccupancy"]
+__all__ = ["MAX_WORKERS", "PoolOccupancy", "StackOccupancy"]
+
+#: Workers remembered one by one. Past it, those not heard from for an hour are folded into their pool's
+#: totals, so invented worker ids cannot grow the server's memory without bound (the lease book does the same).
+MAX_WORKERS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,8 @@ class StackOccupancy:
         self._clock = clock
         self._active = active_seconds
         self._workers: dict[str, _Worker] = {}
+        #: Totals (member s, slot s, and both while pending) of forgotten workers, per pool: the means keep them.
+        self._gone: dict[str, list[float]] = {}
 
     def report(self, worker: str, pool: str, report: StackReport, *, pending: int) -> None:
         """Record ``worker``'s report; ``pending`` is the number of units pending as it arrived."""
@@ -63,11 +69,23 @@ class StackOccupancy:
         entry.pool, entry.report, entry.seen = pool, report, now
         if pending > 0:
             entry.fed = (report.member_seconds, report.slot_seconds)
+        if len(self._workers) > MAX_WORKERS:
+            self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        """Fold workers not heard from for an hour into their pool's totals (worker ids are client-chosen)."""
+        horizon = now - max(self._active, 3600.0)
+        for name, w in list(self._workers.items()):
+            if w.seen < horizon:
+                gone = self._gone.setdefault(w.pool, [0.0, 0.0, 0.0, 0.0])
+                for i, value in enumerate((w.report.member_seconds, w.report.slot_seconds, *w.fed)):
+                    gone[i] += value
+                del self._workers[name]
 
     def pools(self) -> dict[str, PoolOccupancy]:
         """Figures per pool that has reported."""
         now = self._clock()
-        sums: dict[str, list[float]] = {}
+        sums: dict[str, list[float]] = {pool: [0, 0, 0, *gone] for pool, gone in self._gone.items()}
         for w in self._workers.values():
             s = sums.setdefault(w.pool, [0, 0, 0, 0.0, 0.0, 0.0, 0.0])
             if w.seen >= now - self._active:

@@ -321,6 +321,9 @@ class CampaignService:
         return reply
 
     async def _grant(self, req: LeaseRequest) -> LeaseGrant | NoLease:
+        # The pool first, whatever the answer would be: a stack report of an invented pool must not become
+        # an occupancy series (issue 13: client-chosen names grow no state), and "finished" is no excuse.
+        self.book.check_pool(req.pool)
         if req.stack is not None:
             self.occupancy.report(req.worker, req.pool, req.stack, pending=self.book.pending)
         if self.book.finished:
@@ -375,6 +378,7 @@ class CampaignService:
 
     def heartbeat(self, lease_id: str, req: HeartbeatRequest) -> HeartbeatReply:
         units = {u.unit: u.attempt for u in req.units}
+        self.book.check_pool(req.pool)  # before the stack report is recorded (see _grant)
         if req.stack is not None:
             self.occupancy.report(req.worker, req.pool, req.stack, pending=self.book.pending)
         result = self.book.heartbeat(lease_id, req.worker, pool=req.pool, units=units)

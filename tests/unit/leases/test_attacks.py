@@ -240,3 +240,40 @@ async def test_hostile_requests_get_a_4xx_problem_never_a_500(
     assert seen.status == status, seen
     assert isinstance(seen.body, dict)  # an RFC 9457 problem document
     assert seen.body["status"] == status
+
+
+STACK = {"slots": 4, "live": 2, "memberSeconds": 10.0, "slotSeconds": 20.0}
+
+
+@pytest.mark.parametrize("route", ["lease", "heartbeat"])
+async def test_a_stack_report_from_an_invented_pool_is_a_422_and_adds_no_occupancy_series(
+    api: ApiHarness, route: str
+) -> None:
+    # Found by the chaos driver (tests/chaos.py): the stack report was recorded before the pool was checked.
+    intruder = attacker(api)
+    body: dict[str, object] = {"worker": intruder.worker, "pool": "invented", "stack": STACK}
+    if route == "lease":
+        body |= {"accelerator": "cpu", "deviceName": "x", "maxUnits": 1}
+        seen = await intruder.send("POST", "/leases", body)
+    else:
+        body["units"] = [{"unit": 0, "attempt": 0}]
+        seen = await intruder.send("POST", "/leases/invented-0000/heartbeat", body)
+
+    assert (seen.status, seen.kind) == (422, "urn:mlds:lease:unknown-pool"), seen
+    assert api.service.snapshot().occupancy == {}
+
+
+async def test_an_invented_pool_is_a_422_even_once_the_campaign_is_finished(tmp_path: Path) -> None:
+    # Found by the chaos driver: a finished campaign answered any pool "finished" (200).
+    async with open_api(tmp_path, networks=1) as api:
+        grant = await api.grant("w-1")
+        assert (await api.deliver(grant.units[0]))[0] == 200
+        assert api.service.book.finished
+        intruder = attacker(api)
+        body = {"worker": intruder.worker, "pool": "invented", "accelerator": "cpu", "deviceName": "x", "maxUnits": 1}
+
+        seen = await intruder.send("POST", "/leases", body)
+
+        assert (seen.status, seen.kind) == (422, "urn:mlds:lease:unknown-pool"), seen
+        honest = await intruder.send("POST", "/leases", {**body, "pool": POOL})
+        assert (honest.status, honest.body["reason"]) == (200, "finished")
