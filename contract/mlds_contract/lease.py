@@ -156,6 +156,10 @@ _CANCEL_OTHERS = (
 )
 
 
+#: Bound of a stack report's time totals: a million slots for a year, in seconds (far above any real worker).
+_MAX_STACK_SECONDS = 1_048_576 * 366 * 86_400.0
+
+
 class StackReport(Model):
     """How full a worker's stack of networks is (issue 14): slots, live members, and time-weighted totals.
 
@@ -167,11 +171,29 @@ class StackReport(Model):
     slots: int = Field(ge=1, le=1_048_576, description="Networks the worker's stack holds when full (its width S).")
     live: int = Field(ge=0, le=1_048_576, description="Networks training in the stack now.")
     member_seconds: float = Field(
-        0.0, ge=0, description="Since the worker started: the sum over its training rounds of seconds x live members."
+        0.0,
+        ge=0,
+        le=_MAX_STACK_SECONDS,
+        allow_inf_nan=False,
+        description="Since the worker started: the sum over its training rounds of seconds x live members.",
     )
     slot_seconds: float = Field(
-        0.0, ge=0, description="Since the worker started: the sum over its training rounds of seconds x slots."
+        0.0,
+        ge=0,
+        le=_MAX_STACK_SECONDS,
+        allow_inf_nan=False,
+        description="Since the worker started: the sum over its training rounds of seconds x slots.",
     )
+
+    @model_validator(mode="after")
+    def _never_fuller_than_full(self) -> Self:
+        # A report the server folds into occupancy means must be one a real stack can produce: a hostile
+        # worker could otherwise push a pool's mean occupancy over 100% (or to inf/NaN).
+        if self.live > self.slots:
+            raise ValueError(f"live ({self.live}) exceeds slots ({self.slots})")
+        if self.member_seconds > self.slot_seconds:
+            raise ValueError("memberSeconds exceeds slotSeconds: a stack is never more than full")
+        return self
 
 
 class LeaseRequest(Model):

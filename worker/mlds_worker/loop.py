@@ -595,8 +595,9 @@ class _StackRun:
         self.finished, self.failures, self.idle_until = False, 0, 0.0
 
     def report(self) -> StackReport:
+        live = self.stack.live  # never above slots (top-ups ask for the free slots only); max() keeps a report valid
         return StackReport(
-            slots=self.slots, live=self.stack.live, member_seconds=self.member_seconds, slot_seconds=self.slot_seconds
+            slots=max(self.slots, live), live=live, member_seconds=self.member_seconds, slot_seconds=self.slot_seconds
         )
 
     def should_stop(self, unit: int) -> bool:

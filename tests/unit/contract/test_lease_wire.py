@@ -252,6 +252,25 @@ def param(model: type[Model], body: dict[str, Any], message: str, story: str) ->
             CompleteRequest, {**COMPLETE, "unit": -1}, "unit\n  Input should be greater than or equal to 0", "unit -1"
         ),
         param(LeaseGrant, {**GRANT, "units": []}, "units\n  List should have at least 1 item", "a grant of nothing"),
+        param(StackReport, {"slots": 4, "live": 5}, "live (5) exceeds slots (4)", "a stack fuller than full"),
+        param(
+            StackReport,
+            {"slots": 4, "live": 4, "memberSeconds": 10.0, "slotSeconds": 5.0},
+            "memberSeconds exceeds slotSeconds",
+            "more member-seconds than slot-seconds (occupancy over 100%)",
+        ),
+        param(
+            StackReport,
+            {"slots": 4, "live": 4, "memberSeconds": float("inf"), "slotSeconds": float("inf")},
+            "Input should be a finite number",
+            "infinite totals (an occupancy of NaN)",
+        ),
+        param(
+            StackReport,
+            {"slots": 4, "live": 4, "memberSeconds": 0.0, "slotSeconds": 1e300},
+            "less than or equal to",
+            "totals no worker could have run up",
+        ),
     ],
 )
 def test_bad_bodies_are_refused_with_a_readable_message(model: type[Model], body: dict[str, Any], message: str) -> None:
