@@ -127,7 +127,7 @@ class _Counts:
             "delete",
             "delete_many",
             "verify",
-            "verify_parts",
+            "check_parts",
             "check",
             "publish",
             "scan",
@@ -279,6 +279,7 @@ async def _serve(conn: Connection, units: int, s3_endpoint: str | None, root: Pa
                 for p in executor.profiles:
                     stats.add(p)
                 stats.sort_stats("tottime").print_stats(45)
+                stats.sort_stats("cumulative").print_stats(30)  # where the time goes, by caller
                 conn.send(out.getvalue())
                 profiler = None
             elif command == "mark":

@@ -11,7 +11,7 @@ is in no worker id, so a bundle never collides with an attempt folder); never fo
 stores refuse to sign anything else). On completion the service reads each staged object once, bounded
 by the declared sizes, against the sizes and SHA-256 the worker declared
 (:meth:`~mlds_operator.storage.store.Store.check`, which also claims the version it read, or
-:meth:`~mlds_operator.storage.store.Store.verify_parts` for a bundle), runs the checks of
+:meth:`~mlds_operator.storage.store.Store.check_parts` for a bundle), runs the checks of
 :mod:`mlds_operator.leases.checks` (meta.json strictly parsed and bounded, the model's safetensors header
 against the unit's architecture), builds the manifest row from the plan plus the worker's measured
 fields, has the store publish exactly the bytes it checked to ``<target>/<replica:05d>/``
@@ -158,7 +158,9 @@ class ServiceObserver(Protocol):
 class _Verified:
     files: dict[str, bytes]
     row: dict[str, Any]  # the manifest row, published as meta.json
-    versions: dict[str, str]  # file name -> the version checked (Store.check), which publish() moves
+    #: File name -> (staged key, version) of the files the store claimed when it checked them (Store.check,
+    #: Store.check_parts), which publish() moves into place; the other files are written from ``files``.
+    claimed: dict[str, tuple[str, str]]
 
 
 @dataclass
@@ -531,10 +533,10 @@ class CampaignService:
 
     def _verify_and_publish(self, req: CompleteRequest, spec: UnitSpec, folder: str) -> _Verified:
         verified = self._verify(req, spec, folder)
-        prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
-        moves = [(f"{prefix}/{n}", f"{folder}/{n}", verified.versions[n]) for n in sorted(verified.versions)]
-        # A bundle's files are written from the bytes checked; per-file uploads are moved at the version checked.
-        writes = [(f"{folder}/{n}", data) for n, data in verified.files.items() if n != META_FILE and req.bundled]
+        claimed = verified.claimed
+        moves = [(src, f"{folder}/{n}", version) for n, (src, version) in sorted(claimed.items())]
+        # What the store did not claim is written from the bytes checked (a bundle's other files, or all on S3).
+        writes = [(f"{folder}/{n}", data) for n, data in verified.files.items() if n not in claimed and n != META_FILE]
         # meta.json last, and the server's own row: a folder with a meta.json is a whole result (recovery).
         writes.append((f"{folder}/{META_FILE}", verified.files[META_FILE]))
         changed = self.store.publish(moves, writes)
@@ -548,51 +550,54 @@ class CampaignService:
     def _verify(self, req: CompleteRequest, spec: UnitSpec, final: str) -> _Verified:
         """The checks of :mod:`~mlds_operator.leases.checks`, in order; raises :class:`ResultRejected`."""
         checks.check_file_names(req, spec)
-        files, versions = self._read_staged(req)
+        files, claimed = self._read_staged(req)
         measured = checks.check_meta(files[META_FILE], req, spec)
         checks.check_model(files[MODEL_FILE], req, spec)
         if SNAPSHOTS_FILE in files:
             checks.check_snapshots(files[SNAPSHOTS_FILE], req, spec, measured.epochs)
         row = checks.manifest_row(spec, measured, sha256=req.files[MODEL_FILE].sha256, pool=req.pool, key=final)
         files[META_FILE] = checks.row_json(row)
-        return _Verified(files=files, row=row, versions=versions)
+        return _Verified(files=files, row=row, claimed=claimed)
 
-    def _read_staged(self, req: CompleteRequest) -> tuple[dict[str, bytes], dict[str, str]]:
+    def _read_staged(self, req: CompleteRequest) -> tuple[dict[str, bytes], dict[str, tuple[str, str]]]:
         """Each staged file exactly as declared (one bounded, streaming read: what is published is what was checked).
 
         The worker's meta.json is only read (its measured fields go into the server's own row, which is
         what gets published); every other file is claimed at the version read, for :meth:`Store.publish`.
         """
         if req.bundled:
-            return self._read_bundle(req), {}
+            return self._read_bundle(req)
         prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
         files: dict[str, bytes] = {}
-        versions: dict[str, str] = {}
+        claimed: dict[str, tuple[str, str]] = {}
         for name, digest in req.files.items():
+            key = f"{prefix}/{name}"
             got: Checked | bytes | RejectReason = (
-                self.store.verify(f"{prefix}/{name}", digest.size, digest.sha256)
+                self.store.verify(key, digest.size, digest.sha256)
                 if name == META_FILE
-                else self.store.check(f"{prefix}/{name}", digest.size, digest.sha256)
+                else self.store.check(key, digest.size, digest.sha256)
             )
             if isinstance(got, RejectReason):
                 raise ResultRejected(f"unit {req.unit}: {name} {_WHY[got].format(size=digest.size)}", reason=got)
             if isinstance(got, Checked):
-                files[name], versions[name] = got.data, got.version
+                files[name], claimed[name] = got.data, (key, got.version)
             else:
                 files[name] = got
-        return files, versions
+        return files, claimed
 
-    def _read_bundle(self, req: CompleteRequest) -> dict[str, bytes]:
-        """A bundle's files: its bytes split at the declared sizes, in the grant's ``uploads`` order."""
+    def _read_bundle(self, req: CompleteRequest) -> tuple[dict[str, bytes], dict[str, tuple[str, str]]]:
+        """A bundle's files: its bytes split at the declared sizes, in the grant's ``uploads`` order.
+
+        The model comes first in that order, and the store may have kept it in place (CheckedParts.first).
+        """
         names = result_files_for(self.spec.workload.dataset)  # check_file_names: exactly req.files' names
-        got = self.store.verify_parts(
-            self.bundle_key(req.unit, req.attempt, req.worker),
-            [(req.files[n].size, req.files[n].sha256) for n in names],
-        )
+        key = self.bundle_key(req.unit, req.attempt, req.worker)
+        got = self.store.check_parts(key, [(req.files[n].size, req.files[n].sha256) for n in names])
         if isinstance(got, RejectReason):
             total = sum(d.size for d in req.files.values())
             raise ResultRejected(f"unit {req.unit}: the bundle {_WHY_BUNDLE[got].format(size=total)}", reason=got)
-        return dict(zip(names, got, strict=True))
+        claimed = {names[0]: (key, got.first)} if got.first is not None else {}
+        return dict(zip(names, got.parts, strict=True)), claimed
 
     def _drop_staging(self, req: CompleteRequest) -> None:
         if self.book.unit(req.unit).state.value == "succeeded":
@@ -757,7 +762,7 @@ _WHY = {
     RejectReason.size_mismatch: "is not the declared {size} bytes in storage",
     RejectReason.sha_mismatch: "sha256 does not match",
 }
-#: How a bundle that failed :meth:`Store.verify_parts` is described in the 422's detail.
+#: How a bundle that failed :meth:`Store.check_parts` is described in the 422's detail.
 _WHY_BUNDLE = {
     RejectReason.missing: "was not uploaded",
     RejectReason.size_mismatch: "is not the declared files' {size} bytes in storage",

@@ -79,6 +79,7 @@ __all__ = [
     "DEFAULT_RETRIES",
     "STAGING_PREFIX",
     "Checked",
+    "CheckedParts",
     "LocalStore",
     "ObjectInfo",
     "S3Store",
@@ -159,6 +160,17 @@ class Checked:
     version: str
 
 
+@dataclass(frozen=True)
+class CheckedParts:
+    """An object's bytes split into parts that matched their declared sizes and SHA-256 (a bundle of files)."""
+
+    parts: tuple[bytes, ...]
+    #: Where the store can publish the first part without writing it again: the :attr:`Checked.version` of the
+    #: object cut down to its first part (the local store truncates its private link of the file it read), or
+    #: None when it cannot (S3: every part is written by :meth:`Store.publish`).
+    first: str | None
+
+
 @runtime_checkable
 class Store(Protocol):
     """The object-store interface both backends implement. All keys are relative (see module docs)."""
@@ -227,12 +239,12 @@ class Store(Protocol):
         """
         ...
 
-    def verify_parts(self, rel: str, parts: Sequence[tuple[int, str]]) -> tuple[bytes, ...] | RejectReason:
+    def check_parts(self, rel: str, parts: Sequence[tuple[int, str]]) -> CheckedParts | RejectReason:
         """An object made of ``parts`` (each ``(size, sha256)``, in order), split into their bytes; otherwise why not.
 
         A bundle: a unit's result files uploaded as one body. ``missing``; ``size_mismatch`` when the object
         is not exactly the parts' total size; ``sha_mismatch`` when a part's bytes do not hash to its
-        SHA-256. Read once, bounded by the total, like :meth:`verify`.
+        SHA-256. Read once, bounded by the total, like :meth:`verify`. See :attr:`CheckedParts.first`.
         """
         ...
 
@@ -624,18 +636,20 @@ class S3Store:
         result: Checked | RejectReason = self._consume(rel, response, read)
         return result
 
-    def verify_parts(self, rel: str, parts: Sequence[tuple[int, str]]) -> tuple[bytes, ...] | RejectReason:
+    def check_parts(self, rel: str, parts: Sequence[tuple[int, str]]) -> CheckedParts | RejectReason:
         response = self._open(rel)
         if response is None:
             return RejectReason.missing
 
-        def read(r: Any) -> tuple[bytes, ...] | RejectReason:
+        def read(r: Any) -> CheckedParts | RejectReason:
             length = r.headers.get("Content-Length")
             if length is not None and int(length) != sum(size for size, _ in parts):
                 return RejectReason.size_mismatch
-            return _read_parts(r.stream(_CHUNK), parts)
+            got = _read_parts(r.stream(_CHUNK), parts)
+            # A copy cannot cut an object down to its first part: publish() writes every part.
+            return got if isinstance(got, RejectReason) else CheckedParts(parts=got, first=None)
 
-        result: tuple[bytes, ...] | RejectReason = self._consume(rel, response, read)
+        result: CheckedParts | RejectReason = self._consume(rel, response, read)
         return result
 
     def publish(self, moves: Sequence[tuple[str, str, str]], writes: Sequence[tuple[str, bytes]] = ()) -> str | None:
@@ -944,8 +958,8 @@ class LocalStore:
         """Store a worker's upload: atomic like :meth:`put_bytes`, but not synced to disk.
 
         An upload is worth nothing until it is verified: :meth:`check` syncs the bytes it verified, and
-        what :meth:`verify_parts` or :meth:`verify` return is synced where :meth:`publish` writes it, so
-        syncing here too would only double the cost.
+        what :meth:`check_parts` cuts down or :meth:`verify` returns is synced where it is kept, so syncing
+        here too would only double the cost.
         """
         try:
             self._write(self._file(rel), data, sync=False)
@@ -962,14 +976,52 @@ class LocalStore:
         result: bytes | RejectReason | None = self._read(rel, read)
         return RejectReason.missing if result is None else result
 
-    def verify_parts(self, rel: str, parts: Sequence[tuple[int, str]]) -> tuple[bytes, ...] | RejectReason:
-        def read(fh: IO[bytes]) -> tuple[bytes, ...] | RejectReason:
-            if os.fstat(fh.fileno()).st_size != sum(size for size, _ in parts):
-                return RejectReason.size_mismatch
-            return _read_parts(iter(lambda: fh.read(_CHUNK), b""), parts)
+    def check_parts(self, rel: str, parts: Sequence[tuple[int, str]]) -> CheckedParts | RejectReason:
+        """See :meth:`Store.check_parts`. The file read becomes the first part's: one new file less per result.
 
-        result: tuple[bytes, ...] | RejectReason | None = self._read(rel, read)
+        Creating a file is the costliest thing a result does to a local store (a ds1 result: a folder and
+        three files). So the checked bundle is claimed like :meth:`check` claims a file, then cut down to
+        its first part in place and synced: :meth:`publish` moves it into the result folder by a rename,
+        and only the other parts are written as new files.
+        """
+        path = self._file(rel)
+
+        def read(fh: IO[bytes]) -> CheckedParts | RejectReason:
+            st = os.fstat(fh.fileno())
+            if st.st_size != sum(size for size, _ in parts):
+                return RejectReason.size_mismatch
+            got = _read_parts(iter(lambda: fh.read(_CHUNK), b""), parts)
+            if isinstance(got, RejectReason):
+                return got
+            token = self._claim(path, st.st_ino)
+            if token is None:
+                return RejectReason.sha_mismatch  # replaced while being checked
+            claimed = f"{path}{_TMP_MARK}{token}"
+            # The claimed link is private and every upload is a new file (put_upload renames one into place),
+            # so nothing but this truncation changes the file it names.
+            with open(claimed, "r+b") as out:
+                out.truncate(parts[0][0])
+                if self._durable:
+                    os.fsync(out.fileno())
+            return CheckedParts(parts=got, first=token)
+
+        result: CheckedParts | RejectReason | None = self._read(rel, read)
         return RejectReason.missing if result is None else result
+
+    @staticmethod
+    def _claim(path: str, inode: int) -> str | None:
+        """A private hard link to ``path`` when it still names ``inode`` (a file held open): its version, or None.
+
+        The open descriptor keeps the checked inode alive, so an equal inode number means the link is that
+        file, not a newer upload renamed over the staged name meanwhile.
+        """
+        token = uuid.uuid4().hex
+        claimed = f"{path}{_TMP_MARK}{token}"
+        os.link(path, claimed)
+        if os.lstat(claimed).st_ino != inode:
+            os.unlink(claimed)
+            return None
+        return token
 
     def check(self, rel: str, size: int, sha256: str) -> Checked | RejectReason:
         path = self._file(rel)
@@ -983,14 +1035,9 @@ class LocalStore:
                 return data
             if self._durable:
                 os.fsync(fh.fileno())  # uploads are written unsynced (put_upload); what is published is synced
-            # Claim the checked file under a private name (a hard link) that no upload URL can reach. The open
-            # descriptor keeps the checked inode alive, so an equal inode number means the link is that file,
-            # not a newer upload renamed over the staged name meanwhile.
-            token = uuid.uuid4().hex
-            claimed = f"{path}{_TMP_MARK}{token}"
-            os.link(path, claimed)
-            if os.lstat(claimed).st_ino != st.st_ino:
-                os.unlink(claimed)
+            # Claim the checked file under a private name (a hard link) that no upload URL can reach.
+            token = self._claim(path, st.st_ino)
+            if token is None:
                 return RejectReason.sha_mismatch  # replaced while being checked
             return Checked(data=data, version=token)
 
