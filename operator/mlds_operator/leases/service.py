@@ -551,10 +551,14 @@ class CampaignService:
         """The checks of :mod:`~mlds_operator.leases.checks`, in order; raises :class:`ResultRejected`."""
         checks.check_file_names(req, spec)
         files, claimed = self._read_staged(req)
-        measured = checks.check_meta(files[META_FILE], req, spec)
-        checks.check_model(files[MODEL_FILE], req, spec)
-        if SNAPSHOTS_FILE in files:
-            checks.check_snapshots(files[SNAPSHOTS_FILE], req, spec, measured.epochs)
+        try:
+            measured = checks.check_meta(files[META_FILE], req, spec)
+            checks.check_model(files[MODEL_FILE], req, spec)
+            if SNAPSHOTS_FILE in files:
+                checks.check_snapshots(files[SNAPSHOTS_FILE], req, spec, measured.epochs)
+        except ResultRejected:
+            self.store.release(list(claimed.values()))  # a refused result leaves nothing behind
+            raise
         row = checks.manifest_row(spec, measured, sha256=req.files[MODEL_FILE].sha256, pool=req.pool, key=final)
         files[META_FILE] = checks.row_json(row)
         return _Verified(files=files, row=row, claimed=claimed)
@@ -578,6 +582,7 @@ class CampaignService:
                 else self.store.check(key, digest.size, digest.sha256)
             )
             if isinstance(got, RejectReason):
+                self.store.release(list(claimed.values()))
                 raise ResultRejected(f"unit {req.unit}: {name} {_WHY[got].format(size=digest.size)}", reason=got)
             if isinstance(got, Checked):
                 files[name], claimed[name] = got.data, (key, got.version)

@@ -261,6 +261,14 @@ class Store(Protocol):
         """
         ...
 
+    def release(self, claims: Sequence[tuple[str, str]]) -> None:
+        """Forget ``(src, version)`` pairs :meth:`check` or :meth:`check_parts` gave that will not be published.
+
+        For a refused result: the local store deletes its private links (which no listing shows, so nothing
+        else would); S3 keeps nothing per check.
+        """
+        ...
+
     def delete_many(self, rels: Sequence[str]) -> None:
         """Remove several objects (S3: one request per 1,000 keys); missing objects are not an error."""
         ...
@@ -662,6 +670,9 @@ class S3Store:
         for dst, data in writes:
             self.put_bytes(dst, data, content_type_of(dst))
         return None
+
+    def release(self, claims: Sequence[tuple[str, str]]) -> None:
+        del claims  # a version is an ETag: nothing was kept
 
     def _copy(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
         for src, dst, version in moves:
@@ -1082,6 +1093,13 @@ class LocalStore:
             except OSError as exc:
                 raise self._error(exc, f"writing {dst}") from exc
         return None
+
+    def release(self, claims: Sequence[tuple[str, str]]) -> None:
+        for src, version in claims:
+            if not version.isalnum():
+                raise ValueError(f"not a version this store gave: {version!r}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._file(src) + _TMP_MARK + version)
 
     def _before(self, last: bool, touched: set[str]) -> None:
         if self._durable and last:

@@ -140,6 +140,19 @@ async def test_a_bundle_that_disagrees_with_its_completion_is_refused_and_counts
         assert not list(api.store.list(leased.spec.key))
 
 
+async def test_a_bundle_whose_meta_json_is_refused_leaves_nothing_behind(tmp_path: Path) -> None:
+    async with open_api(tmp_path) as api:
+        leased = (await api.grant(bundles=True)).units[0]
+        files = result_files(leased.spec, unit=1)  # meta.json names another unit: refused after the bytes matched
+        assert await api.upload_bundle(leased, bundle_of(leased, files)) == 200
+
+        status, reply = await api.post(api.complete_path(0), api.completion(leased, files, bundled=True))
+
+        assert (status, reply["type"]) == (422, "urn:mlds:lease:result-bad_meta")
+        assert [f for f in files_on_disk(api) if ".mlds-tmp-" in f] == []  # the model's private link is gone too
+        assert not list(api.store.list(leased.spec.key))
+
+
 async def test_a_completion_that_says_bundled_without_a_bundle_is_refused_as_missing(tmp_path: Path) -> None:
     async with open_api(tmp_path) as api:
         leased = (await api.grant(bundles=True)).units[0]

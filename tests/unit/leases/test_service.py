@@ -324,6 +324,8 @@ async def test_a_completion_that_disagrees_with_storage_is_rejected_and_counts_n
     assert service.snapshot().rejected == {tamper.reason: 1}
     assert store.tree("SingleDirectMachine/") == []
     assert store.tree("unconverged/") == []
+    # Nothing the checks claimed is left behind (no listing shows a private link, so nothing else would delete it).
+    assert [p.name for p in store.root.rglob("*") if ".mlds-tmp-" in p.name] == []
     await service.flush()
     assert part_units(store) == []
 
