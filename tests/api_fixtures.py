@@ -216,7 +216,7 @@ class ApiHarness:
         return status, parsed
 
     async def lease(
-        self, worker: str = "w-1", *, max_units: int = 1, speculative: bool = False
+        self, worker: str = "w-1", *, max_units: int = 1, speculative: bool = False, bundles: bool = False
     ) -> LeaseGrant | NoLease:
         body = LeaseRequest(
             worker=worker,
@@ -225,14 +225,15 @@ class ApiHarness:
             device_name="cpu",
             max_units=max_units,
             allow_speculative=speculative,
+            bundle_uploads=bundles,
         )
         status, reply = await self.post(f"{self.base}/leases", body)
         assert status == 200, reply
         return _GRANT_OR_NONE.validate_python(reply)
 
-    async def grant(self, worker: str = "w-1", *, max_units: int = 1) -> LeaseGrant:
-        """A lease that must be granted."""
-        reply = await self.lease(worker, max_units=max_units)
+    async def grant(self, worker: str = "w-1", *, max_units: int = 1, bundles: bool = False) -> LeaseGrant:
+        """A lease that must be granted (``bundles``: asking for bundle upload URLs, as the worker does)."""
+        reply = await self.lease(worker, max_units=max_units, bundles=bundles)
         assert isinstance(reply, LeaseGrant), reply
         return reply
 
@@ -244,6 +245,14 @@ class ApiHarness:
             ) as resp:
                 assert resp.status == 200, await resp.text()
 
+    async def upload_bundle(self, leased: LeasedUnit, body: bytes) -> int:
+        """PUT a unit's files as one body to its bundle URL, as the worker does; returns the HTTP status."""
+        assert leased.bundle_upload is not None, "the grant offered no bundle URL"
+        async with self.client.session.put(
+            leased.bundle_upload, data=body, headers={"Content-Type": "application/octet-stream"}
+        ) as resp:
+            return resp.status
+
     def completion(
         self,
         leased: LeasedUnit,
@@ -252,6 +261,7 @@ class ApiHarness:
         worker: str = "w-1",
         converged: bool = True,
         declared: Mapping[str, FileDigest] | None = None,
+        bundled: bool = False,
     ) -> CompleteRequest:
         """The completion a worker sends for ``files`` (``declared`` overrides the digests it claims)."""
         return CompleteRequest(
@@ -263,6 +273,7 @@ class ApiHarness:
             files=dict(declared) if declared is not None else digests(files),
             training_seconds=12.5,
             epochs=1,
+            bundled=bundled,
         )
 
     async def deliver(self, leased: LeasedUnit, *, worker: str = "w-1") -> tuple[int, Any]:

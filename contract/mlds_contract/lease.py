@@ -222,6 +222,15 @@ class LeaseRequest(Model):
             "asking for a small top-up lease (maxUnits = free slots) whenever members finish."
         ),
     )
+    bundle_uploads: bool = Field(
+        False,
+        # Sent only when true: a server older than this field refuses unknown keys (the worker then asks without).
+        exclude_if=lambda v: not v,
+        description=(
+            "The worker can upload each unit's files as one body: the grant then gives every unit a bundleUpload "
+            "URL besides its per-file uploads. Servers that predate bundles answer 422 to this field."
+        ),
+    )
 
 
 class LeasedUnit(Model):
@@ -230,6 +239,16 @@ class LeasedUnit(Model):
     spec: UnitSpec = Field(description="The unit: target, seeds (of this attempt) and resolved hyper-parameters.")
     uploads: dict[FileName, str] = Field(
         description="Result file name -> presigned PUT URL scoped to this unit's key (workers hold no credentials)."
+    )
+    bundle_upload: str | None = Field(
+        None,
+        # Absent unless asked for (LeaseRequest.bundleUploads): workers that predate it refuse unknown keys.
+        exclude_if=lambda v: v is None,
+        description=(
+            "Only when the lease request set bundleUploads: a presigned PUT URL for all of the unit's files in one "
+            "body, the files concatenated in the order uploads lists them (at most 256 MiB in all). A worker "
+            "that uses it sets bundled in its completion, which declares each file's size and sha256 as usual."
+        ),
     )
 
 
@@ -333,6 +352,14 @@ class CompleteRequest(Model):
     )
     training_seconds: float = Field(ge=0, description="Wall-clock seconds spent training this unit.")
     epochs: int = Field(ge=0, description="Epochs run.")
+    bundled: bool = Field(
+        False,
+        exclude_if=lambda v: not v,  # sent only when true: servers that predate bundles refuse unknown keys
+        description=(
+            "The files were uploaded as one body to the unit's bundleUpload URL (in the order the grant's "
+            "uploads lists them), not one by one."
+        ),
+    )
 
 
 class CompleteReply(Model):

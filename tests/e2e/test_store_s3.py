@@ -32,7 +32,7 @@ from mlds_operator.storage.manifest import (
     read_manifest,
     write_part,
 )
-from mlds_operator.storage.store import Checked, S3Store, open_store
+from mlds_operator.storage.store import Checked, CheckedParts, S3Store, open_store
 
 from tests.s3_fixtures import S3Server, moto_server, stop_moto_server
 
@@ -352,3 +352,26 @@ def test_publish_copies_the_checked_version_server_side_on_that_version_only(s3_
 
     s3_store.delete_many([staged, "_mlds/staging/0/0-w/missing.json"])  # missing keys are not an error
     assert list(s3_store.list("_mlds/staging/")) == []
+
+
+def test_a_checked_bundle_is_published_by_writing_each_part(s3_store: S3Store) -> None:
+    bundle = "_mlds/staging/0-0-w~bundle"
+    parts = (b"model bytes" * 10, b"epoch,loss\n1,0.5\n", b'{"unit": 0}')
+    declared = [(len(p), sha(p)) for p in parts]
+    assert s3_store.check_parts(bundle, declared) is RejectReason.missing
+    s3_store.put_bytes(bundle, b"".join(parts) + b"x")
+    assert s3_store.check_parts(bundle, declared) is RejectReason.size_mismatch
+    s3_store.put_bytes(bundle, b"".join(reversed(parts)))
+    assert s3_store.check_parts(bundle, declared) is RejectReason.sha_mismatch
+    s3_store.put_bytes(bundle, b"".join(parts))
+
+    got = s3_store.check_parts(bundle, declared)
+
+    assert isinstance(got, CheckedParts)
+    assert (got.parts, got.first) == (parts, None)  # a copy cannot cut an object: every part is written
+    names = ("model.safetensors", "history.csv", "meta.json")
+    assert s3_store.publish([], [(f"Parity/00000/{n}", p) for n, p in zip(names, parts, strict=True)]) is None
+    assert [s3_store.get_bytes(f"Parity/00000/{n}") for n in names] == list(parts)
+    assert s3_store.client.stat_object(s3_store.bucket, s3_store.key("Parity/00000/meta.json")).content_type == (
+        "application/json"
+    )

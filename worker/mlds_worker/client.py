@@ -90,6 +90,7 @@ class LeaseClient:
         self._token = token
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
         self._session: aiohttp.ClientSession | None = None
+        self._bundles = True  # False once the server refused LeaseRequest.bundle_uploads (it predates them)
 
     async def __aenter__(self) -> LeaseClient:
         self._session = aiohttp.ClientSession(timeout=self._timeout, headers={"Authorization": f"Bearer {self._token}"})
@@ -144,7 +145,18 @@ class LeaseClient:
             raise Unreachable(f"unexpected reply from {path}: {exc}") from exc
 
     async def lease(self, req: LeaseRequest) -> LeaseGrant | NoLease:
-        text = await self._post(LEASE.campaign_path(), req)
+        """Lease units. A worker asks for bundle uploads; a server that predates them refuses the field (422),
+        and from then on this client asks without it."""
+        if req.bundle_uploads and not self._bundles:
+            req = req.model_copy(update={"bundle_uploads": False})
+        try:
+            text = await self._post(LEASE.campaign_path(), req)
+        except Rejected as exc:
+            if not (req.bundle_uploads and exc.status == 422):
+                raise
+            log.info("the lease server does not take bundleUploads (%s); uploading file by file", exc)
+            self._bundles = False
+            text = await self._post(LEASE.campaign_path(), req.model_copy(update={"bundle_uploads": False}))
         try:
             return _GRANT_OR_NONE.validate_json(text)
         except ValidationError as exc:
@@ -164,7 +176,7 @@ class LeaseClient:
 
 
 async def upload(session: aiohttp.ClientSession, url: str, data: bytes) -> None:
-    """PUT one result file to its presigned URL.
+    """PUT one result file (or a unit's files in one body: a bundle) to its presigned URL.
 
     Always ``application/octet-stream``: some S3 servers store a body sent with a form content type as an
     empty object. Raises :class:`Unreachable` (retry), :class:`NotHeld` (a local-folder store's upload

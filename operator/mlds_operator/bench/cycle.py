@@ -58,6 +58,7 @@ from typing import Any
 
 import click
 
+from mlds_operator.bench.clients import Start, run_clients
 from mlds_operator.bench.leases import peak_rss_bytes, rss_bytes
 
 __all__ = ["CycleResult", "bench_cycle_command", "run_cycle"]
@@ -126,6 +127,7 @@ class _Counts:
             "delete",
             "delete_many",
             "verify",
+            "check_parts",
             "check",
             "publish",
             "scan",
@@ -276,7 +278,8 @@ async def _serve(conn: Connection, units: int, s3_endpoint: str | None, root: Pa
                 stats = pstats.Stats(profiler, stream=out)
                 for p in executor.profiles:
                     stats.add(p)
-                stats.sort_stats("tottime").print_stats(35)
+                stats.sort_stats("tottime").print_stats(45)
+                stats.sort_stats("cumulative").print_stats(30)  # where the time goes, by caller
                 conn.send(out.getvalue())
                 profiler = None
             elif command == "mark":
@@ -353,35 +356,10 @@ def _template() -> tuple[Any, dict[str, bytes]]:
     return result, result_files(result, pool=POOL)
 
 
-def _client_main(
-    index: int,
-    url: str,
-    token: str,
-    k: int,
-    burst: int,
-    connections: int,
-    ready: Any,
-    go: Any,
-    t0: Any,
-    window: tuple[float, float],
-    results: Any,
-) -> None:
-    result = asyncio.run(_client(index, url, token, k, burst, connections, ready, go, t0, window))
-    results.put((index, result))
-
-
 async def _client(  # noqa: PLR0915 - one worker script, read top to bottom
-    index: int,
-    url: str,
-    token: str,
-    k: int,
-    burst: int,
-    connections: int,
-    ready: Any,
-    go: Any,
-    t0: Any,
-    window: tuple[float, float],
+    index: int, start: Start, url: str, token: str, k: int, burst: int, connections: int, bundles: bool
 ) -> ClientResult:
+    """One worker process (spawned by :func:`~mlds_operator.bench.clients.run_clients`): ``connections`` workers."""
     import aiohttp  # noqa: PLC0415
     from mlds_contract.lease import (  # noqa: PLC0415
         CompleteBatchReply,
@@ -404,11 +382,7 @@ async def _client(  # noqa: PLR0915 - one worker script, read top to bottom
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=4 * connections, limit_per_host=4 * connections)
     async with aiohttp.ClientSession(connector=connector) as session:
-        ready.put(index)
-        await asyncio.to_thread(go.wait)
-        start = float(t0.value)
-        begin, end = start + window[0], start + window[0] + window[1]
-        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        begin, end = await start.wait(index)
         cpu0 = time.process_time()
 
         def error(key: str) -> None:
@@ -420,7 +394,12 @@ async def _client(  # noqa: PLR0915 - one worker script, read top to bottom
 
         async def worker(i: int) -> None:  # noqa: PLR0912 - lease, upload, complete, count
             lease_body = LeaseRequest(
-                worker=f"w{index}-{i}", pool=POOL, accelerator="cpu", device_name="bench", max_units=k
+                worker=f"w{index}-{i}",
+                pool=POOL,
+                accelerator="cpu",
+                device_name="bench",
+                max_units=k,
+                bundle_uploads=bundles,
             ).model_dump_json(by_alias=True)
             while time.monotonic() < end:
                 status, data = await post(LEASE.campaign_path(), lease_body.encode())
@@ -433,13 +412,16 @@ async def _client(  # noqa: PLR0915 - one worker script, read top to bottom
                 for leased in grant.units:
                     meta = meta_record(dataclasses.replace(template, unit=leased.spec), sha256=model_sha, pool=POOL)
                     meta_bytes = (json.dumps(meta, indent=2) + "\n").encode()
-                    digests = {}
-                    for name, url_ in leased.uploads.items():
-                        body, digest = fixed[name]
-                        if name == META_FILE:
-                            body, digest = meta_bytes, FileDigest(size=len(meta_bytes), sha256=sha256_hex(meta_bytes))
-                        await upload(session, url_, body)
-                        digests[name] = digest
+                    bodies, digests = {}, {}
+                    for name in leased.uploads:
+                        bodies[name], digests[name] = fixed[name]
+                    bodies[META_FILE] = meta_bytes
+                    digests[META_FILE] = FileDigest(size=len(meta_bytes), sha256=sha256_hex(meta_bytes))
+                    if leased.bundle_upload is not None:  # as the worker does: one PUT, the files in uploads' order
+                        await upload(session, leased.bundle_upload, b"".join(bodies[n] for n in leased.uploads))
+                    else:
+                        for name, url_ in leased.uploads.items():
+                            await upload(session, url_, bodies[name])
                     requests.append(
                         CompleteRequest(
                             worker=f"w{index}-{i}",
@@ -450,6 +432,7 @@ async def _client(  # noqa: PLR0915 - one worker script, read top to bottom
                             files=digests,
                             training_seconds=28.0,
                             epochs=HISTORY_EPOCHS,
+                            bundled=leased.bundle_upload is not None,
                         )
                     )
                 sent = time.monotonic()
@@ -530,6 +513,7 @@ class CycleResult:
     connections: int
     rows: list[Row]
     peak_rss: int
+    uploads: str = "bundle"  # "bundle" (one PUT per unit, as the worker does) or "files" (one per file)
 
 
 def run_cycle(  # noqa: PLR0915 - start, measure, stop, in order
@@ -543,6 +527,7 @@ def run_cycle(  # noqa: PLR0915 - start, measure, stop, in order
     seconds: float = 10.0,
     warmup: float = 2.0,
     profile: bool = False,
+    uploads: str = "bundle",
 ) -> CycleResult:
     """Start the servers, run each burst's window with simulated workers, stop everything."""
     ctx = multiprocessing.get_context("spawn")
@@ -583,7 +568,16 @@ def run_cycle(  # noqa: PLR0915 - start, measure, stop, in order
                     def take(into: list[dict[str, Any]] = marks) -> None:
                         into.append(mark())
 
-                    results = _run_clients(ctx, info, k, burst, clients, connections, warmup, seconds, take)
+                    results: list[ClientResult] = run_clients(
+                        ctx,
+                        _client,
+                        (info["url"], info["token"], k, burst, connections, uploads == "bundle"),
+                        clients=clients,
+                        warmup=warmup,
+                        seconds=seconds,
+                        mark=take,
+                        name="bench-worker",
+                    )
                     text = None
                     if profile:
                         parent.send("profile-stop")
@@ -626,56 +620,17 @@ def run_cycle(  # noqa: PLR0915 - start, measure, stop, in order
                 moto.join(timeout=30)
                 if moto.is_alive():
                     moto.kill()
-    return CycleResult(store=store, units=units, clients=clients, connections=connections, rows=rows, peak_rss=peak)
-
-
-def _run_clients(
-    ctx: Any,
-    info: dict[str, Any],
-    k: int,
-    burst: int,
-    clients: int,
-    connections: int,
-    warmup: float,
-    seconds: float,
-    mark: Callable[[], None],
-) -> list[ClientResult]:
-    """One window: the workers warm up, ``mark`` is taken, they run ``seconds``, ``mark`` again."""
-    ready, results = ctx.Queue(), ctx.Queue()
-    go = ctx.Event()
-    t0 = ctx.Value("d", 0.0)
-    procs = [
-        ctx.Process(
-            target=_client_main,
-            args=(i, info["url"], info["token"], k, burst, connections, ready, go, t0, (warmup, seconds), results),
-            name=f"bench-worker-{i}",
-        )
-        for i in range(clients)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        for _ in procs:
-            ready.get(timeout=300)
-        t0.value = time.monotonic() + 0.2
-        go.set()
-        time.sleep(0.2 + warmup)
-        mark()
-        time.sleep(seconds)
-        mark()
-        return [results.get(timeout=300)[1] for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
+    return CycleResult(
+        store=store, units=units, clients=clients, connections=connections, rows=rows, peak_rss=peak, uploads=uploads
+    )
 
 
 def format_result(res: CycleResult) -> str:
     """The table `mlds bench cycle` prints."""
     lines = [
         f"store: {res.store} ({'moto ThreadedMotoServer on loopback' if res.store == 's3' else 'LocalStore, durable'});"
-        f" campaign of {res.units:,} ds1 units; {res.clients} worker process(es) x {res.connections} workers;"
+        f" campaign of {res.units:,} ds1 units; {res.clients} worker process(es) x {res.connections} workers,"
+        f" uploading {'one bundle per unit' if res.uploads == 'bundle' else 'file by file'};"
         f" host has {os.cpu_count()} CPU(s)",
         "",
     ]
@@ -718,6 +673,13 @@ def format_result(res: CycleResult) -> str:
 @click.option("--connections", type=click.IntRange(1, 256), default=8, show_default=True, help="Workers each.")
 @click.option("--seconds", type=click.FloatRange(1.0), default=10.0, show_default=True, help="Measured per burst.")
 @click.option("--warmup", type=click.FloatRange(0.0), default=2.0, show_default=True, help="Unmeasured, per burst.")
+@click.option(
+    "--uploads",
+    type=click.Choice(["bundle", "files"]),
+    default="bundle",
+    show_default=True,
+    help="One PUT per unit (what the worker does) or one per file (workers that predate bundles).",
+)
 @click.option("--profile", is_flag=True, help="cProfile the server during the windows; print the top functions.")
 def bench_cycle_command(
     store: str,
@@ -728,6 +690,7 @@ def bench_cycle_command(
     connections: int,
     seconds: float,
     warmup: float,
+    uploads: str,
     profile: bool,
 ) -> None:
     """Verified results per second and per server CPU-second: lease, upload, complete, verify, publish, manifest."""
@@ -748,5 +711,6 @@ def bench_cycle_command(
         seconds=seconds,
         warmup=warmup,
         profile=profile,
+        uploads=uploads,
     )
     click.echo(format_result(result))

@@ -40,14 +40,14 @@ import secrets
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
 import click
+
+from mlds_operator.bench.clients import Start, run_clients
 
 __all__ = ["ClientResult", "ServerReport", "bench_leases_command", "run_bench"]
 
@@ -202,12 +202,12 @@ async def _serve(conn: Connection, units: int, ks: list[int], baseline_seconds: 
             while True:
                 command = await asyncio.to_thread(conn.recv)
                 if command == "profile-start":
-                    profiler = cProfile.Profile()
+                    profiler = cProfile.Profile(time.thread_time)  # CPU, not wall: waits are not cost
                     profiler.enable()
                 elif command == "profile-stop" and profiler is not None:
                     profiler.disable()
                     out = io.StringIO()
-                    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+                    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(40)
                     conn.send(out.getvalue())
                     profiler = None
                 elif command == "mark":
@@ -226,45 +226,15 @@ async def _serve(conn: Connection, units: int, ks: list[int], baseline_seconds: 
 # ------------------------------------------------------------------------------------------- client
 
 
-def _client_main(
-    index: int,
-    url: str,
-    token: str,
-    k: int,
-    connections: int,
-    ready: Any,  # multiprocessing.Queue: index when connected
-    go: Event,
-    t0: Any,  # multiprocessing.Value("d"): monotonic start time set by the parent
-    window: tuple[float, float],  # (warm-up seconds, measured seconds)
-    results: Any,  # multiprocessing.Queue: (index, ClientResult)
-) -> None:
-    """Entry point of a client process (spawned): post lease requests until the window ends."""
-    result = asyncio.run(_client(index, url, token, k, connections, ready, go, t0, window))
-    results.put((index, result))
-
-
-async def _client(
-    index: int,
-    url: str,
-    token: str,
-    k: int,
-    connections: int,
-    ready: Any,
-    go: Event,
-    t0: Any,
-    window: tuple[float, float],
-) -> ClientResult:
+async def _client(index: int, start: Start, url: str, token: str, k: int, connections: int) -> ClientResult:
+    """One client process (spawned by :func:`~mlds_operator.bench.clients.run_clients`): lease requests, K each."""
     import aiohttp  # noqa: PLC0415
 
     result = ClientResult()
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
-        ready.put(index)
-        await asyncio.to_thread(go.wait)
-        start = float(t0.value)
-        begin, end = start + window[0], start + window[0] + window[1]
-        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        begin, end = await start.wait(index)
         cpu0 = time.process_time()
 
         async def one(i: int) -> None:
@@ -294,47 +264,6 @@ async def _client(
         await asyncio.gather(*(one(i) for i in range(connections)))
         result.cpu_seconds = time.process_time() - cpu0
     return result
-
-
-def _run_clients(
-    ctx: Any,
-    url: str,
-    token: str,
-    k: int,
-    clients: int,
-    connections: int,
-    warmup: float,
-    seconds: float,
-    mark: Callable[[], None],
-) -> list[ClientResult]:
-    """Run the client processes once; ``mark`` is called when they start sending and when all have finished."""
-    ready, results = ctx.Queue(), ctx.Queue()
-    go = ctx.Event()
-    t0 = ctx.Value("d", 0.0)
-    procs = [
-        ctx.Process(
-            target=_client_main,
-            args=(i, url, token, k, connections, ready, go, t0, (warmup, seconds), results),
-            name=f"bench-client-{i}",
-        )
-        for i in range(clients)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        for _ in procs:
-            ready.get(timeout=120)  # every client imported aiohttp and opened its session
-        mark()
-        t0.value = time.monotonic() + 0.2
-        go.set()
-        out = [results.get(timeout=warmup + seconds + 120)[1] for _ in procs]
-        mark()
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return out
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -405,7 +334,16 @@ def run_bench(
             if profile:
                 parent.send("profile-start")
             marks.clear()
-            results = _run_clients(ctx, url, report.token, k, clients, connections, warmup, seconds, mark)
+            results: list[ClientResult] = run_clients(
+                ctx,
+                _client,
+                (url, report.token, k, connections),
+                clients=clients,
+                warmup=warmup,
+                seconds=seconds,
+                mark=mark,
+                name="bench-client",
+            )
             (wall0, cpu0, leases0), (wall1, cpu1, leases1) = marks
             text = None
             if profile:

@@ -5,24 +5,29 @@ and ``mlds run`` create them, drive :meth:`CampaignService.tick` periodically, a
 :meth:`CampaignService.snapshot` for status and progress. Nothing here knows HTTP or kopf.
 
 **Results go through staging.** A grant hands out presigned PUT URLs for
-``_mlds/staging/<unit>/<attempt>-<worker>/<file>``, never for the final folder (the stores refuse to
-sign anything else). On completion the service reads each staged object once, bounded by the declared
-size, against the size and SHA-256 the worker declared (:meth:`~mlds_operator.storage.store.Store.check`,
-which also claims the version it read), runs the checks of :mod:`mlds_operator.leases.checks` (meta.json
-strictly parsed and bounded, the model's safetensors header against the unit's architecture), builds
-the manifest row from the plan plus the worker's measured fields, has the store publish exactly the
-versions it checked to ``<target>/<replica:05d>/`` (:meth:`~mlds_operator.storage.store.Store.publish`:
-a server-side copy on S3, a rename in a folder; no bytes pass through the server twice) and writes
-*that row* as meta.json last (a folder with a meta.json is a whole, verified result), and only then
-tells the book. A result that cannot become a row is a 422 and the unit goes back to pending. A worker
-whose lease expired while it trained can therefore never overwrite a verified result: the final keys
-are written by the server alone, once per unit, and a staged file replaced after its check is refused,
-not published. Staged objects of published results are deleted in batches when the rows are flushed;
-other leftovers on failure, every attempt's when the unit succeeds, and at start-up those of units
-already done (not on lease expiry: a late completion of an expired lease is still accepted).
-Non-converged attempts are kept for research under ``unconverged/<target>/<replica:05d>/attempt-<n>/``
-and are not in the manifest. :meth:`CampaignService.complete_many` completes a stack's worth of units
-in one call (the ``completeBatch`` route), each exactly as alone.
+``_mlds/staging/<unit>-<attempt>-<worker>/<file>`` (one folder per attempt), and to workers that ask for
+it one more for the unit's files in one body, ``_mlds/staging/<unit>-<attempt>-<worker>~bundle`` (``~``
+is in no worker id, so a bundle never collides with an attempt folder); never for the final folder (the
+stores refuse to sign anything else). On completion the service reads each staged object once, bounded
+by the declared sizes, against the sizes and SHA-256 the worker declared
+(:meth:`~mlds_operator.storage.store.Store.check`, which also claims the version it read, or
+:meth:`~mlds_operator.storage.store.Store.check_parts` for a bundle), runs the checks of
+:mod:`mlds_operator.leases.checks` (meta.json strictly parsed and bounded, the model's safetensors header
+against the unit's architecture), builds the manifest row from the plan plus the worker's measured
+fields, has the store publish exactly the bytes it checked to ``<target>/<replica:05d>/``
+(:meth:`~mlds_operator.storage.store.Store.publish`: per-file uploads by a server-side copy on S3 or a
+rename in a folder, no bytes passing through the server twice; a bundle's files written from the
+checked bytes) with *that row* as meta.json last (a folder with a meta.json is a whole, verified
+result), and only then tells the book. A result that cannot become a row is a 422 and the unit goes
+back to pending. A worker whose lease expired while it trained can therefore never overwrite a
+verified result: the final keys are written by the server alone, once per unit, and a staged file
+replaced after its check is refused, not published. Staged objects of published results are deleted
+in batches when the rows are flushed; other leftovers on failure, every attempt's when the unit
+succeeds, and at start-up those of units already done (not on lease expiry: a late completion of an
+expired lease is still accepted). Non-converged attempts are kept for research under
+``unconverged/<target>/<replica:05d>/attempt-<n>/`` and are not in the manifest.
+:meth:`CampaignService.complete_many` completes a stack's worth of units in one call (the
+``completeBatch`` route), each exactly as alone.
 
 **Durability.** Verified rows accumulate in memory and are flushed as a manifest part, followed by a
 lease-book checkpoint, every ``checkpoint_seconds`` (and at the end). After a crash, the checkpoint
@@ -35,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
-import json
 import logging
 import secrets
 import time
@@ -81,6 +85,8 @@ __all__ = ["CampaignService", "ResultRejected", "ServiceObserver", "ServiceSetti
 log = logging.getLogger(__name__)
 
 STAGING = STAGING_PREFIX.rstrip("/")
+#: Ends the staging key of a unit's files uploaded in one body (``LeasedUnit.bundle_upload``).
+BUNDLE_SUFFIX = "~bundle"
 #: Rejections that mean "this result can never become a manifest row": the unit goes back to pending. The
 #: others are about the staged copy, which the worker uploads afresh (RejectReason.cured_by_upload).
 _UNUSABLE = frozenset(reason for reason in RejectReason if not reason.cured_by_upload)
@@ -157,7 +163,9 @@ class ServiceObserver(Protocol):
 class _Verified:
     files: dict[str, bytes]
     row: dict[str, Any]  # the manifest row, published as meta.json
-    versions: dict[str, str]  # file name -> the version checked (Store.check), which publish() moves
+    #: File name -> (staged key, version) of the files the store claimed when it checked them (Store.check,
+    #: Store.check_parts), which publish() moves into place; the other files are written from ``files``.
+    claimed: dict[str, tuple[str, str]]
 
 
 @dataclass
@@ -311,7 +319,13 @@ class CampaignService:
 
     @staticmethod
     def staging_prefix(unit: int, attempt: int, worker: str) -> str:
-        return f"{STAGING}/{unit}/{attempt}-{worker}"
+        """The folder of one attempt's per-file uploads (one level: one mkdir and one rmdir per attempt)."""
+        return f"{STAGING}/{unit}-{attempt}-{worker}"
+
+    @staticmethod
+    def bundle_key(unit: int, attempt: int, worker: str) -> str:
+        """Where one attempt's files uploaded in one body go (a file beside the attempt folders: no mkdir)."""
+        return f"{STAGING}/{unit}-{attempt}-{worker}{BUNDLE_SUFFIX}"
 
     async def grant(self, req: LeaseRequest) -> LeaseGrant | NoLease:
         reply = await self._grant(req)
@@ -346,7 +360,11 @@ class CampaignService:
                     f: self.store.presign_put(f"{prefix}/{f}", expires, scope=view.lease_id)
                     for f in result_files_for(spec.dataset)
                 }
-                out.append(LeasedUnit(spec=spec, uploads=uploads))
+                bundle = None
+                if req.bundle_uploads:
+                    key = self.bundle_key(unit, attempt, req.worker)
+                    bundle = self.store.presign_put(key, expires, scope=view.lease_id)
+                out.append(LeasedUnit(spec=spec, uploads=uploads, bundle_upload=bundle))
             return out
 
         try:
@@ -398,11 +416,18 @@ class CampaignService:
         Yes only while that lease is live, its worker is the key's, and it holds the key's unit at the
         key's attempt, for one of the unit's result files: an upload right dies with its lease.
         """
-        parts = key.removeprefix(STAGING_PREFIX).split("/")
-        if not key.startswith(STAGING_PREFIX) or len(parts) != 3:
+        if not key.startswith(STAGING_PREFIX):
             return False
-        unit_text, owner, name = parts
-        attempt_text, _, worker = owner.partition("-")
+        owner, slash, name = key.removeprefix(STAGING_PREFIX).partition("/")
+        if slash:  # <unit>-<attempt>-<worker>/<file>: one of the unit's result files
+            if name not in result_files_for(self.spec.workload.dataset):
+                return False
+        elif owner.endswith(BUNDLE_SUFFIX):  # <unit>-<attempt>-<worker>~bundle: all of them in one body
+            owner = owner.removesuffix(BUNDLE_SUFFIX)
+        else:
+            return False
+        unit_text, _, rest = owner.partition("-")
+        attempt_text, _, worker = rest.partition("-")
         if not (unit_text.isascii() and unit_text.isdigit() and attempt_text.isascii() and attempt_text.isdigit()):
             return False
         lease = self.book.lease(scope)
@@ -410,7 +435,7 @@ class CampaignService:
             return False
         unit, attempt = int(unit_text), int(attempt_text)
         held = dict(zip(lease.units, lease.attempts, strict=True))
-        return held.get(unit) == attempt and name in result_files_for(self.spec.workload.dataset)
+        return held.get(unit) == attempt
 
     async def input_file(self, name: str) -> bytes:
         """One of the files the campaign's data is read from (:func:`mlds_workloads.input_files`), for a worker.
@@ -436,7 +461,7 @@ class CampaignService:
             req.unit, worker=req.worker, pool=req.pool, attempt=req.attempt, retry=req.kind is FailKind.release
         )
         if outcome is Outcome.accepted:
-            self._drop_prefix_later(self.staging_prefix(req.unit, req.attempt, req.worker))
+            self._drop_attempt_later(req.unit, req.attempt, req.worker)
         if req.kind is FailKind.fail and outcome is Outcome.accepted and self.observer is not None:
             self.observer.attempt_failed(req.pool, "error")
         if req.kind is FailKind.fail:
@@ -527,65 +552,93 @@ class CampaignService:
         elif outcome is Outcome.accepted and observer is not None:
             observer.attempt_failed(req.pool, "unconverged")
         # The staged objects are garbage now (locally, publishing moved them away): deleted in batches by flush().
-        prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
-        self._staged.extend(f"{prefix}/{name}" for name in req.files)
+        if req.bundled:
+            self._staged.append(self.bundle_key(req.unit, req.attempt, req.worker))
+        else:
+            prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
+            self._staged.extend(f"{prefix}/{name}" for name in req.files)
         return CompleteReply(status=outcome, state=self.book.unit(req.unit).state)
 
     def _verify_and_publish(self, req: CompleteRequest, spec: UnitSpec, folder: str) -> _Verified:
         verified = self._verify(req, spec, folder)
-        prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
-        moves = [(f"{prefix}/{n}", f"{folder}/{n}", verified.versions[n]) for n in sorted(verified.versions)]
-        changed = self.store.publish(moves)
+        claimed = verified.claimed
+        moves = [(src, f"{folder}/{n}", version) for n, (src, version) in sorted(claimed.items())]
+        # What the store did not claim is written from the bytes checked (a bundle's other files, or all on S3).
+        writes = [(f"{folder}/{n}", data) for n, data in verified.files.items() if n not in claimed and n != META_FILE]
+        # meta.json last, and the server's own row: a folder with a meta.json is a whole result (recovery).
+        writes.append((f"{folder}/{META_FILE}", verified.files[META_FILE]))
+        changed = self.store.publish(moves, writes)
         if changed is not None:
             raise ResultRejected(
                 f"unit {req.unit}: {changed.rpartition('/')[2]} changed after it was verified",
                 reason=RejectReason.sha_mismatch,
             )
-        # meta.json last, and the server's own row: a folder with a meta.json is a whole result (recovery).
-        self.store.put_bytes(f"{folder}/{META_FILE}", verified.files[META_FILE], "application/json")
         return verified
 
     def _verify(self, req: CompleteRequest, spec: UnitSpec, final: str) -> _Verified:
         """The checks of :mod:`~mlds_operator.leases.checks`, in order; raises :class:`ResultRejected`."""
         checks.check_file_names(req, spec)
-        files, versions = self._read_staged(req)
-        measured = checks.check_meta(files[META_FILE], req, spec)
-        checks.check_model(files[MODEL_FILE], req, spec)
-        if SNAPSHOTS_FILE in files:
-            checks.check_snapshots(files[SNAPSHOTS_FILE], req, spec, measured.epochs)
+        files, claimed = self._read_staged(req)
+        try:
+            measured = checks.check_meta(files[META_FILE], req, spec)
+            checks.check_model(files[MODEL_FILE], req, spec)
+            if SNAPSHOTS_FILE in files:
+                checks.check_snapshots(files[SNAPSHOTS_FILE], req, spec, measured.epochs)
+        except ResultRejected:
+            self.store.release(list(claimed.values()))  # a refused result leaves nothing behind
+            raise
         row = checks.manifest_row(spec, measured, sha256=req.files[MODEL_FILE].sha256, pool=req.pool, key=final)
-        files[META_FILE] = (json.dumps(row, indent=2) + "\n").encode()
-        return _Verified(files=files, row=row, versions=versions)
+        files[META_FILE] = checks.row_json(row)
+        return _Verified(files=files, row=row, claimed=claimed)
 
-    def _read_staged(self, req: CompleteRequest) -> tuple[dict[str, bytes], dict[str, str]]:
+    def _read_staged(self, req: CompleteRequest) -> tuple[dict[str, bytes], dict[str, tuple[str, str]]]:
         """Each staged file exactly as declared (one bounded, streaming read: what is published is what was checked).
 
         The worker's meta.json is only read (its measured fields go into the server's own row, which is
         what gets published); every other file is claimed at the version read, for :meth:`Store.publish`.
         """
+        if req.bundled:
+            return self._read_bundle(req)
         prefix = self.staging_prefix(req.unit, req.attempt, req.worker)
         files: dict[str, bytes] = {}
-        versions: dict[str, str] = {}
+        claimed: dict[str, tuple[str, str]] = {}
         for name, digest in req.files.items():
+            key = f"{prefix}/{name}"
             got: Checked | bytes | RejectReason = (
-                self.store.verify(f"{prefix}/{name}", digest.size, digest.sha256)
+                self.store.verify(key, digest.size, digest.sha256)
                 if name == META_FILE
-                else self.store.check(f"{prefix}/{name}", digest.size, digest.sha256)
+                else self.store.check(key, digest.size, digest.sha256)
             )
             if isinstance(got, RejectReason):
+                self.store.release(list(claimed.values()))
                 raise ResultRejected(f"unit {req.unit}: {name} {_WHY[got].format(size=digest.size)}", reason=got)
             if isinstance(got, Checked):
-                files[name], versions[name] = got.data, got.version
+                files[name], claimed[name] = got.data, (key, got.version)
             else:
                 files[name] = got
-        return files, versions
+        return files, claimed
+
+    def _read_bundle(self, req: CompleteRequest) -> tuple[dict[str, bytes], dict[str, tuple[str, str]]]:
+        """A bundle's files: its bytes split at the declared sizes, in the grant's ``uploads`` order.
+
+        The model comes first in that order, and the store may have kept it in place (CheckedParts.first).
+        """
+        names = result_files_for(self.spec.workload.dataset)  # check_file_names: exactly req.files' names
+        key = self.bundle_key(req.unit, req.attempt, req.worker)
+        got = self.store.check_parts(key, [(req.files[n].size, req.files[n].sha256) for n in names])
+        if isinstance(got, RejectReason):
+            total = sum(d.size for d in req.files.values())
+            raise ResultRejected(f"unit {req.unit}: the bundle {_WHY_BUNDLE[got].format(size=total)}", reason=got)
+        claimed = {names[0]: (key, got.first)} if got.first is not None else {}
+        return dict(zip(names, got.parts, strict=True)), claimed
 
     def _drop_staging(self, req: CompleteRequest) -> None:
         if self.book.unit(req.unit).state.value == "succeeded":
             # Every attempt's leftovers of a finished unit (expired leases, rejected copies) go with it.
-            self._drop_prefix(f"{STAGING}/{req.unit}/")
+            self._drop_prefix(f"{STAGING}/{req.unit}-")
         else:
             self._drop_prefix(self.staging_prefix(req.unit, req.attempt, req.worker) + "/")
+            self._drop_prefix(self.bundle_key(req.unit, req.attempt, req.worker))
 
     def _drop_prefix(self, prefix: str) -> None:
         """Delete every object under a staging prefix (whatever names a worker uploaded there)."""
@@ -608,7 +661,8 @@ class CampaignService:
             return
         total = self.book.total
         for key in keys:
-            unit_text = key.removeprefix(STAGING_PREFIX).partition("/")[0]
+            # <unit>-<attempt>-<worker>/<file>, <unit>-<attempt>-<worker>~bundle (or, before them, <unit>/...)
+            unit_text = key.removeprefix(STAGING_PREFIX).partition("/")[0].partition("-")[0]
             unit = int(unit_text) if unit_text.isascii() and unit_text.isdigit() else -1
             if 0 <= unit < total and self.book.unit(unit).state.value in ("pending", "leased"):
                 continue
@@ -621,10 +675,11 @@ class CampaignService:
         for prefix in prefixes:
             self._drop_prefix(prefix)
 
-    def _drop_prefix_later(self, prefix: str) -> None:
-        """Queue a staging prefix for deletion by the next :meth:`tick` (callers here run on the event loop)."""
+    def _drop_attempt_later(self, unit: int, attempt: int, worker: str) -> None:
+        """Queue an attempt's staging for deletion by the next :meth:`tick` (callers here run on the event loop)."""
         if len(self._stale) < 100_000:
-            self._stale.append(prefix + "/")
+            self._stale.append(self.staging_prefix(unit, attempt, worker) + "/")
+            self._stale.append(self.bundle_key(unit, attempt, worker))
 
     # ------------------------------------------------------------------------------------- housekeeping
 
@@ -739,4 +794,10 @@ _WHY = {
     RejectReason.missing: "was not uploaded",
     RejectReason.size_mismatch: "is not the declared {size} bytes in storage",
     RejectReason.sha_mismatch: "sha256 does not match",
+}
+#: How a bundle that failed :meth:`Store.check_parts` is described in the 422's detail.
+_WHY_BUNDLE = {
+    RejectReason.missing: "was not uploaded",
+    RejectReason.size_mismatch: "is not the declared files' {size} bytes in storage",
+    RejectReason.sha_mismatch: "holds a file whose sha256 does not match",
 }

@@ -79,6 +79,7 @@ __all__ = [
     "DEFAULT_RETRIES",
     "STAGING_PREFIX",
     "Checked",
+    "CheckedParts",
     "LocalStore",
     "ObjectInfo",
     "S3Store",
@@ -159,6 +160,17 @@ class Checked:
     version: str
 
 
+@dataclass(frozen=True)
+class CheckedParts:
+    """An object's bytes split into parts that matched their declared sizes and SHA-256 (a bundle of files)."""
+
+    parts: tuple[bytes, ...]
+    #: Where the store can publish the first part without writing it again: the :attr:`Checked.version` of the
+    #: object cut down to its first part (the local store truncates its private link of the file it read), or
+    #: None when it cannot (S3: every part is written by :meth:`Store.publish`).
+    first: str | None
+
+
 @runtime_checkable
 class Store(Protocol):
     """The object-store interface both backends implement. All keys are relative (see module docs)."""
@@ -227,13 +239,33 @@ class Store(Protocol):
         """
         ...
 
-    def publish(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
-        """Give each ``(src, dst, version)``'s destination the object checked at ``src``, in order; no bytes pass here.
+    def check_parts(self, rel: str, parts: Sequence[tuple[int, str]]) -> CheckedParts | RejectReason:
+        """An object made of ``parts`` (each ``(size, sha256)``, in order), split into their bytes; otherwise why not.
 
-        S3: a server-side CopyObject conditional on the ETag. Local: a rename of the private link
-        :meth:`check` made of the checked file. Either way the source key stays (delete it later) and the
-        destination gets exactly the checked bytes. Returns the first ``src`` that vanished or changed since
-        it was checked (nothing from it on is published), or None when every destination was written.
+        A bundle: a unit's result files uploaded as one body. ``missing``; ``size_mismatch`` when the object
+        is not exactly the parts' total size; ``sha_mismatch`` when a part's bytes do not hash to its
+        SHA-256. Read once, bounded by the total, like :meth:`verify`. See :attr:`CheckedParts.first`.
+        """
+        ...
+
+    def publish(self, moves: Sequence[tuple[str, str, str]], writes: Sequence[tuple[str, bytes]] = ()) -> str | None:
+        """Give each ``(src, dst, version)``'s destination the object checked at ``src``, then store ``writes``.
+
+        A move passes no bytes: S3 does a server-side CopyObject conditional on the ETag; locally the private
+        link :meth:`check` made of the checked file is renamed. Either way the source key stays (delete it
+        later) and the destination gets exactly the checked bytes. Then each ``(dst, data)`` of ``writes`` is
+        written atomically, in order. When this returns every destination is durable, and the last one
+        (a result's meta.json) became visible only after all the others were durable. Returns the first
+        ``src`` that vanished or changed since it was checked (nothing from it on is published, nothing is
+        written), or None when every destination was written.
+        """
+        ...
+
+    def release(self, claims: Sequence[tuple[str, str]]) -> None:
+        """Forget ``(src, version)`` pairs :meth:`check` or :meth:`check_parts` gave that will not be published.
+
+        For a refused result: the local store deletes its private links (which no listing shows, so nothing
+        else would); S3 keeps nothing per check.
         """
         ...
 
@@ -253,6 +285,11 @@ def check_rel(rel: str) -> str:
     parts, backslashes and control characters. Keys come from target names and replica numbers (and, in
     local mode, from the path of an upload request), so a refusal is a bug or an attack, never a typo.
     """
+    # Every key of every request passes here (~20 a result): one scan of the whole key answers for the
+    # common case; the part-by-part loop below only runs to say what is wrong.
+    wrapped = f"/{rel}/"
+    if rel and "//" not in wrapped and "/./" not in wrapped and "/../" not in wrapped and not _BAD_PART.search(rel):
+        return rel
     if not rel:
         raise ValueError("empty object key")
     if rel.startswith("/"):
@@ -311,6 +348,28 @@ def _read_declared(chunks: Iterator[bytes], size: int, sha256: str) -> bytes | R
     if not hmac.compare_digest(digest.hexdigest(), sha256.lower()):
         return RejectReason.sha_mismatch
     return b"".join(parts)
+
+
+def _read_parts(chunks: Iterator[bytes], parts: Sequence[tuple[int, str]]) -> tuple[bytes, ...] | RejectReason:
+    """A stream split into ``parts`` (``(size, sha256)`` each) when its size is their total and each hashes right."""
+    total = sum(size for size, _ in parts)
+    data = bytearray()
+    for chunk in chunks:
+        data += chunk
+        if len(data) > total:
+            return RejectReason.size_mismatch
+    if len(data) != total:
+        return RejectReason.size_mismatch
+    out: list[bytes] = []
+    view = memoryview(data)
+    start = 0
+    for size, sha256 in parts:
+        piece = bytes(view[start : start + size])
+        start += size
+        if not hmac.compare_digest(hashlib.sha256(piece).hexdigest(), sha256.lower()):
+            return RejectReason.sha_mismatch
+        out.append(piece)
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------------- S3
@@ -585,9 +644,37 @@ class S3Store:
         result: Checked | RejectReason = self._consume(rel, response, read)
         return result
 
-    def publish(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
+    def check_parts(self, rel: str, parts: Sequence[tuple[int, str]]) -> CheckedParts | RejectReason:
+        response = self._open(rel)
+        if response is None:
+            return RejectReason.missing
+
+        def read(r: Any) -> CheckedParts | RejectReason:
+            length = r.headers.get("Content-Length")
+            if length is not None and int(length) != sum(size for size, _ in parts):
+                return RejectReason.size_mismatch
+            got = _read_parts(r.stream(_CHUNK), parts)
+            # A copy cannot cut an object down to its first part: publish() writes every part.
+            return got if isinstance(got, RejectReason) else CheckedParts(parts=got, first=None)
+
+        result: CheckedParts | RejectReason = self._consume(rel, response, read)
+        return result
+
+    def publish(self, moves: Sequence[tuple[str, str, str]], writes: Sequence[tuple[str, bytes]] = ()) -> str | None:
         # CopyObject: the server copies; nothing is downloaded or uploaded again. x-amz-copy-source-if-match
-        # makes the copy fail (412) if a worker replaced the staged object after it was checked.
+        # makes the copy fail (412) if a worker replaced the staged object after it was checked. An
+        # acknowledged PUT is durable in S3, and they are sent one after the other: the last is stored last.
+        changed = self._copy(moves)
+        if changed is not None:
+            return changed
+        for dst, data in writes:
+            self.put_bytes(dst, data, content_type_of(dst))
+        return None
+
+    def release(self, claims: Sequence[tuple[str, str]]) -> None:
+        del claims  # a version is an ETag: nothing was kept
+
+    def _copy(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
         for src, dst, version in moves:
             source = CopySource(self.bucket, self.key(src), match_etag=version or None)
             key = self.key(dst)
@@ -712,6 +799,11 @@ class LocalStore:
         """The file that holds ``rel``."""
         return self.root.joinpath(*self.key(rel).split("/"))
 
+    def _file(self, rel: str) -> str:
+        """:meth:`path` as a string, without pathlib (the hot paths call it several times per result)."""
+        key = self.key(rel)
+        return self._root_str + os.sep + (key if os.sep == "/" else key.replace("/", os.sep))
+
     def _error(self, exc: OSError, doing: str) -> Exception:
         if exc.errno in (errno.ENOTDIR, errno.EISDIR):
             return UserError(f"{doing} in {self.root}: a file and a folder share a name ({exc})")
@@ -721,25 +813,42 @@ class LocalStore:
 
     def put_bytes(self, rel: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         del content_type  # files have no content type; kept for the common interface
-        path = self.path(rel)
-        tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
+        path = self._file(rel)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                if self._durable:
-                    fh.flush()
-                    # Before the rename: otherwise a power loss can leave a renamed, empty file.
-                    os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            self._write(path, data, sync=self._durable)
             if self._durable:
-                _fsync_dir(path.parent)
+                _fsync_dir(os.path.dirname(path))
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise self._error(exc, f"writing {rel}") from exc
 
+    @staticmethod
+    def _write(path: str, data: bytes, *, sync: bool) -> None:
+        """Write ``path`` atomically (a temporary file renamed over it), its folders made on the first write.
+
+        ``sync``: the bytes are on disk before the name is (otherwise a power loss can leave a renamed,
+        empty file); making the name itself durable is the caller's folder sync.
+        """
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}{_TMP_MARK}{uuid.uuid4().hex}")
+        try:
+            try:
+                fh = open(tmp, "wb")  # noqa: SIM115 - closed below; mkdir only on the first file of a folder
+            except FileNotFoundError:
+                os.makedirs(folder, exist_ok=True)
+                fh = open(tmp, "wb")  # noqa: SIM115
+            with fh:
+                fh.write(data)
+                if sync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
     def _read(self, rel: str, fn: Callable[[IO[bytes]], Any]) -> Any | None:
-        path = self.path(rel)
+        path = self._file(rel)
         try:
             with open(path, "rb") as fh:
                 return fn(fh)
@@ -778,8 +887,15 @@ class LocalStore:
             return
         try:
             for dirpath, dirnames, filenames in os.walk(start):
-                dirnames.sort()
                 base = Path(dirpath).relative_to(self.root).as_posix()
+                # Descend only into folders that can hold a match ("_mlds/staging/12-" walks the attempt
+                # folders of unit 12, not all of staging).
+                below = "" if base == "." else f"{base}/"
+                dirnames[:] = sorted(
+                    d
+                    for d in dirnames
+                    if f"{below}{d}/".startswith(rel_prefix) or rel_prefix.startswith(f"{below}{d}/")
+                )
                 for name in sorted(filenames):
                     if _TMP_MARK in name:
                         continue
@@ -852,36 +968,74 @@ class LocalStore:
     def put_upload(self, rel: str, data: bytes) -> None:
         """Store a worker's upload: atomic like :meth:`put_bytes`, but not synced to disk.
 
-        An upload is worth nothing until :meth:`check` has verified it, and :meth:`check` syncs the bytes
-        it verified, so syncing here too would only double the cost (two fsyncs per file).
+        An upload is worth nothing until it is verified: :meth:`check` syncs the bytes it verified, and
+        what :meth:`check_parts` cuts down or :meth:`verify` returns is synced where it is kept, so syncing
+        here too would only double the cost.
         """
-        path = os.path.join(self._root_str, *self.key(rel).split("/"))
-        tmp = f"{path}{_TMP_MARK}{uuid.uuid4().hex}"
-        folder = os.path.dirname(path)
         try:
-            try:
-                fh = open(tmp, "wb")  # noqa: SIM115 - closed below; mkdir only on the first file of a folder
-            except FileNotFoundError:
-                os.makedirs(folder, exist_ok=True)
-                fh = open(tmp, "wb")  # noqa: SIM115
-            with fh:
-                fh.write(data)
-            os.replace(tmp, path)
+            self._write(self._file(rel), data, sync=False)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise self._error(exc, f"writing {rel}") from exc
 
     def verify(self, rel: str, size: int, sha256: str) -> bytes | RejectReason:
-        got = self.check(rel, size, sha256)
-        if not isinstance(got, Checked):
-            return got
-        with contextlib.suppress(OSError):  # nothing will publish this version: drop check()'s private link
-            os.unlink(f"{self.path(rel)}{_TMP_MARK}{got.version}")
-        return got.data
+        # Only read: nothing publishes these bytes by name (no sync, no private link, unlike check()).
+        def read(fh: IO[bytes]) -> bytes | RejectReason:
+            if os.fstat(fh.fileno()).st_size != size:
+                return RejectReason.size_mismatch
+            return _read_declared(iter(lambda: fh.read(_CHUNK), b""), size, sha256)
+
+        result: bytes | RejectReason | None = self._read(rel, read)
+        return RejectReason.missing if result is None else result
+
+    def check_parts(self, rel: str, parts: Sequence[tuple[int, str]]) -> CheckedParts | RejectReason:
+        """See :meth:`Store.check_parts`. The file read becomes the first part's: one new file less per result.
+
+        Creating a file is the costliest thing a result does to a local store (a ds1 result: a folder and
+        three files). So the checked bundle is claimed like :meth:`check` claims a file, then cut down to
+        its first part in place and synced: :meth:`publish` moves it into the result folder by a rename,
+        and only the other parts are written as new files.
+        """
+        path = self._file(rel)
+
+        def read(fh: IO[bytes]) -> CheckedParts | RejectReason:
+            st = os.fstat(fh.fileno())
+            if st.st_size != sum(size for size, _ in parts):
+                return RejectReason.size_mismatch
+            got = _read_parts(iter(lambda: fh.read(_CHUNK), b""), parts)
+            if isinstance(got, RejectReason):
+                return got
+            token = self._claim(path, st.st_ino)
+            if token is None:
+                return RejectReason.sha_mismatch  # replaced while being checked
+            claimed = f"{path}{_TMP_MARK}{token}"
+            # The claimed link is private and every upload is a new file (put_upload renames one into place),
+            # so nothing but this truncation changes the file it names.
+            with open(claimed, "r+b") as out:
+                out.truncate(parts[0][0])
+                if self._durable:
+                    os.fsync(out.fileno())
+            return CheckedParts(parts=got, first=token)
+
+        result: CheckedParts | RejectReason | None = self._read(rel, read)
+        return RejectReason.missing if result is None else result
+
+    @staticmethod
+    def _claim(path: str, inode: int) -> str | None:
+        """A private hard link to ``path`` when it still names ``inode`` (a file held open): its version, or None.
+
+        The open descriptor keeps the checked inode alive, so an equal inode number means the link is that
+        file, not a newer upload renamed over the staged name meanwhile.
+        """
+        token = uuid.uuid4().hex
+        claimed = f"{path}{_TMP_MARK}{token}"
+        os.link(path, claimed)
+        if os.lstat(claimed).st_ino != inode:
+            os.unlink(claimed)
+            return None
+        return token
 
     def check(self, rel: str, size: int, sha256: str) -> Checked | RejectReason:
-        path = self.path(rel)
+        path = self._file(rel)
 
         def read(fh: IO[bytes]) -> Checked | RejectReason:
             st = os.fstat(fh.fileno())
@@ -892,48 +1046,71 @@ class LocalStore:
                 return data
             if self._durable:
                 os.fsync(fh.fileno())  # uploads are written unsynced (put_upload); what is published is synced
-            # Claim the checked file under a private name (a hard link) that no upload URL can reach. The open
-            # descriptor keeps the checked inode alive, so an equal inode number means the link is that file,
-            # not a newer upload renamed over the staged name meanwhile.
-            token = uuid.uuid4().hex
-            claimed = f"{path}{_TMP_MARK}{token}"
-            os.link(path, claimed)
-            if os.lstat(claimed).st_ino != st.st_ino:
-                os.unlink(claimed)
+            # Claim the checked file under a private name (a hard link) that no upload URL can reach.
+            token = self._claim(path, st.st_ino)
+            if token is None:
                 return RejectReason.sha_mismatch  # replaced while being checked
             return Checked(data=data, version=token)
 
         result: Checked | RejectReason | None = self._read(rel, read)
         return RejectReason.missing if result is None else result
 
-    def publish(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
-        # check() left each verified file under a private name (staged name + version): renaming it moves
-        # exactly the bytes that were checked, whatever was uploaded to the staged name since.
-        written: set[str] = set()  # folders that got a file, to sync before the last file is named
+    def publish(self, moves: Sequence[tuple[str, str, str]], writes: Sequence[tuple[str, bytes]] = ()) -> str | None:
+        """See :meth:`Store.publish`. Two folder syncs for a result, whatever its number of files.
+
+        Every file's bytes are synced before it is named (by :meth:`check` for a moved file, here for a
+        written one). The folders are synced once before the last file is named (so a folder with a
+        meta.json holds every other file after a crash) and the last file's folder once after (so a
+        result is durable when the completion is acknowledged).
+        """
+        steps = len(moves) + len(writes)
+        touched: set[str] = set()  # folders that got a file, synced before the last one is named
         for i, (src, dst, version) in enumerate(moves):
-            claimed = os.path.join(self._root_str, *self.key(src).split("/")) + _TMP_MARK + version
+            # check() left each verified file under a private name (staged name + version): renaming it moves
+            # exactly the bytes that were checked, whatever was uploaded to the staged name since.
             if not version.isalnum():
                 raise ValueError(f"not a version this store gave: {version!r}")
-            target = os.path.join(self._root_str, *self.key(dst).split("/"))
-            folder = os.path.dirname(target)
-            last = i == len(moves) - 1
+            claimed = self._file(src) + _TMP_MARK + version
+            target = self._file(dst)
             try:
-                if self._durable and last:
-                    for earlier in written:  # meta.json last: the others are durable before it is named
-                        _fsync_dir(earlier)
+                self._before(i == steps - 1, touched)
                 try:
                     os.replace(claimed, target)
                 except FileNotFoundError:
                     if not os.path.exists(claimed):
                         return src
-                    os.makedirs(folder, exist_ok=True)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
                     os.replace(claimed, target)
-                if self._durable and last:
-                    _fsync_dir(folder)
-                written.add(folder)
+                self._after(i == steps - 1, target, touched)
             except OSError as exc:
                 raise self._error(exc, f"publishing {src} as {dst}") from exc
+        for i, (dst, data) in enumerate(writes, start=len(moves)):
+            target = self._file(dst)
+            try:
+                self._before(i == steps - 1, touched)
+                self._write(target, data, sync=self._durable)
+                self._after(i == steps - 1, target, touched)
+            except OSError as exc:
+                raise self._error(exc, f"writing {dst}") from exc
         return None
+
+    def release(self, claims: Sequence[tuple[str, str]]) -> None:
+        for src, version in claims:
+            if not version.isalnum():
+                raise ValueError(f"not a version this store gave: {version!r}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._file(src) + _TMP_MARK + version)
+
+    def _before(self, last: bool, touched: set[str]) -> None:
+        if self._durable and last:
+            for folder in touched:
+                _fsync_dir(folder)
+
+    def _after(self, last: bool, target: str, touched: set[str]) -> None:
+        folder = os.path.dirname(target)
+        if self._durable and last:
+            _fsync_dir(folder)
+        touched.add(folder)
 
     def _prune(self, folder: str) -> None:
         """Remove ``folder`` and its parents while they are empty (S3 has no folders; staging leaves many)."""

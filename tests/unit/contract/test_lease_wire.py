@@ -68,7 +68,7 @@ EXAMPLES: list[Model] = [
         deadline=DEADLINE,
         lease_seconds=600,
         heartbeat_seconds=200,
-        units=[a_unit(3), a_unit(4, 0)],
+        units=[a_unit(3), a_unit(4, 0).model_copy(update={"bundle_upload": "http://127.0.0.1:9/v1/objects/b"})],
     ),
     NoLease(reason=NoLeaseReason.busy, retry_after_seconds=5),
     HeartbeatRequest(worker="w-1", pool="cpu", units=[UnitAttempt(unit=3, attempt=1), UnitAttempt(unit=4, attempt=0)]),
@@ -82,6 +82,7 @@ EXAMPLES: list[Model] = [
         files={"model.safetensors": FileDigest(sha256=SHA, size=17_000), "meta.json": FileDigest(sha256=SHA, size=900)},
         training_seconds=41.5,
         epochs=812,
+        bundled=True,
     ),
     CompleteReply(status=Outcome.duplicate, state=UnitState.succeeded),
     CompleteBatchRequest(
@@ -119,6 +120,9 @@ EXAMPLES: list[Model] = [
         title="Not the lease holder",
         status=409,
         detail="lease x is held by another worker",
+    ),
+    LeaseRequest(
+        worker="parity-cpu-0-x7k2p", pool="cpu", accelerator="cpu", device_name="cpu", max_units=4, bundle_uploads=True
     ),
 ]
 
@@ -297,3 +301,27 @@ def test_any_other_problem_names_no_rejection_reason(problem_type: str) -> None:
 def test_only_rejections_of_the_staged_copy_are_cured_by_a_fresh_upload() -> None:
     cured = {reason.value for reason in RejectReason if reason.cured_by_upload}
     assert cured == {"missing", "size_mismatch", "sha_mismatch"}
+
+
+def test_bundle_fields_are_sent_only_when_used() -> None:
+    # Workers and servers that predate bundles refuse unknown keys, so a peer that does not use bundles
+    # must see exactly what it always saw, whatever serialisation the sender uses.
+    request = LeaseRequest(worker="w-1", pool="cpu", accelerator="cpu", device_name="cpu", max_units=1)
+    unit = a_unit()
+    completion = CompleteRequest(
+        worker="w-1",
+        pool="cpu",
+        unit=3,
+        attempt=1,
+        converged=True,
+        files={"model.safetensors": FileDigest(sha256=SHA, size=17_000)},
+        training_seconds=41.5,
+        epochs=812,
+    )
+    for message, key in ((request, "bundleUploads"), (unit, "bundleUpload"), (completion, "bundled")):
+        assert key not in json.loads(message.model_dump_json(by_alias=True)), key
+        assert key not in message.model_dump(by_alias=True), key
+    asked = request.model_copy(update={"bundle_uploads": True})
+    assert json.loads(asked.model_dump_json(by_alias=True))["bundleUploads"] is True
+    offered = unit.model_copy(update={"bundle_upload": "http://127.0.0.1:9/v1/objects/_mlds/staging/3-1-w~bundle"})
+    assert json.loads(offered.model_dump_json(by_alias=True))["bundleUpload"].endswith("~bundle")

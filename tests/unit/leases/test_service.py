@@ -65,9 +65,10 @@ class RecordingStore(LocalStore):
         super().put_bytes(rel, data, content_type)
         self.writes.append(rel)
 
-    def publish(self, moves: Sequence[tuple[str, str, str]]) -> str | None:
-        changed = super().publish(moves)
-        self.writes.extend(dst for _, dst, _ in moves[: len(moves) if changed is None else 0])
+    def publish(self, moves: Sequence[tuple[str, str, str]], writes: Sequence[tuple[str, bytes]] = ()) -> str | None:
+        changed = super().publish(moves, writes)
+        if changed is None:
+            self.writes.extend([dst for _, dst, _ in moves] + [dst for dst, _ in writes])
         return changed
 
     def tree(self, prefix: str) -> list[str]:
@@ -233,7 +234,7 @@ async def test_a_verified_completion_is_published_meta_json_last_and_its_staging
     # The worker may write only to this attempt's staging folder, never to the final one.
     staged = {urllib.parse.unquote(url.split("/v1/objects/")[1].split("?")[0]) for url in leased.uploads.values()}
     assert staged == {
-        f"_mlds/staging/0/0-worker-a/{name}" for name in ("model.safetensors", "history.csv", "meta.json")
+        f"_mlds/staging/0-0-worker-a/{name}" for name in ("model.safetensors", "history.csv", "meta.json")
     }
 
     result = trained(service, 0)
@@ -323,6 +324,8 @@ async def test_a_completion_that_disagrees_with_storage_is_rejected_and_counts_n
     assert service.snapshot().rejected == {tamper.reason: 1}
     assert store.tree("SingleDirectMachine/") == []
     assert store.tree("unconverged/") == []
+    # Nothing the checks claimed is left behind (no listing shows a private link, so nothing else would delete it).
+    assert [p.name for p in store.root.rglob("*") if ".mlds-tmp-" in p.name] == []
     await service.flush()
     assert part_units(store) == []
 
@@ -674,12 +677,13 @@ async def test_a_restart_cleans_the_staging_of_finished_units_and_keeps_what_liv
     upload(store, service, trained(service, 0, worker="worker-late"))  # a losing copy of a finished unit
     waiting = trained(service, 1)
     upload(store, service, waiting)  # uploaded while the server was down; the completion comes after
-    store.put_bytes("_mlds/staging/999999/0-x/junk", b"not a unit of this campaign")
+    store.put_bytes("_mlds/staging/999999-0-x/junk", b"not a unit of this campaign")
+    store.put_bytes("_mlds/staging/0/0-worker-old/meta.json", b"{}")  # the layout before one folder per attempt
     await service.flush()
 
     restarted = await open_service(store, FakeClock(start=5.0))
 
-    assert store.tree("_mlds/staging/") == sorted(f"_mlds/staging/1/0-worker-a/{name}" for name in waiting.files)
+    assert store.tree("_mlds/staging/") == sorted(f"_mlds/staging/1-0-worker-a/{name}" for name in waiting.files)
     assert (await restarted.complete(waiting.request())).status is Outcome.accepted
     await restarted.flush()  # published results' staged copies are deleted in batches, with the rows
     assert store.tree("_mlds/staging/") == []

@@ -263,6 +263,25 @@ def test_a_manifest_larger_than_a_row_group_compacts_in_row_groups_to_the_same_r
     assert again.slice(0, 13).to_pylist() == in_memory.to_pylist()
 
 
+@pytest.mark.parametrize(
+    "rows",
+    [
+        pytest.param([0, 2, 4, 6, 8], id="in-order"),
+        pytest.param([9, 0, 5, 3, 3, 7], id="out-of-order-and-repeated"),
+        pytest.param([4], id="one"),
+        pytest.param([], id="none"),
+    ],
+)
+def test_gathering_rows_from_chunks_is_take_on_the_chunks_laid_end_to_end(rows: list[int]) -> None:
+    # What compaction takes from each column, without concatenating the column first (its memory peak).
+    chunks = [pa.array(["a", None, "c"]), pa.array([], pa.string()), pa.array(["d", "e"]), pa.array(list("fghij"))]
+    want = pa.chunked_array(chunks).take(pa.array(rows, pa.int64())).combine_chunks()
+
+    got = manifest_module._gather(chunks, np.array(rows, dtype=np.int64), pa.string())
+
+    assert got.equals(want)
+
+
 # ----------------------------------------------------------------------------------------- checkpoint
 
 

@@ -13,7 +13,15 @@ import pytest
 from mlds_contract.campaign import Storage
 from mlds_contract.errors import StorageUnavailable, UserError
 from mlds_contract.lease import RejectReason
-from mlds_operator.storage.store import LocalStore, Store, _read_declared, check_rel, open_store
+from mlds_operator.storage.store import (
+    CheckedParts,
+    LocalStore,
+    Store,
+    _read_declared,
+    _read_parts,
+    check_rel,
+    open_store,
+)
 
 from tests.clock import FakeClock
 
@@ -216,6 +224,70 @@ def test_verify_never_reads_past_the_declared_size() -> None:
 
     assert _read_declared(endless(), 3, sha(b"xxx")) is RejectReason.size_mismatch
     assert sum(read) == 1 << 16  # one chunk, then it stopped
+
+
+BUNDLE = "_mlds/staging/0-0-w~bundle"
+PARTS = (b"model bytes" * 10, b"epoch,loss\n1,0.5\n", b'{"unit": 0}')
+
+
+@pytest.mark.parametrize(
+    ("body", "declared", "expected"),
+    [
+        pytest.param(b"".join(PARTS), PARTS, OK, id="as-declared"),
+        pytest.param(None, PARTS, RejectReason.missing, id="never-uploaded"),
+        pytest.param(b"".join(PARTS) + b"x", PARTS, RejectReason.size_mismatch, id="longer"),
+        pytest.param(b"".join(PARTS)[:-1], PARTS, RejectReason.size_mismatch, id="shorter"),
+        pytest.param(b"".join(reversed(PARTS)), PARTS, RejectReason.sha_mismatch, id="parts-in-another-order"),
+        pytest.param(
+            b"".join(PARTS), (PARTS[0][:-1], PARTS[1] + b"x", PARTS[2]), RejectReason.sha_mismatch, id="cut-elsewhere"
+        ),
+    ],
+)
+def test_check_parts(store: LocalStore, body: bytes | None, declared: tuple[bytes, ...], expected: object) -> None:
+    if body is not None:
+        store.put_upload(BUNDLE, body)
+
+    got = store.check_parts(BUNDLE, [(len(p), sha(p)) for p in declared])
+
+    if expected is OK:
+        assert isinstance(got, CheckedParts)
+        assert got.parts == PARTS
+    else:
+        assert got is expected
+
+
+def test_a_checked_bundle_becomes_its_first_part_and_the_others_are_written(store: LocalStore) -> None:
+    store.put_upload(BUNDLE, b"".join(PARTS))
+    got = store.check_parts(BUNDLE, [(len(p), sha(p)) for p in PARTS])
+    assert isinstance(got, CheckedParts)
+    assert got.first is not None
+    store.put_upload(BUNDLE, b"a re-upload after the check")  # never published: the claimed file is the checked one
+
+    moves = [(BUNDLE, "T/00000/model.safetensors", got.first)]
+    writes = [("T/00000/history.csv", PARTS[1]), ("T/00000/meta.json", PARTS[2])]
+    assert store.publish(moves, writes) is None
+
+    assert [store.get_bytes(f"T/00000/{n}") for n in ("model.safetensors", "history.csv", "meta.json")] == list(PARTS)
+    store.delete_many([BUNDLE])
+    assert files_under(store.root) == ["T/00000/history.csv", "T/00000/meta.json", "T/00000/model.safetensors"]
+
+
+def test_a_bundle_is_read_no_further_than_its_declared_parts() -> None:
+    read: list[int] = []
+
+    def endless() -> Iterator[bytes]:
+        while True:
+            read.append(1 << 16)
+            yield b"x" * (1 << 16)
+
+    assert _read_parts(endless(), [(3, sha(b"xxx")), (4, sha(b"xxxx"))]) is RejectReason.size_mismatch
+    assert sum(read) == 1 << 16
+
+
+def test_publish_of_a_version_never_checked_publishes_nothing(store: LocalStore) -> None:
+    store.put_upload(BUNDLE, b"".join(PARTS))
+    assert store.publish([(BUNDLE, "T/00000/model.safetensors", "0" * 32)], [("T/00000/meta.json", b"{}")]) == BUNDLE
+    assert list(store.list("T/")) == []
 
 
 def test_local_store_is_a_store(store: LocalStore) -> None:

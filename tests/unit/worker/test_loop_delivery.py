@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 from mlds_contract.lease import PROBLEM_JSON, ErrorReply, UnitState
 from mlds_contract.results import MODEL_FILE
+from mlds_operator.leases.service import BUNDLE_SUFFIX
 from mlds_worker.loop import BACKOFF_FIRST, DELIVERY_PATIENCE_SECONDS, Worker, WorkerConfig
 
 from tests.run_fixtures import Served, free_port, serve_campaign, write_campaign
@@ -77,7 +78,7 @@ class Wire:
             return web.Response(status=409, body=body.model_dump_json(by_alias=True), content_type=PROBLEM_JSON)
         response = await handler(request)
         key = request.match_info["key"]
-        if key.endswith(f"/{MODEL_FILE}"):
+        if key.endswith((f"/{MODEL_FILE}", BUNDLE_SUFFIX)):  # the model alone, or in the unit's one bundle
             n = self.model_uploads
             self.model_uploads += 1
             if n < len(self.tear) and self.tear[n]:
