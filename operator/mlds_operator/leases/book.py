@@ -234,7 +234,7 @@ class BookCheckpoint:
     """A book's checkpoint, copied out of the book but not yet compressed (:meth:`LeaseBook.checkpoint`).
 
     Copying takes milliseconds on the caller's thread (the book is not thread-safe); compressing takes
-    ~100 ms for a million units, so :meth:`to_bytes` may run in another thread.
+    ~80 ms for a million units in mid-campaign, so :meth:`to_bytes` may run in another thread.
     """
 
     head: bytes  # the JSON settings and per-pool counters

@@ -105,8 +105,9 @@ class ServiceSettings:
     checkpoint_seconds: float = 30.0
     #: Seconds after a grant by which the book alone is checkpointed (at the next tick), so that a restart
     #: honours that lease too; at most one such checkpoint per interval. Cheap: no manifest part, and the
-    #: book's copy takes milliseconds on the event loop (~12 ms for a million units; compression runs in a
-    #: thread). Ticks must come at least this often (``mlds run``: every 0.5 s; the operator: every second).
+    #: book's copy takes milliseconds on the event loop (~4 ms for a million units; compression runs in a
+    #: thread). Needs :meth:`CampaignService.checkpoint_leases` called at least this often: ``mlds run``'s
+    #: ticks come every 0.5 s; the operator's every status interval (5 s), so it calls it every second too.
     grant_checkpoint_seconds: float = 2.0
     #: Flush early when this many verified rows are buffered (bounds memory and part size).
     part_rows: int = 5000
