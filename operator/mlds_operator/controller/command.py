@@ -250,7 +250,7 @@ def _version() -> str:
     type=click.FloatRange(0.1, 86_400),
     default=30.0,
     show_default=True,
-    help="Seconds between lease-book checkpoints to the bucket.",
+    help="Seconds between manifest parts + lease-book checkpoints to the bucket (new leases: within ~2 s).",
 )
 @click.option(
     "--liveness",

@@ -653,7 +653,12 @@ class CampaignService:
         if due or len(self._rows) >= self.settings.part_rows:
             await self.flush()
         else:
-            await self.checkpoint_leases()
+            try:
+                await self.checkpoint_leases()
+            except StorageUnavailable as exc:  # nothing is lost meanwhile, only fresh leases go unhonoured
+                log.warning(
+                    "campaign=%s could not checkpoint fresh leases (retried at the next tick): %s", self.name, exc
+                )
         if self.book.finished and not self._finalized:
             await self.finalize()
 

@@ -708,6 +708,22 @@ async def test_rows_whose_part_was_written_are_not_written_again_when_the_checkp
     assert part_units(flaky) == [0, 1]  # once: the checkpoint counts them, nothing was recovered again
 
 
+async def test_a_grant_checkpoint_that_meets_an_outage_is_retried_at_the_next_tick(tmp_path: Path) -> None:
+    flaky = CheckpointOutage(tmp_path / "bucket")
+    clock = FakeClock()
+    service = await open_service(flaky, clock)
+    grant = await lease(service, units=2)
+    clock.advance(GRANT_CHECKPOINT_SECONDS)
+    await service.tick()  # logged, not raised: nothing is lost while the bucket is away
+    assert mf.get_checkpoint(flaky) is None
+    flaky.down = False
+    await service.tick()
+    assert flaky.tree("_mlds/parts/") == []
+
+    restarted = await open_service(RecordingStore(tmp_path / "bucket"), FakeClock(start=5.0))
+    assert beat(restarted, grant, "worker-a") == []
+
+
 async def test_a_heartbeat_on_an_invented_lease_id_readopts_nothing_after_a_grant_checkpoint(
     store: RecordingStore, clock: FakeClock
 ) -> None:
