@@ -18,7 +18,9 @@ import subprocess
 import sys
 import time
 
-from mlds_operator.leases.book import LeaseBook
+import numpy as np
+
+from mlds_operator.leases.book import LeaseBook, LeaseView
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -151,6 +153,45 @@ def bench_expiry_and_stats(units: int, clock: Clock) -> list[Row]:
     return rows
 
 
+def bench_checkpoint_mid_campaign(units: int, clock: Clock, *, repeat: int = 5) -> list[Row]:
+    """A checkpoint of a book in mid-campaign: states scattered, 2,000 live leases, a part's worth unpublished.
+
+    What a grant checkpoint costs (``CampaignService.checkpoint_leases``, every ~2 s while grants come):
+    the copy runs on the server's event loop, the compression in a thread. Best of ``repeat``.
+    """
+    book = LeaseBook(units, lease_seconds=600, clock=clock, pools=("cpu",))
+    views: list[LeaseView] = []
+    while len(views) < units // 25 and (view := book.grant(f"w{len(views) % 2000}", "cpu", 16)) is not None:
+        views.append(view)
+    unpublished: dict[int, str] = {}
+    draws = iter(np.random.default_rng(0).random(len(views) * 16).tolist())  # scattered, as results arrive
+    for view in views[:-2000]:  # the last 2,000 leases stay live
+        for u, a in zip(view.units, view.attempts, strict=True):
+            draw = next(draws)
+            if draw < 0.8:
+                book.complete(u, worker=view.worker, pool="cpu", attempt=a, converged=True)
+                if draw < 0.01 and len(unpublished) < 5000:
+                    unpublished[u] = "cpu"  # verified, its row not flushed yet
+            elif draw < 0.9:
+                book.fail(u, worker=view.worker, pool="cpu", attempt=a, retry=False)  # counted: attempt 1 next
+            else:
+                book.fail(u, worker=view.worker, pool="cpu", attempt=a, retry=True)
+    stats = book.stats(failed_max_chars=0)
+    copy_s, encode_s = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        checkpoint = book.checkpoint(unpublished=unpublished)
+        t1 = time.perf_counter()
+        data = checkpoint.to_bytes()
+        copy_s.append(t1 - t0)
+        encode_s.append(time.perf_counter() - t1)
+    shape = f"{stats.succeeded:,} done, {stats.leased:,} leased, {len(unpublished):,} unpublished"
+    return [
+        (f"checkpoint copy, mid-campaign ({shape})", min(copy_s) * 1e3, "ms (on the event loop)"),
+        ("checkpoint compression, mid-campaign", min(encode_s) * 1e3, f"ms (in a thread), {len(data):,} bytes"),
+    ]
+
+
 def throughput(units: int) -> None:
     clock = Clock()
     benches = (
@@ -158,6 +199,7 @@ def throughput(units: int) -> None:
         bench_steady_state,
         functools.partial(bench_steady_state, costs=True),
         bench_expiry_and_stats,
+        bench_checkpoint_mid_campaign,
     )
     for bench in benches:
         for name, value, unit in bench(units, clock):

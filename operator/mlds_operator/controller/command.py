@@ -85,6 +85,7 @@ async def run_operator(
         metrics_runner = await server_metrics.serve(config.metrics_host, config.metrics_port)
         await _reopen_campaigns(kube, controller, config.namespaces)
         await web.TCPSite(runner, config.listen_host, config.listen_port, reuse_address=True).start()
+        controller.start_checkpoints()
         log.info(
             "lease API listening on %s:%d; workers are told %s",
             config.listen_host,
@@ -249,7 +250,7 @@ def _version() -> str:
     type=click.FloatRange(0.1, 86_400),
     default=30.0,
     show_default=True,
-    help="Seconds between lease-book checkpoints to the bucket.",
+    help="Seconds between manifest parts + lease-book checkpoints to the bucket (new leases: within ~2 s).",
 )
 @click.option(
     "--liveness",

@@ -18,12 +18,18 @@ kopf: a pass takes the CR body and a logger and returns the status patch and wha
 
 Passes of one campaign are serialised by a per-campaign lock: kopf runs the timer beside the
 change handlers. Campaigns are independent; their passes interleave freely.
+
+Passes come every status interval (5 s by default, plus the pass itself), too rarely to checkpoint
+a fresh lease within ``ServiceSettings.grant_checkpoint_seconds`` of its grant (a restart honours only
+leases the checkpoint knows), so :meth:`Controller.start_checkpoints` also runs
+:meth:`Campaigns.checkpoint_leases` every second until :meth:`Controller.close`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import secrets
 import socket
@@ -118,6 +124,8 @@ class Controller:
         self._runtimes: dict[tuple[str, str], _Runtime] = {}
         self._event_seq = 0
         self._closed = False
+        self._stop_checkpoints = asyncio.Event()
+        self._checkpoints: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------------------------------ pass
 
@@ -353,9 +361,30 @@ class Controller:
             logger.warning("final checkpoint failed; results in the bucket are safe: %s", exc)
         service.store.close()
 
+    def start_checkpoints(self) -> None:
+        """Checkpoint fresh leases of every served campaign within seconds (see the module docstring)."""
+        if self._checkpoints is None and not self._closed:
+            self._checkpoints = asyncio.create_task(self._checkpoint_leases(), name="mlds lease checkpoints")
+
+    async def _checkpoint_leases(self) -> None:
+        every = max(0.1, self.settings.service.grant_checkpoint_seconds / 2)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_checkpoints.wait(), timeout=every)
+            if self._stop_checkpoints.is_set():
+                return
+            try:
+                await self.campaigns.checkpoint_leases()
+            except Exception:  # a bug, not an outage (those are logged per campaign): say so and keep going
+                logging.getLogger(__name__).exception("lease checkpoints failed; retried in %.1f s", every)
+
     async def close(self) -> None:
         """Operator shutdown: checkpoint every open campaign (workers keep training meanwhile)."""
         self._closed = True
+        if self._checkpoints is not None:
+            # Stopped, not cancelled: a checkpoint being written finishes before the last ones are written.
+            self._stop_checkpoints.set()
+            await self._checkpoints
         for (ns, name), service in self.campaigns.items():
             try:
                 await service.flush()

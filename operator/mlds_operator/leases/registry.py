@@ -11,16 +11,20 @@ needs the HTTP module for that.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 from mlds_contract.campaign import CampaignSpec
+from mlds_contract.errors import MldsError
 
 from mlds_operator.leases.metrics import instrument
 from mlds_operator.leases.service import CampaignService, ServiceSettings
 from mlds_operator.storage.store import open_store
 
 __all__ = ["Campaigns", "open_campaign"]
+
+log = logging.getLogger(__name__)
 
 
 class Campaigns:
@@ -40,6 +44,20 @@ class Campaigns:
 
     def items(self) -> list[tuple[tuple[str, str], CampaignService]]:
         return list(self._by_key.items())
+
+    async def checkpoint_leases(self) -> None:
+        """Each served campaign checkpoints its recent grants if due (:meth:`CampaignService.checkpoint_leases`).
+
+        For a server whose ticks come less often than ``grant_checkpoint_seconds`` (the operator's follow
+        its status interval). A storage outage is logged; the next call tries again.
+        """
+        for key, service in self.items():
+            if self._by_key.get(key) is not service:
+                continue  # no longer served (closed while an earlier campaign wrote): its store may be closed
+            try:
+                await service.checkpoint_leases()
+            except MldsError as exc:
+                log.warning("campaign=%s/%s lease checkpoint failed (retried): %s", key[0], key[1], exc)
 
 
 async def open_campaign(

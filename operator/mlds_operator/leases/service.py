@@ -32,7 +32,13 @@ expired lease is still accepted). Non-converged attempts are kept for research u
 **Durability.** Verified rows accumulate in memory and are flushed as a manifest part, followed by a
 lease-book checkpoint, every ``checkpoint_seconds`` (and at the end). After a crash, the checkpoint
 restores the book and :meth:`CampaignService.recover` scans the final result folders for units verified
-after it, so no finished network is trained twice or lost from the manifest.
+after it, so no finished network is trained twice or lost from the manifest. A lease is honoured after
+a restart only if the checkpoint knows it (its worker's heartbeat re-establishes it), so a grant is also
+checkpointed on its own, ``grant_checkpoint_seconds`` after it (:meth:`CampaignService.checkpoint_leases`,
+which :meth:`~CampaignService.tick` calls): the book only, no manifest part (parts stay few), with the
+units whose rows are still buffered written as not yet succeeded
+(:meth:`~mlds_operator.leases.book.LeaseBook.checkpoint`'s ``unpublished``), so that recovery, which
+re-adds the rows of units the checkpoint does not count, adds theirs exactly once.
 """
 
 from __future__ import annotations
@@ -103,6 +109,12 @@ class ServiceSettings:
     #: Seconds between manifest-part flushes + checkpoints. A crash loses no result (recovery scans the
     #: results), only the work of re-reading a few meta.json files; 30 s keeps bucket writes negligible.
     checkpoint_seconds: float = 30.0
+    #: Seconds after a grant by which the book alone is checkpointed (at the next tick), so that a restart
+    #: honours that lease too; at most one such checkpoint per interval. Cheap: no manifest part, and the
+    #: book's copy takes milliseconds on the event loop (~4 ms for a million units; compression runs in a
+    #: thread). Needs :meth:`CampaignService.checkpoint_leases` called at least this often: ``mlds run``'s
+    #: ticks come every 0.5 s; the operator's every status interval (5 s), so it calls it every second too.
+    grant_checkpoint_seconds: float = 2.0
     #: Flush early when this many verified rows are buffered (bounds memory and part size).
     part_rows: int = 5000
     #: Lifetime of presigned upload URLs. Longer than any sane training time of one lease; the URL only
@@ -183,6 +195,7 @@ class CampaignService:
     _rows: list[dict[str, Any]] = field(init=False, default_factory=list)
     _part_seq: int = field(init=False, default=1)
     _last_flush: float = field(init=False, default=0.0)
+    _granted_at: float | None = field(init=False, default=None)  # first grant since the last checkpoint's copy
     _finishing: dict[int, asyncio.Lock] = field(init=False, default_factory=dict)
     _recent: collections.deque[float] = field(init=False, default_factory=collections.deque)
     _training_seconds: float = field(init=False, default=0.0)
@@ -381,6 +394,8 @@ class CampaignService:
             # Presigning is local computation for both backends, but never strand the units if it fails.
             self.book.release_lease(view.lease_id, req.worker)
             raise
+        if not view.speculative and self._granted_at is None:  # a speculative copy is never re-adopted
+            self._granted_at = self.book.now()
         if self.observer is not None:
             reissued = 0 if view.speculative else sum(1 for a in view.attempts if a > 0)
             self.observer.lease_granted(req.pool, units=len(view.units), reissued=reissued)
@@ -684,7 +699,7 @@ class CampaignService:
     # ------------------------------------------------------------------------------------- housekeeping
 
     async def tick(self) -> None:
-        """Periodic work: expire leases, flush rows + checkpoint when due, finalize when every unit is done."""
+        """Periodic work: expire leases, flush rows + checkpoint when due (the book alone after a grant), finalize."""
         self._expire()
         if self._stale:
             stale, self._stale = self._stale, []
@@ -692,6 +707,13 @@ class CampaignService:
         due = self.book.now() - self._last_flush >= self.settings.checkpoint_seconds
         if due or len(self._rows) >= self.settings.part_rows:
             await self.flush()
+        else:
+            try:
+                await self.checkpoint_leases()
+            except StorageUnavailable as exc:  # nothing is lost meanwhile, only fresh leases go unhonoured
+                log.warning(
+                    "campaign=%s could not checkpoint fresh leases (retried at the next tick): %s", self.name, exc
+                )
         if self.book.finished and not self._finalized:
             await self.finalize()
 
@@ -704,18 +726,25 @@ class CampaignService:
                 self.observer.lease_expired(lease.pool, units=len(lease.units), counted=not paused)
 
     async def flush(self) -> None:
-        """Write buffered manifest rows as a part, then the book's checkpoint (in that order)."""
+        """Write buffered manifest rows as a part, then the book's checkpoint (in that order).
+
+        Rows verified while the part is written go into the checkpoint as unpublished (see the module docstring).
+        """
         async with self._flush_lock:
             rows, self._rows = self._rows, []
             staged, self._staged = self._staged, []
-            checkpoint = self.book.to_bytes()
             try:
                 if rows:
                     await asyncio.to_thread(mf.write_part, self.store, self._part_seq, rows)
                     self._part_seq += 1
-                await asyncio.to_thread(mf.put_checkpoint, self.store, checkpoint)
             except BaseException:
                 self._rows = rows + self._rows  # keep them for the next try
+                self._staged = staged + self._staged
+                raise
+            try:
+                # Rows written, whatever happens next: a later checkpoint counts their units as published.
+                await self._put_checkpoint()
+            except BaseException:
                 self._staged = staged + self._staged
                 raise
             if staged:
@@ -724,6 +753,38 @@ class CampaignService:
                 except StorageUnavailable as exc:  # garbage once published; a leftover costs bytes only
                     log.warning("campaign=%s could not delete %d staged objects: %s", self.name, len(staged), exc)
             self._last_flush = self.book.now()
+
+    async def checkpoint_leases(self) -> bool:
+        """Checkpoint the book alone if a lease was granted ``grant_checkpoint_seconds`` ago and not since.
+
+        No manifest part: the units whose rows are still buffered are written as not yet succeeded (see
+        the module docstring). Returns whether a checkpoint was written. The operator calls this every
+        second besides :meth:`tick` (its ticks follow the status interval).
+        """
+        granted = self._granted_at
+        if granted is None or self.book.now() - granted < self.settings.grant_checkpoint_seconds:
+            return False
+        async with self._flush_lock:
+            if self._granted_at is None:  # a flush checkpointed the grant meanwhile
+                return False
+            await self._put_checkpoint()
+        return True
+
+    async def _put_checkpoint(self) -> None:
+        """Write the book's checkpoint as it is now; hold ``_flush_lock``. Compression and the write run in a thread.
+
+        Under the lock no part is being written, so the succeeded units whose rows are in no part are
+        exactly those of the buffered rows: they go in as ``unpublished`` (see the module docstring).
+        """
+        unpublished = {int(row["unit"]): str(row["pool"]) for row in self._rows}
+        checkpoint = self.book.checkpoint(unpublished=unpublished)
+        granted, self._granted_at = self._granted_at, None  # this copy holds every lease granted so far
+        try:
+            await asyncio.to_thread(lambda: mf.put_checkpoint(self.store, checkpoint.to_bytes()))
+        except BaseException:
+            if granted is not None:
+                self._granted_at = granted  # the earliest grant still unwritten
+            raise
 
     async def finalize(self) -> str:
         """Write manifest.parquet, README.md and the per-target data; returns the manifest's URL."""

@@ -653,6 +653,46 @@ def test_a_checkpoint_round_trip_keeps_every_unit_and_counter() -> None:
     assert (after.max_attempts, after.lease_seconds, after.total) == (2, LEASE, 1000)
 
 
+def test_unpublished_units_are_written_as_if_they_succeeded_after_the_checkpoint() -> None:
+    # The server's rows of units 0 (cpu) and 11 (gpu) are not in a manifest part yet: the checkpoint must
+    # not count them, so that recovery (complete() for a unit not succeeded) counts each once.
+    w = world(20, pools=("cpu", "gpu"))
+    lease = w.grant("w1", 4)
+    w.complete(0)
+    w.complete(1)
+    w.grant("g1", 8, pool="gpu")
+    w.complete(11, "g1")
+    w.clock.advance(1)
+    w.book = LeaseBook.from_bytes(w.book.to_bytes(unpublished={0: "cpu", 11: "gpu"}), clock=w.clock)
+    assert [w.state(u) for u in (0, 1, 11)] == [UnitState.leased, UnitState.succeeded, UnitState.leased]
+    assert {p.name: p.succeeded for p in w.book.stats().pools} == {"cpu": 1, "gpu": 0}
+    assert w.book.issued(11, 0)
+    # No lease holds them: the lease that trained unit 0 re-establishes only its units still in training.
+    result = w.book.heartbeat(lease.lease_id, "w1", pool="cpu", units={0: 0, 1: 0, 2: 0, 3: 0})
+    assert (result.readopted, result.cancel) == (True, (0, 1))
+    for unit, pool in ((0, "cpu"), (11, "gpu")):  # what recovery does with their published results
+        assert w.book.complete(unit, worker="recovered", pool=pool, attempt=0, converged=True) is Outcome.accepted
+    stats = w.book.stats()
+    assert (stats.succeeded, {p.name: p.succeeded for p in stats.pools}) == (3, {"cpu": 2, "gpu": 1})
+
+
+@pytest.mark.parametrize(
+    ("unpublished", "message"),
+    [
+        pytest.param({1: "cpu"}, "only units that succeeded", id="a leased unit"),
+        pytest.param({5: "cpu"}, "only units that succeeded", id="a pending unit"),
+        pytest.param({99: "cpu"}, "only units that succeeded", id="not a unit"),
+        pytest.param({0: "tpu"}, "pool 'tpu'", id="an unknown pool"),
+    ],
+)
+def test_only_succeeded_units_of_known_pools_can_be_unpublished(unpublished: dict[int, str], message: str) -> None:
+    w = world(10, pools=("cpu",))
+    w.grant("w1", 2)
+    w.complete(0)
+    with pytest.raises(ValueError, match=message):
+        w.book.checkpoint(unpublished=unpublished)
+
+
 def test_settings_given_at_restore_override_the_checkpoint() -> None:
     w = world(3, max_attempts=5)
     w.grant("w1", 1)

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 from mlds_contract.errors import UserError
+from mlds_contract.lease import LeaseGrant, LeaseRequest
 from mlds_operator.leases.metrics import CampaignMetrics
 from mlds_operator.leases.registry import Campaigns, open_campaign
+from mlds_operator.leases.service import ServiceSettings
+from mlds_operator.storage import manifest as mf
 from mlds_operator.storage.store import LocalStore
 
 from tests.api_fixtures import NAME, NAMESPACE, POOL, TOKEN, a_campaign
@@ -53,3 +56,32 @@ async def test_a_store_that_cannot_be_opened_serves_nothing(tmp_path: Path) -> N
         await open_campaign(campaigns, NAMESPACE, NAME, a_campaign(), token=TOKEN, local_root=not_a_folder)
 
     assert campaigns.items() == []
+
+
+async def test_served_campaigns_checkpoint_their_fresh_leases_and_closed_ones_write_nothing(tmp_path: Path) -> None:
+    # The operator's ticks follow its status interval; this pass, every second, checkpoints fresh grants.
+    campaigns = Campaigns()
+    settings = ServiceSettings(grant_checkpoint_seconds=0.0)
+    served, closed = [
+        await open_campaign(
+            campaigns,
+            NAMESPACE,
+            name,
+            a_campaign(networks=4),
+            token=TOKEN,
+            local_root=tmp_path / name,
+            upload_base_url="http://127.0.0.1:9",
+            settings=settings,
+        )
+        for name in ("served", "closed")
+    ]
+    request = LeaseRequest(worker="w", pool=POOL, accelerator="cpu", device_name="cpu", max_units=1)
+    for service in (served, closed):
+        assert isinstance(await service.grant(request), LeaseGrant)
+    campaigns.remove(NAMESPACE, "closed")
+
+    await campaigns.checkpoint_leases()
+
+    assert mf.get_checkpoint(served.store) is not None
+    assert mf.get_checkpoint(closed.store) is None
+    assert not await served.checkpoint_leases()  # written: nothing granted since

@@ -39,6 +39,7 @@ from mlds_contract.lease import (
     UnitState,
 )
 from mlds_contract.results import model_tensors
+from mlds_operator.leases.book import LeaseBook, NotHolder
 from mlds_operator.leases.service import CampaignService, ResultRejected, ServiceSettings
 from mlds_operator.storage import manifest as mf
 from mlds_operator.storage.store import Checked, LocalStore
@@ -47,8 +48,10 @@ from tests.api_fixtures import safetensors_bytes
 from tests.clock import FakeClock
 
 POOL = "local"
+OTHER = "other"  # a second pool, where per-pool figures matter
 TOKEN = "campaign-token"
 CHECKPOINT_SECONDS = 30.0
+GRANT_CHECKPOINT_SECONDS = ServiceSettings().grant_checkpoint_seconds
 #: Two targets x three replicas: units 0-2 mimic SingleDirectMachine, 3-5 SingleInvertMachine.
 NETWORKS_PER_TARGET = 3
 TOTAL = 2 * NETWORKS_PER_TARGET
@@ -76,10 +79,12 @@ class RecordingStore(LocalStore):
 
 
 class CheckpointOutage(RecordingStore):
-    """A store whose checkpoint writes fail: a crash between the manifest part and the checkpoint."""
+    """A store whose checkpoint writes fail (while ``down``): a crash between the manifest part and the checkpoint."""
+
+    down = True
 
     def put_bytes(self, rel: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        if rel == mf.CHECKPOINT_KEY:
+        if rel == mf.CHECKPOINT_KEY and self.down:
             raise StorageUnavailable("bucket went away")
         super().put_bytes(rel, data, content_type)
 
@@ -95,11 +100,16 @@ def campaign(max_attempts: int = 3) -> CampaignSpec:
 
 
 async def open_service(
-    store: LocalStore, clock: FakeClock, *, max_attempts: int = 3, part_rows: int = 5000
+    store: LocalStore,
+    clock: FakeClock,
+    *,
+    max_attempts: int = 3,
+    part_rows: int = 5000,
+    pools: Sequence[str] = (POOL,),
 ) -> CampaignService:
     settings = ServiceSettings(checkpoint_seconds=CHECKPOINT_SECONDS, part_rows=part_rows)
     return await CampaignService.open(
-        "demo", campaign(max_attempts), store, token=TOKEN, pools=[POOL], clock=clock, settings=settings
+        "demo", campaign(max_attempts), store, token=TOKEN, pools=list(pools), clock=clock, settings=settings
     )
 
 
@@ -117,6 +127,7 @@ class Result:
     converged: bool
     files: dict[str, bytes]
     declared: dict[str, FileDigest] = field(default_factory=dict)
+    pool: str = POOL
 
     def __post_init__(self) -> None:
         if not self.declared:
@@ -131,7 +142,7 @@ class Result:
         """The completion as the worker sends it."""
         return CompleteRequest(
             worker=self.worker,
-            pool=POOL,
+            pool=self.pool,
             unit=self.unit,
             attempt=self.attempt,
             converged=self.converged,
@@ -142,7 +153,13 @@ class Result:
 
 
 def trained(
-    service: CampaignService, unit: int, *, attempt: int = 0, worker: str = "worker-a", converged: bool = True
+    service: CampaignService,
+    unit: int,
+    *,
+    attempt: int = 0,
+    worker: str = "worker-a",
+    converged: bool = True,
+    pool: str = POOL,
 ) -> Result:
     """What a worker uploads for ``unit``: distinct weights per (worker, unit, attempt), a matching meta.json."""
     spec = service.unit_spec(unit, attempt)
@@ -162,14 +179,14 @@ def trained(
         "eval_loss": 5e-5 if converged else 0.02,
         "seconds": 0.3,
         "sha256": sha(model),
-        "pool": POOL,
+        "pool": pool,
     }
     files = {
         "model.safetensors": model,
         "history.csv": b"epoch,train_loss,eval_loss,seconds\n1,0.1,0.1,0.3\n",
         "meta.json": json.dumps(meta).encode(),
     }
-    return Result(worker=worker, unit=unit, attempt=attempt, converged=converged, files=files)
+    return Result(worker=worker, unit=unit, attempt=attempt, converged=converged, files=files, pool=pool)
 
 
 def published_as(store: LocalStore, folder: str, result: Result) -> None:
@@ -198,9 +215,9 @@ async def deliver(store: LocalStore, service: CampaignService, result: Result) -
     return await service.complete(result.request())
 
 
-async def lease(service: CampaignService, worker: str = "worker-a", units: int = 1) -> LeaseGrant:
+async def lease(service: CampaignService, worker: str = "worker-a", units: int = 1, pool: str = POOL) -> LeaseGrant:
     reply = await service.grant(
-        LeaseRequest(worker=worker, pool=POOL, accelerator="cpu", device_name="cpu", max_units=units)
+        LeaseRequest(worker=worker, pool=pool, accelerator="cpu", device_name="cpu", max_units=units)
     )
     assert isinstance(reply, LeaseGrant), reply
     return reply
@@ -442,13 +459,17 @@ async def test_tick_flushes_a_manifest_part_then_the_checkpoint_when_due(
     clock.advance(CHECKPOINT_SECONDS - 1)
     await service.tick()
     assert store.tree("_mlds/parts/") == []
-    assert mf.get_checkpoint(store) is None
+    # Only the grant's own checkpoint (the book alone) so far: it does not count the units whose rows wait.
+    grant_checkpoint = mf.get_checkpoint(store)
+    assert grant_checkpoint is not None
+    assert LeaseBook.from_bytes(grant_checkpoint).stats().succeeded == 0
 
     clock.advance(1)
     await service.tick()
     assert part_units(store) == [0, 1]
     flushed = [k for k in store.writes if k.startswith("_mlds/parts/") or k == mf.CHECKPOINT_KEY]
-    assert flushed == ["_mlds/parts/part-000001.parquet", mf.CHECKPOINT_KEY]  # rows first, then the book
+    # The grant's checkpoint, then the flush: rows first, then the book.
+    assert flushed == [mf.CHECKPOINT_KEY, "_mlds/parts/part-000001.parquet", mf.CHECKPOINT_KEY]
 
     clock.advance(CHECKPOINT_SECONDS)
     await service.tick()  # nothing new: a fresh checkpoint, no empty part
@@ -559,6 +580,172 @@ async def test_a_crash_between_the_part_and_the_checkpoint_loses_and_duplicates_
     await restarted.tick()
     assert restarted.finalized
     assert pq.read_table(store.path(mf.MANIFEST_KEY)).column("unit").to_pylist() == list(range(TOTAL))
+
+
+# ------------------------------------------------------------------------------- grant checkpoints
+
+
+def beat(service: CampaignService, grant: LeaseGrant, worker: str, units: Sequence[int] | None = None) -> list[int]:
+    """A heartbeat of ``grant`` naming ``units`` (default: all of the lease's) at attempt 0; returns its cancel list."""
+    named = [u.spec.unit for u in grant.units] if units is None else units
+    request = HeartbeatRequest(worker=worker, pool=POOL, units=[UnitAttempt(unit=u, attempt=0) for u in named])
+    reply = service.heartbeat(grant.lease_id, request)
+    assert reply.readopted
+    return reply.cancel
+
+
+async def test_a_lease_granted_after_the_last_checkpoint_is_honoured_once_its_grant_is_checkpointed(
+    store: RecordingStore, clock: FakeClock
+) -> None:
+    service = await open_service(store, clock)
+    clock.advance(CHECKPOINT_SECONDS)
+    await service.tick()  # the regular checkpoint, before any lease
+    regular = mf.get_checkpoint(store)
+    early = await lease(service, worker="worker-a", units=2)
+    clock.advance(GRANT_CHECKPOINT_SECONDS - 0.5)
+    await service.tick()
+    assert mf.get_checkpoint(store) == regular  # not yet
+    clock.advance(0.5)
+    await service.tick()
+    assert mf.get_checkpoint(store) != regular  # the book alone: no manifest part
+    assert store.tree("_mlds/parts/") == []
+    late = await lease(service, worker="worker-b")  # granted too shortly before the crash to be checkpointed
+    clock.advance(GRANT_CHECKPOINT_SECONDS - 0.5)
+    await service.tick()
+    # ...and the process dies here.
+
+    restarted = await open_service(store, FakeClock(start=5.0))
+
+    assert beat(restarted, early, "worker-a") == []  # re-established, every unit
+    late_request = HeartbeatRequest(
+        worker="worker-b", pool=POOL, units=[UnitAttempt(unit=late.units[0].spec.unit, attempt=0)]
+    )
+    with pytest.raises(NotHolder):
+        restarted.heartbeat(late.lease_id, late_request)
+    assert (await lease(restarted, worker="worker-c")).units[0].spec.unit == late.units[0].spec.unit
+
+
+async def test_results_verified_before_a_grant_checkpoint_are_counted_and_listed_once_after_a_restart(
+    store: RecordingStore, clock: FakeClock
+) -> None:
+    service = await open_service(store, clock, pools=(POOL, OTHER))
+    a = await lease(service, worker="worker-a", units=3)
+    b = await lease(service, worker="worker-b", units=2, pool=OTHER)
+    a_units, b_units = [u.spec.unit for u in a.units], [u.spec.unit for u in b.units]
+    await deliver(store, service, trained(service, a_units[0]))
+    await deliver(store, service, trained(service, b_units[0], worker="worker-b", pool=OTHER))
+    await deliver(store, service, trained(service, b_units[1], worker="worker-b", pool=OTHER, converged=False))
+    clock.advance(GRANT_CHECKPOINT_SECONDS)
+    await service.tick()  # the grant checkpoint, while the two verified rows are still buffered
+    assert store.tree("_mlds/parts/") == []
+    await deliver(store, service, trained(service, a_units[1]))  # verified after it
+    before = service.snapshot().stats
+    # ...and the process dies here: no flush.
+
+    restarted = await open_service(store, FakeClock(start=5.0), pools=(POOL, OTHER))
+
+    after = restarted.snapshot().stats
+    figures = {p.name: (p.succeeded, p.failed) for p in after.pools}
+    assert figures == {p.name: (p.succeeded, p.failed) for p in before.pools} == {POOL: (2, 0), OTHER: (1, 1)}
+    assert (after.succeeded, after.failed, after.pending, after.leased) == (3, 0, 2, 1)
+    assert restarted.book.unit(b_units[1]).attempts == 1  # the failed attempt stays counted
+    assert part_units(store) == sorted([*a_units[:2], b_units[0]])  # recovery wrote each row once
+    assert beat(restarted, a, "worker-a") == a_units[:2]  # its third unit is re-established, not the done ones
+    assert (await restarted.complete(trained(restarted, a_units[0]).request())).status is Outcome.duplicate
+
+    c = await lease(restarted, worker="worker-c", units=TOTAL)
+    assert sorted(u.spec.unit for u in c.units) == sorted([b_units[1], *set(range(TOTAL)) - {*a_units, *b_units}])
+    for leased in c.units:
+        spec = leased.spec
+        await deliver(store, restarted, trained(restarted, spec.unit, attempt=spec.attempt, worker="worker-c"))
+    await deliver(store, restarted, trained(restarted, a_units[2]))
+    await restarted.tick()
+    assert restarted.finalized
+    assert pq.read_table(store.path(mf.MANIFEST_KEY)).column("unit").to_pylist() == list(range(TOTAL))
+    assert sorted(mf.read_parts(store).column("unit").to_pylist()) == list(range(TOTAL))  # type: ignore[union-attr]
+    final = restarted.snapshot().stats
+    assert {p.name: (p.succeeded, p.failed) for p in final.pools} == {POOL: (TOTAL - 1, 0), OTHER: (1, 1)}
+
+
+async def test_grant_checkpoints_write_the_book_only_so_parts_stay_few(store: RecordingStore, clock: FakeClock) -> None:
+    service = await open_service(store, clock)
+    for i in range(TOTAL - 1):  # a lease and a result every 5 s, for 25 s
+        grant = await lease(service, worker=f"worker-{i}")
+        await deliver(store, service, trained(service, grant.units[0].spec.unit, worker=f"worker-{i}"))
+        clock.advance(5)
+        await service.tick()
+    assert store.writes.count(mf.CHECKPOINT_KEY) == TOTAL - 1  # one per grant...
+    assert store.tree("_mlds/parts/") == []  # ...and not one part
+    clock.advance(2)
+    await service.tick()
+    assert store.writes.count(mf.CHECKPOINT_KEY) == TOTAL - 1  # no grant since: nothing to write
+    clock.advance(CHECKPOINT_SECONDS - 27)
+    await service.tick()  # the regular flush: every row in one part
+    assert store.tree("_mlds/parts/") == ["_mlds/parts/part-000001.parquet"]
+    assert len(part_units(store)) == TOTAL - 1
+
+    restarted = await open_service(store, FakeClock())
+    assert restarted.snapshot().stats.succeeded == TOTAL - 1
+    assert len(part_units(store)) == TOTAL - 1  # nothing to recover: no second part
+
+
+async def test_rows_whose_part_was_written_are_not_written_again_when_the_checkpoint_after_it_failed(
+    tmp_path: Path,
+) -> None:
+    flaky = CheckpointOutage(tmp_path / "bucket")
+    clock = FakeClock()
+    service = await open_service(flaky, clock)
+    await lease(service, units=2)
+    for unit in (0, 1):
+        await deliver(flaky, service, trained(service, unit))
+    clock.advance(CHECKPOINT_SECONDS)
+    with pytest.raises(StorageUnavailable):
+        await service.tick()  # the part is written, its checkpoint is not
+    flaky.down = False
+    await lease(service, worker="worker-b")
+    clock.advance(GRANT_CHECKPOINT_SECONDS)
+    await service.tick()  # the retried flush: no part (its rows are in one already), then the book
+
+    restarted = await open_service(RecordingStore(tmp_path / "bucket"), FakeClock())
+    assert restarted.snapshot().stats.succeeded == 2
+    assert part_units(flaky) == [0, 1]  # once: the checkpoint counts them, nothing was recovered again
+
+
+async def test_a_grant_checkpoint_that_meets_an_outage_is_retried_at_the_next_tick(tmp_path: Path) -> None:
+    flaky = CheckpointOutage(tmp_path / "bucket")
+    clock = FakeClock()
+    service = await open_service(flaky, clock)
+    grant = await lease(service, units=2)
+    clock.advance(GRANT_CHECKPOINT_SECONDS)
+    await service.tick()  # logged, not raised: nothing is lost while the bucket is away
+    assert mf.get_checkpoint(flaky) is None
+    flaky.down = False
+    await service.tick()
+    assert flaky.tree("_mlds/parts/") == []
+
+    restarted = await open_service(RecordingStore(tmp_path / "bucket"), FakeClock(start=5.0))
+    assert beat(restarted, grant, "worker-a") == []
+
+
+async def test_a_heartbeat_on_an_invented_lease_id_readopts_nothing_after_a_grant_checkpoint(
+    store: RecordingStore, clock: FakeClock
+) -> None:
+    service = await open_service(store, clock)
+    real = await lease(service, worker="worker-a", units=2)
+    await deliver(store, service, trained(service, real.units[0].spec.unit))  # unpublished in the checkpoint
+    clock.advance(GRANT_CHECKPOINT_SECONDS)
+    await service.tick()
+
+    restarted = await open_service(store, FakeClock(start=5.0))
+
+    everything = HeartbeatRequest(
+        worker="worker-a", pool=POOL, units=[UnitAttempt(unit=u, attempt=0) for u in range(TOTAL)]
+    )
+    with pytest.raises(NotHolder):
+        restarted.heartbeat("invented-lease-id-0000", everything)
+    stats = restarted.snapshot().stats
+    assert (stats.leases, stats.leased, stats.succeeded) == (0, 1, 1)
+    assert beat(restarted, real, "worker-a") == [real.units[0].spec.unit]
 
 
 # ------------------------------------------------------------------------------------------- the end
