@@ -182,11 +182,12 @@ async def test_each_staging_rejection_reason_gets_its_own_fresh_upload(
 
     @web.middleware
     async def lose_staging(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # After the torn copy was uploaded afresh, the staged model file vanishes once (a sweep, a lost
-        # object): a second reason, `missing`, which deserves its own fresh upload.
+        # After the torn copy was uploaded afresh, the staged model (alone, or in the unit's bundle) vanishes
+        # once (a sweep, a lost object): a second reason, `missing`, which deserves its own fresh upload.
         if request.path.endswith("/complete") and wire.model_uploads == 2 and not deleted:
             assert wire.served is not None
-            (key,) = [k for k in wire.served.store.list("_mlds/staging/") if k.endswith(f"/{MODEL_FILE}")]
+            staged = wire.served.store.list("_mlds/staging/")
+            (key,) = [k for k in staged if k.endswith((f"/{MODEL_FILE}", BUNDLE_SUFFIX))]
             wire.served.store.delete(key)
             deleted.append(key)
         return await handler(request)
