@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from mlds_contract.errors import UserError
+from mlds_operator.bench.campaign import bench_campaign_command
 from mlds_operator.bench.campaign_run import bench_campaign, bench_run_command
 
 from tests.run_fixtures import activity, reap, start_mlds, worker_env, worker_events
@@ -68,3 +69,27 @@ def test_an_interrupted_benchmark_says_there_is_nothing_to_resume(tmp_path: Path
     assert "mlds-bench-campaign-" not in bench.stderr  # no path to a folder that is gone
     assert list(tmp_path.glob("mlds-bench-campaign-*")) == []
     assert leftovers == []
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_bench_campaign_compares_the_ways_and_names_the_network_that_bounds_the_tail() -> None:
+    machines = "SingleDirectMachine,SingleInvertMachine"
+    args = ["--networks", "4", "--machines", machines, "--stack", "2", "--ways", "one,continuous"]
+    result = CliRunner().invoke(bench_campaign_command, [*args, "--target-loss", "0.05"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    one = next(line for line in lines if line.startswith("one at a time"))
+    continuous = next(line for line in lines if line.startswith("continuous S=2"))
+    # The last eight columns: wall, nets/h/core, x one, cpu-s/net, train-s/net, occupancy, (pending), tail.
+    assert one.split()[-6] == "1.00"  # the baseline's ratio to itself
+    assert float(continuous.split()[-6]) > 0  # its ratio to one at a time, measured
+    assert continuous.split()[-3].endswith("%")  # mean occupancy: continuous stacks report it
+    spread = next(line for line in lines if line.startswith("epochs to converge (min/median/max): "))
+    assert "SingleDirectMachine " in spread
+    assert "SingleInvertMachine " in spread
+    longest = re.search(r"longest network: unit (\d) \((\w+)\), (\d+) epochs, ([\d.]+) s alone", result.output)
+    assert longest is not None, result.output
+    assert longest[2] in machines.split(",")
+    assert int(longest[3]) >= 1
+    assert float(longest[4]) > 0

@@ -16,6 +16,10 @@ idle waiting included), the ratio to one at a time, mean stack occupancy (over
 the run, and until nothing was pending) and the tail: the time from 90% to 100% of the networks
 verified. The machine's load average is printed with every run: ratios are measured in one process,
 one way after the other, so a load that changes between runs moves them.
+
+Training is deterministic, so every way trains the same networks for the same epochs; the report ends
+with their spread per target and the longest network, which no schedule on the campaign's workers can
+finish before: what bounds the tail of a campaign with few units per slot.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import click
 
 from mlds_operator.bench.campaign_run import bench_campaign
 from mlds_operator.run.runner import RunOptions, RunSummary, run_campaign
+from mlds_operator.storage.manifest import read_manifest
+from mlds_operator.storage.store import LocalStore
 
 __all__ = ["bench_campaign_command", "tail_seconds"]
 
@@ -51,6 +57,7 @@ class _Way:
     tail: float | None = None
     load: str = ""
     cpu: float = float("nan")  # CPU seconds of the worker processes (children of this process)
+    rows: list[dict[str, object]] | None = None  # the manifest's unit, target, epochs and seconds per network
 
 
 def _loadavg() -> str:
@@ -75,6 +82,9 @@ def _run(way: _Way, networks: int, machines: list[str], workers: int, target_los
             resumable=False,  # the store is a temporary folder, removed on the way out
         )
         way.summary = asyncio.run(run_campaign(campaign, Path(tmp) / "bench-campaign.yaml", opts))
+        if way.summary.manifest is not None:
+            table = read_manifest(LocalStore(Path(tmp) / "store"))
+            way.rows = table.select(["unit", "target", "epochs", "seconds"]).to_pylist()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     way.cpu = (after.ru_utime + after.ru_stime) - (used.ru_utime + used.ru_stime)
     way.tail = tail_seconds(progress, networks)
@@ -155,3 +165,26 @@ def _report(runs: list[_Way], networks: int, workers: int) -> None:
             f"{mean:>11}{fed:>11}{(f'{way.tail:,.1f}' if way.tail is not None else '-'):>16}"
         )
     click.echo(f"({networks} networks; every figure from runs in this process, one way after the other)")
+    for line in spread_lines(runs):
+        click.echo(line)
+
+
+def spread_lines(runs: list[_Way]) -> list[str]:
+    """Epochs per target (min / median / max) and the longest network, alone when one way ran it so."""
+    rows = next((w.rows for w in runs if w.rows), None)
+    if not rows:
+        return []
+    by_target: dict[str, list[int]] = {}
+    for row in rows:
+        by_target.setdefault(str(row["target"]), []).append(int(str(row["epochs"])))
+    parts = [f"{t} {min(e)}/{sorted(e)[len(e) // 2]}/{max(e)}" for t, e in sorted(by_target.items())]
+    lines = ["epochs to converge (min/median/max): " + ", ".join(parts)]
+    longest = max(rows, key=lambda r: int(str(r["epochs"])))
+    alone = next((w.rows for w in runs if w.units_per_lease == 1 and w.rows), None)
+    seconds = next((float(str(r["seconds"])) for r in alone or [] if r["unit"] == longest["unit"]), None)
+    took = f", {seconds:,.1f} s alone" if seconds is not None else ""
+    lines.append(
+        f"longest network: unit {longest['unit']} ({longest['target']}), {longest['epochs']} epochs{took}; "
+        "no schedule ends the campaign before it does"
+    )
+    return lines
