@@ -93,3 +93,10 @@ def test_bench_campaign_compares_the_ways_and_names_the_network_that_bounds_the_
     assert longest[2] in machines.split(",")
     assert int(longest[3]) >= 1
     assert float(longest[4]) > 0
+    ceiling = re.search(
+        r"best mean occupancy of any schedule with 2 slots: ([\d.]+)% \(([\d,]+) epochs in all", result.output
+    )
+    assert ceiling is not None, result.output
+    total = int(ceiling[2].replace(",", ""))
+    assert total >= 4  # four networks of at least one epoch each
+    assert float(ceiling[1]) == pytest.approx(100 * total / (2 * max(int(longest[3]), total / 2)), abs=0.05)

@@ -138,6 +138,8 @@ def bench_campaign_command(
         _run(way, networks, names, workers, target_loss)
         click.echo(f"  ran {way.label}: load average {way.load}")
     _report(runs, networks, workers)
+    for line in spread_lines(runs, slots=width * workers):
+        click.echo(line)
 
 
 def _report(runs: list[_Way], networks: int, workers: int) -> None:
@@ -165,12 +167,15 @@ def _report(runs: list[_Way], networks: int, workers: int) -> None:
             f"{mean:>11}{fed:>11}{(f'{way.tail:,.1f}' if way.tail is not None else '-'):>16}"
         )
     click.echo(f"({networks} networks; every figure from runs in this process, one way after the other)")
-    for line in spread_lines(runs):
-        click.echo(line)
 
 
-def spread_lines(runs: list[_Way]) -> list[str]:
-    """Epochs per target (min / median / max) and the longest network, alone when one way ran it so."""
+def spread_lines(runs: list[_Way], *, slots: int) -> list[str]:
+    """Epochs per target (min / median / max), the longest network, and the occupancy it leaves possible.
+
+    However units are ordered, ``slots`` slots cannot all be busy for longer than the total epochs allow,
+    and the campaign lasts at least as long as its longest network: the mean occupancy of any schedule is
+    at most total / (slots x max(longest, total / slots)) (epochs as time; members of a stack step together).
+    """
     rows = next((w.rows for w in runs if w.rows), None)
     if not rows:
         return []
@@ -186,5 +191,11 @@ def spread_lines(runs: list[_Way]) -> list[str]:
     lines.append(
         f"longest network: unit {longest['unit']} ({longest['target']}), {longest['epochs']} epochs{took}; "
         "no schedule ends the campaign before it does"
+    )
+    total = sum(int(str(r["epochs"])) for r in rows)
+    ceiling = total / (slots * max(int(str(longest["epochs"])), total / slots))
+    lines.append(
+        f"best mean occupancy of any schedule with {slots} slots: {ceiling:.1%} "
+        f"({total:,} epochs in all, {int(str(longest['epochs'])) / total:.0%} of them in the longest network)"
     )
     return lines
