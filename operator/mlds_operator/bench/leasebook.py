@@ -1,6 +1,6 @@
 """Memory and throughput of the pure lease book at campaign scale (a script that prints figures, not a test).
 
-    .venv/bin/python bench/leasebook_bench.py [--units 1000000]
+    .venv/bin/python -m mlds_operator.bench.leasebook [--units 1000000]
 
 Memory: each scenario runs in a fresh Python process and reports the resident-set growth (RSS, from
 /proc/self/statm) from just before the book is built to the end of the scenario, so numpy's lazily
