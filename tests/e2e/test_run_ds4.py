@@ -58,3 +58,18 @@ def test_a_tiny_ds4_campaign_runs_to_the_end(tmp_path: Path, images: str) -> Non
         ]
     else:
         assert fetched == []
+
+
+def test_mlds_run_of_mnist_without_its_files_says_where_to_put_them_and_trains_nothing(tmp_path: Path) -> None:
+    workload = {"dataset": "ds4", "variants": ["clean"], "images": "mnist"}
+    campaign = write_campaign(tmp_path / "campaign.yaml", name="digits", workload=workload, networks_per_target=2)
+
+    proc = start_mlds(["run", campaign, "--workers", "1", "--store", "store", "--quiet"], cwd=tmp_path, tag="run")
+    code = proc.wait(what="mlds run to refuse the campaign")
+
+    assert reap(str(tmp_path), wait=True) == []
+    assert code == 2, proc.describe()
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]  # one line says why
+    assert "reads train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte" in line
+    assert str(tmp_path / "store") in line  # where to put them
+    assert not (tmp_path / "store" / "_mlds" / "logs").exists()  # no worker was started

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -33,6 +34,7 @@ from tests.operator_fixtures import (
     operator_config,
     running_operator,
 )
+from tests.run_fixtures import write_mnist_like
 from tests.s3_fixtures import S3Server
 from tests.waiting import wait_until_async
 
@@ -415,6 +417,41 @@ async def test_a_missing_credentials_secret_waits_and_the_campaign_starts_once_i
         await wait_until_async(lambda: cluster.jobs(NS, "creds").get("cpu"), what="the Job once the Secret exists")
         await wait_until_async(lambda: ready(cluster, "creds"), what="Ready=True")
         assert condition(cluster.status(NS, "creds"), "InvalidSpec")["status"] == "False"
+
+
+async def test_mnist_files_missing_from_storage_hold_the_campaign_with_a_condition_until_they_are_uploaded(
+    cluster: Cluster, s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    # ds4 on MNIST reads four IDX files its owner places under the storage prefix. Without them no worker
+    # could train a unit: the campaign waits, saying so, instead of starting Jobs that fail every unit.
+    await add_credentials(cluster, s3_server)
+    storage = s3_server.storage(s3_bucket, "digits")
+    workload = {"dataset": "ds4", "variants": ["clean"], "images": "mnist"}
+    async with running_operator(operator_config(cluster)):
+        await cluster.create(CAMPAIGNS, campaign_manifest("digits", NS, storage=storage, workload=workload))
+        held = await wait_until_async(
+            lambda: (
+                condition(cluster.status(NS, "digits"), "Ready").get("reason") == "InputsMissing"
+                and condition(cluster.status(NS, "digits"), "Ready")
+            ),
+            what="Ready=False because the MNIST files are missing",
+        )
+        assert held["status"] == "False"
+        assert "train-images-idx3-ubyte" in held["message"]
+        assert "t10k-labels-idx1-ubyte" in held["message"]
+        assert cluster.status(NS, "digits")["phase"] == "Pending"
+        assert condition(cluster.status(NS, "digits"), "InvalidSpec").get("status") != "True"  # not the spec's fault
+        assert cluster.jobs(NS, "digits") == {}
+        events = [e for e in cluster.events(NS, "digits") if e["reason"] == "InputsMissing"]
+        assert events, cluster.events(NS, "digits")
+        assert {e["type"] for e in events} == {"Warning"}
+
+        write_mnist_like(tmp_path / "mnist")
+        store = s3_server.open(s3_bucket, "digits")
+        for file in sorted((tmp_path / "mnist").iterdir()):
+            store.put_bytes(file.name, file.read_bytes())
+        await wait_until_async(lambda: cluster.jobs(NS, "digits").get("cpu"), what="the Job once the files are there")
+        await wait_until_async(lambda: ready(cluster, "digits"), what="Ready=True")
 
 
 async def test_a_job_name_taken_by_something_else_is_reported_not_overwritten(

@@ -74,6 +74,7 @@ class Reason(enum.StrEnum):
     WorkerJobFailed = "WorkerJobFailed"  # a pool's Job hit its backoff limit or a FailJob rule
     JobNameTaken = "JobNameTaken"  # a pool's Job name belongs to something else (another campaign's pool)
     StorageUnavailable = "StorageUnavailable"  # the bucket could not be reached (retried)
+    InputsMissing = "InputsMissing"  # ds4 on MNIST: the IDX files are not in the campaign's storage (retried)
     # Progressing
     Training = "Training"  # units are leased to workers
     WaitingForWorkers = "WaitingForWorkers"  # units pending, none leased
@@ -108,6 +109,7 @@ WARNING_REASONS: frozenset[str] = frozenset(
         Reason.WorkerJobFailed,
         Reason.JobNameTaken,
         Reason.StorageUnavailable,
+        Reason.InputsMissing,
         Reason.TooManyFailures,
         Reason.InvalidSpec,
         Reason.MalformedSpec,

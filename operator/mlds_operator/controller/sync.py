@@ -64,7 +64,7 @@ from mlds_operator.controller.reconcile import (
     terminal,
 )
 from mlds_operator.leases.registry import Campaigns, open_campaign
-from mlds_operator.leases.service import CampaignService, ServiceSettings
+from mlds_operator.leases.service import CampaignService, InputsMissing, ServiceSettings
 
 __all__ = ["Controller", "OperatorSettings", "PassResult"]
 
@@ -249,6 +249,8 @@ class Controller:
             )
         except StorageUnavailable as exc:
             return Problem(Reason.StorageUnavailable, str(exc), spec=False)
+        except InputsMissing as exc:  # not the spec's fault: the files may be uploaded any time (retried)
+            return Problem(Reason.InputsMissing, str(exc), spec=False)
         except UserError as exc:  # the store refused the credentials, the bucket or a read
             return Problem(Reason.StorageRejected, str(exc))
         rt.service = service

@@ -55,7 +55,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from mlds_contract.campaign import CampaignSpec, Dataset, Phase, campaign_phase
-from mlds_contract.errors import MldsError, StorageUnavailable
+from mlds_contract.errors import MldsError, StorageUnavailable, UserError
 from mlds_contract.lease import (
     CompleteReply,
     CompleteRequest,
@@ -86,7 +86,16 @@ from mlds_operator.leases.occupancy import PoolOccupancy, StackOccupancy
 from mlds_operator.storage import manifest as mf
 from mlds_operator.storage.store import STAGING_PREFIX, Checked, Store
 
-__all__ = ["CampaignService", "ResultRejected", "ServiceObserver", "ServiceSettings", "Snapshot", "UnknownInput"]
+__all__ = [
+    "CampaignService",
+    "InputsMissing",
+    "ResultRejected",
+    "ServiceObserver",
+    "ServiceSettings",
+    "Snapshot",
+    "UnknownInput",
+    "missing_inputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +109,20 @@ _UNUSABLE = frozenset(reason for reason in RejectReason if not reason.cured_by_u
 
 class UnknownInput(MldsError):
     """Not one of the campaign's input files, or not under its storage prefix (HTTP 404)."""
+
+
+class InputsMissing(UserError):
+    """Input files the campaign reads (ds4 on MNIST) are under none of their names in its store: nothing could train.
+
+    Raised by :meth:`CampaignService.open` before anything is served, so no worker fails a unit on it; the
+    operator says so in a condition and opens the campaign once the files are there.
+    """
+
+
+def missing_inputs(spec: CampaignSpec, store: Store) -> list[str]:
+    """The input files of ``spec`` (:func:`mlds_workloads.input_files`) that none of their names finds in ``store``."""
+    files = input_files(spec.workload.dataset, spec.workload.images)
+    return [name for name, names in files.items() if not any(store.stat(n) is not None for n in names)]
 
 
 @dataclass(frozen=True)
@@ -262,6 +285,13 @@ class CampaignService:
             book=book,
             settings=settings or ServiceSettings(),
         )
+        if not book.finished and (missing := await asyncio.to_thread(missing_inputs, spec, store)):
+            first = input_files(spec.workload.dataset, spec.workload.images)[missing[0]]
+            raise InputsMissing(
+                f"{spec.workload.dataset.value} with images: {spec.workload.images.value} reads "
+                f"{', '.join(missing)} from the campaign's storage ({store.url}), and none of their names is "
+                f"there (each may be plain or gzipped: {', '.join(first)}); the campaign starts once they are there"
+            )
         service.book.paused = spec.suspend
         # Longest expected first (issue 14): slow targets start early, the campaign does not end on them.
         service.book.set_costs(spec.networks_per_target, reference_costs(spec, service._targets))

@@ -49,10 +49,13 @@ async def run_worker_on(
     mnist: bool = True,
     middlewares: list[Middleware] | None = None,
 ) -> Served:
-    """Serve a ds4 MNIST campaign (its files in the store unless ``mnist`` is False); run one worker to the end."""
+    """Serve a ds4 MNIST campaign and run one worker to the end.
+
+    The files are in the store when the campaign opens (it refuses to open without them); with ``mnist``
+    False they are deleted once it is open, before the worker fetches them (a mistaken delete, a sweep).
+    """
     store = tmp_path / "store"
-    if mnist:
-        write_mnist_like(store)
+    write_mnist_like(store)
     campaign = write_campaign(
         tmp_path / "c.yaml",
         workload=MNIST_CLEAN,
@@ -64,6 +67,9 @@ async def run_worker_on(
     async with serve_campaign(
         campaign, store, port=free_port(), clock=loop.time, middlewares=middlewares or []
     ) as served:
+        if not mnist:
+            for file in [*store.glob("t*-idx?-ubyte"), *store.glob("t*-idx?-ubyte.gz")]:
+                file.unlink()
         token = served.token_file.read_text().strip()
         cfg = WorkerConfig(
             url=served.url,
@@ -107,7 +113,7 @@ async def test_a_worker_trains_ds4_on_mnist_files_it_fetches_once_from_the_lease
     ]
 
 
-async def test_mnist_files_missing_from_the_store_fail_the_unit_saying_where_they_were_looked_for(
+async def test_mnist_files_deleted_from_the_store_mid_campaign_fail_the_unit_saying_where_they_were_looked_for(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="mlds.worker")
