@@ -203,11 +203,11 @@ class Target(Protocol):
     async def serving(self, session: aiohttp.ClientSession) -> bool: ...
 
 
-async def health(session: aiohttp.ClientSession, port: int) -> bool:
-    """Does a lease server on ``port`` answer /healthz with a campaign opened (recovery done)?"""
+async def health(session: aiohttp.ClientSession, port: int, *, campaigns: int = 1) -> bool:
+    """Does a lease server on ``port`` answer /healthz with ``campaigns`` campaigns opened (recovery done)?"""
     try:
         async with session.get(f"http://127.0.0.1:{port}/healthz", timeout=aiohttp.ClientTimeout(total=2)) as r:
-            return r.status == 200 and (await r.json()).get("campaigns", 0) >= 1
+            return r.status == 200 and (await r.json()).get("campaigns", 0) >= campaigns
     except (TimeoutError, aiohttp.ClientError, ConnectionError, ValueError):
         return False
 
@@ -354,7 +354,9 @@ class OperatorTarget:
         return published_objects(self.store)
 
     async def serving(self, session: aiohttp.ClientSession) -> bool:
-        return await health(session, self.port)
+        # A restart after the campaign ended opens nothing (its status is final): answering is serving then.
+        ended = self.status().get("phase") in ("Succeeded", "Failed")
+        return await health(session, self.port, campaigns=0 if ended else 1)
 
     def where(self) -> tuple[str, str] | None:
         secret = self.cluster.get(SECRETS, NAMESPACE, pods.secret_name(NAME))
@@ -454,6 +456,17 @@ class _Watch:
         self.seen.update(now)
 
 
+async def _sleep_while_work_is_left(target: Target, seconds: float, units: int) -> None:
+    """Sleep ``seconds``, or less: a kill after the last results were verified would find no work to disturb.
+
+    On a quiet machine a small campaign can finish within a moment's delay; the kill then lands while units
+    are still being delivered, as the plan means (at least two left).
+    """
+    until = time.monotonic() + seconds
+    while time.monotonic() < until and target.done() < units - 2:
+        await asyncio.sleep(0.1)
+
+
 async def drive(
     target: Target, moments: list[Moment], rng: random.Random, report: Report, harasser: Harasser, watch: _Watch
 ) -> None:
@@ -473,7 +486,7 @@ async def drive(
                     progress=target.progress,
                     interval=0.5,
                 )
-                await asyncio.sleep(moment.delay)
+                await _sleep_while_work_is_left(target, moment.delay, report.units)
             else:
                 await asyncio.sleep(max(0.0, started + moment.delay - time.monotonic()))
             ended = target.ended()
