@@ -649,7 +649,27 @@ class _StackRun:
             w._log(logging.INFO, "campaign finished; finishing the stack")
         if len(self.stack) or self.finished or w.cfg.exit_when_idle:
             return False
+        if await self.await_deliveries(reply.retry_after_seconds):
+            return True
         await w._backoff(0, reply.retry_after_seconds)
+        return True
+
+    async def await_deliveries(self, timeout: float) -> bool:
+        """An empty stack whose own results are still on their way: ask again as soon as one lands.
+
+        The server's ``busy`` may be about those very units (the campaign finishes, or a rejected result
+        comes back pending), so waiting out Retry-After would only leave the worker idle at the end of a
+        campaign. False when nothing is in flight (the caller backs off as usual).
+        """
+        pending = {task for task in self.deliveries if not task.done()}
+        if not pending:
+            return False
+        stop = asyncio.ensure_future(self.w.stop.wait())
+        try:
+            await asyncio.wait({*pending, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        self.idle_until = 0.0
         return True
 
     async def ask(self, free: int) -> LeaseGrant | NoLease | None:

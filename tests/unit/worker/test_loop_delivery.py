@@ -265,3 +265,46 @@ async def test_an_upload_refused_for_a_lease_a_heartbeat_says_is_lost_is_given_u
     assert said.count("giving up delivering a result: the lease is lost") == 1
     assert "result rejected" not in said
     assert finished - started < DELIVERY_PATIENCE_SECONDS  # gave up on the heartbeat's word, not on patience
+
+
+@pytest.mark.looptime
+async def test_a_continuous_stack_whose_last_results_are_in_flight_exits_when_they_land_not_a_retry_later(
+    tmp_path: Path,
+) -> None:
+    # Both units of a 2-wide stack converge in the same round; their completions take a second to land.
+    # Meanwhile the stack, empty, asks for work and hears `busy` (its own units are still leased). It asks
+    # again as soon as a result lands instead of waiting out Retry-After (5 s), so the campaign's end does
+    # not wait on an idle worker.
+    landed: list[float] = []  # loop time of each completion's reply
+    asked: list[float] = []  # loop time of each lease request (the last one hears `finished`)
+
+    @web.middleware
+    async def slow_completions(request: web.Request, handler: Handler) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        if request.path.endswith("/complete"):
+            await asyncio.sleep(1.0)
+            response = await handler(request)
+            landed.append(loop.time())
+            return response
+        if request.path.endswith("/leases"):
+            asked.append(loop.time())
+        return await handler(request)
+
+    campaign = write_campaign(
+        tmp_path / "c.yaml",
+        machines=["SingleInvertMachine"],
+        networks_per_target=2,
+        units_per_lease=2,
+        target_loss=FIRST_EPOCH_LOSS,
+    )
+    loop = asyncio.get_running_loop()
+    async with serve_campaign(
+        campaign, tmp_path / "store", port=free_port(), clock=loop.time, middlewares=[slow_completions]
+    ) as served:
+        token = served.token_file.read_text().strip()
+        cfg = WorkerConfig(url=served.url, token=token, pool="cpu", worker_id="w-1", device="cpu", max_units=2)
+        assert await Worker(cfg).run() == 0
+
+    assert [served.service.book.unit(u).state for u in (0, 1)] == [UnitState.succeeded] * 2
+    assert len(landed) == 2
+    assert asked[-1] - max(landed) < 0.5  # asked again as the results landed; Retry-After is 5 s
