@@ -52,6 +52,16 @@ def ready(cluster: Cluster, name: str) -> bool:
     return condition(cluster.status(NS, name), "Ready").get("status") == "True"
 
 
+async def condition_when(cluster: Cluster, name: str, kind: str, *, what: str, **fields: str) -> dict[str, Any]:
+    """Wait until campaign ``name``'s ``kind`` condition has these ``fields`` (status=..., reason=...); return it."""
+
+    def met() -> dict[str, Any] | None:
+        cond = condition(cluster.status(NS, name), kind)
+        return cond if all(cond.get(k) == v for k, v in fields.items()) else None
+
+    return await wait_until_async(met, what=what)
+
+
 def token_of(cluster: Cluster, campaign: str) -> str:
     secret = cluster.get(SECRETS, NS, pods.secret_name(campaign))
     token = pods.token_from_secret(secret)
@@ -243,13 +253,7 @@ async def test_editing_the_plan_mid_campaign_is_refused_until_reverted(
         await cluster.create(CAMPAIGNS, campaign_manifest("plan", NS, storage=s3_server.storage(s3_bucket, "plan")))
         await wait_until_async(lambda: ready(cluster, "plan"), what="Ready=True")
         await cluster.patch(CAMPAIGNS, NS, "plan", {"spec": {"seed": 7}})
-        invalid = await wait_until_async(
-            lambda: (
-                condition(cluster.status(NS, "plan"), "InvalidSpec").get("status") == "True"
-                and condition(cluster.status(NS, "plan"), "InvalidSpec")
-            ),
-            what="InvalidSpec=True",
-        )
+        invalid = await condition_when(cluster, "plan", "InvalidSpec", status="True", what="InvalidSpec=True")
         assert invalid["reason"] == "ImmutableFieldChanged"
         assert "seed" in invalid["message"]
         assert cluster.jobs(NS, "plan")["cpu"]["spec"]["parallelism"] == 2, "the running campaign carries on"
@@ -393,12 +397,8 @@ async def test_a_missing_credentials_secret_waits_and_the_campaign_starts_once_i
             "creds", NS, storage=s3_server.storage(s3_bucket, "creds"), credentials_secret="later"
         )
         await cluster.create(CAMPAIGNS, manifest)
-        cond = await wait_until_async(
-            lambda: (
-                condition(cluster.status(NS, "creds"), "InvalidSpec").get("status") == "True"
-                and condition(cluster.status(NS, "creds"), "InvalidSpec")
-            ),
-            what="InvalidSpec for the missing Secret",
+        cond = await condition_when(
+            cluster, "creds", "InvalidSpec", status="True", what="InvalidSpec for the missing Secret"
         )
         assert cond["reason"] == "CredentialsSecretMissing"
         assert "'later'" in cond["message"]
@@ -429,12 +429,8 @@ async def test_mnist_files_missing_from_storage_hold_the_campaign_with_a_conditi
     workload = {"dataset": "ds4", "variants": ["clean"], "images": "mnist"}
     async with running_operator(operator_config(cluster)):
         await cluster.create(CAMPAIGNS, campaign_manifest("digits", NS, storage=storage, workload=workload))
-        held = await wait_until_async(
-            lambda: (
-                condition(cluster.status(NS, "digits"), "Ready").get("reason") == "InputsMissing"
-                and condition(cluster.status(NS, "digits"), "Ready")
-            ),
-            what="Ready=False because the MNIST files are missing",
+        held = await condition_when(
+            cluster, "digits", "Ready", reason="InputsMissing", what="Ready=False because the MNIST files are missing"
         )
         assert held["status"] == "False"
         assert "train-images-idx3-ubyte" in held["message"]
@@ -462,12 +458,8 @@ async def test_a_job_name_taken_by_something_else_is_reported_not_overwritten(
     await cluster.create(JOBS, foreign)
     async with running_operator(operator_config(cluster)):
         await cluster.create(CAMPAIGNS, campaign_manifest("clash", NS, storage=s3_server.storage(s3_bucket, "clash")))
-        ready = await wait_until_async(
-            lambda: (
-                condition(cluster.status(NS, "clash"), "Ready").get("reason") == "JobNameTaken"
-                and condition(cluster.status(NS, "clash"), "Ready")
-            ),
-            what="Ready=False because the Job name is taken",
+        ready = await condition_when(
+            cluster, "clash", "Ready", reason="JobNameTaken", what="Ready=False because the Job name is taken"
         )
         assert ready["status"] == "False"
         assert "clash-cpu" in ready["message"]
