@@ -179,23 +179,25 @@ def spread_lines(runs: list[_Way], *, slots: int) -> list[str]:
     rows = next((w.rows for w in runs if w.rows), None)
     if not rows:
         return []
+    epochs = [int(str(row["epochs"])) for row in rows]
     by_target: dict[str, list[int]] = {}
-    for row in rows:
-        by_target.setdefault(str(row["target"]), []).append(int(str(row["epochs"])))
+    for row, n in zip(rows, epochs, strict=True):
+        by_target.setdefault(str(row["target"]), []).append(n)
     parts = [f"{t} {min(e)}/{sorted(e)[len(e) // 2]}/{max(e)}" for t, e in sorted(by_target.items())]
     lines = ["epochs to converge (min/median/max): " + ", ".join(parts)]
-    longest = max(rows, key=lambda r: int(str(r["epochs"])))
+    most = max(epochs)
+    longest = rows[epochs.index(most)]
     alone = next((w.rows for w in runs if w.units_per_lease == 1 and w.rows), None)
     seconds = next((float(str(r["seconds"])) for r in alone or [] if r["unit"] == longest["unit"]), None)
     took = f", {seconds:,.1f} s alone" if seconds is not None else ""
     lines.append(
-        f"longest network: unit {longest['unit']} ({longest['target']}), {longest['epochs']} epochs{took}; "
+        f"longest network: unit {longest['unit']} ({longest['target']}), {most} epochs{took}; "
         "no schedule ends the campaign before it does"
     )
-    total = sum(int(str(r["epochs"])) for r in rows)
-    ceiling = total / (slots * max(int(str(longest["epochs"])), total / slots))
+    total = sum(epochs)
+    ceiling = total / (slots * max(most, total / slots))
     lines.append(
         f"best mean occupancy of any schedule with {slots} slots: {ceiling:.1%} "
-        f"({total:,} epochs in all, {int(str(longest['epochs'])) / total:.0%} of them in the longest network)"
+        f"({total:,} epochs in all, {most / total:.0%} of them in the longest network)"
     )
     return lines

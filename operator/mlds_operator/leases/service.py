@@ -119,10 +119,13 @@ class InputsMissing(UserError):
     """
 
 
-def missing_inputs(spec: CampaignSpec, store: Store) -> list[str]:
-    """The input files of ``spec`` (:func:`mlds_workloads.input_files`) that none of their names finds in ``store``."""
+def missing_inputs(spec: CampaignSpec, store: Store) -> dict[str, tuple[str, ...]]:
+    """The input files of ``spec`` (:func:`mlds_workloads.input_files`) that none of their names finds in ``store``.
+
+    File -> the names it may have, in the order :func:`~mlds_workloads.input_files` gives them.
+    """
     files = input_files(spec.workload.dataset, spec.workload.images)
-    return [name for name, names in files.items() if not any(store.stat(n) is not None for n in names)]
+    return {name: names for name, names in files.items() if not any(store.stat(n) is not None for n in names)}
 
 
 @dataclass(frozen=True)
@@ -286,7 +289,7 @@ class CampaignService:
             settings=settings or ServiceSettings(),
         )
         if not book.finished and (missing := await asyncio.to_thread(missing_inputs, spec, store)):
-            first = input_files(spec.workload.dataset, spec.workload.images)[missing[0]]
+            first = next(iter(missing.values()))
             raise InputsMissing(
                 f"{spec.workload.dataset.value} with images: {spec.workload.images.value} reads "
                 f"{', '.join(missing)} from the campaign's storage ({store.url}), and none of their names is "
