@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from mlds_contract.campaign import Dataset
 from mlds_contract.errors import UserError
+from mlds_contract.plan import campaign_targets
 from mlds_operator.bench.campaign import bench_campaign_command
 from mlds_operator.bench.campaign_run import bench_campaign, bench_run_command
 
@@ -21,6 +23,14 @@ def test_the_fixed_campaign_spreads_the_networks_evenly_over_its_machines() -> N
     assert campaign.spec.networks_per_target == 50
     assert campaign.spec.training.target_loss == pytest.approx(1e-4)  # the spec's criterion unless asked
     assert [p.units_per_lease for p in campaign.spec.pools] == [1]
+
+
+def test_a_ds2_campaign_trains_the_modified_machines_under_either_spelling() -> None:
+    campaign = bench_campaign(4, ["SingleInvertMachine", "SimpleXORModified"], units_per_lease=4, dataset=Dataset.ds2)
+    assert campaign.spec.workload.dataset is Dataset.ds2
+    assert [t.name for t in campaign_targets(campaign.spec)] == ["SingleInvertModified", "SimpleXORModified"]
+    with pytest.raises(UserError, match="ds1"):
+        bench_campaign(2, ["SimpleXORModified"], units_per_lease=1)  # a Modified machine is not a ds1 machine
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """`mlds bench campaign`: one realistic campaign three ways, side by side (issue 14).
 
-Registered under `mlds bench` by :mod:`mlds_operator.bench.command`. Runs the same ds1 campaign
+Registered under `mlds bench` by :mod:`mlds_operator.bench.command`. Runs the same ds1 (or ds2) campaign
 (convergence-based stopping, cost-aware grants and all) through :func:`mlds_operator.run.runner.run_campaign`
 three times in this process, each in a fresh temporary store:
 
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+from mlds_contract.campaign import Dataset
 
 from mlds_operator.bench.campaign_run import bench_campaign
 from mlds_operator.run.runner import RunOptions, RunSummary, run_campaign
@@ -67,8 +68,10 @@ def _loadavg() -> str:
         return "n/a"
 
 
-def _run(way: _Way, networks: int, machines: list[str], workers: int, target_loss: float | None) -> None:
-    campaign = bench_campaign(networks, machines, way.units_per_lease, target_loss)
+def _run(
+    way: _Way, networks: int, machines: list[str], workers: int, target_loss: float | None, dataset: Dataset
+) -> None:
+    campaign = bench_campaign(networks, machines, way.units_per_lease, target_loss, dataset)
     progress: list[tuple[float, int]] = []
     before = _loadavg()
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -92,12 +95,19 @@ def _run(way: _Way, networks: int, machines: list[str], workers: int, target_los
 
 
 @click.command("campaign")
-@click.option("--networks", type=click.IntRange(1), default=24, show_default=True, help="ds1 networks in total.")
+@click.option("--networks", type=click.IntRange(1), default=24, show_default=True, help="Networks in total.")
+@click.option(
+    "--dataset",
+    type=click.Choice([Dataset.ds1.value, Dataset.ds2.value]),
+    default=Dataset.ds1.value,
+    show_default=True,
+    help="ds2: the Modified machines (an epoch is four of ds1's; epochs spread far wider).",
+)
 @click.option(
     "--machines",
     default="SingleDirectMachine,SingleInvertMachine,SimpleXORMachine,ParityMachine",
     show_default=True,
-    help="ds1 machines, comma-separated; the networks are split evenly.",
+    help="Machines, comma-separated; the networks are split evenly (ds2 takes both spellings).",
 )
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Worker processes.")
 @click.option("--stack", "width", type=click.IntRange(2, 4096), default=4, show_default=True, help="Stack width S.")
@@ -114,9 +124,10 @@ def _run(way: _Way, networks: int, machines: list[str], workers: int, target_los
     help="Evaluation MSE that ends training [default: the spec's 1e-4]; larger for a shorter run.",
 )
 def bench_campaign_command(
-    networks: int, machines: str, workers: int, width: int, ways: str, target_loss: float | None
+    networks: int, dataset: str, machines: str, workers: int, width: int, ways: str, target_loss: float | None
 ) -> None:
-    """The same ds1 campaign one network at a time, in fixed stacks and in continuous stacks."""
+    """The same ds1 (or ds2) campaign one network at a time, in fixed stacks and in continuous stacks."""
+    ds = Dataset(dataset)
     names = [m.strip() for m in machines.split(",") if m.strip()]
     chosen = [w.strip() for w in ways.split(",") if w.strip()]
     known = {
@@ -127,15 +138,15 @@ def bench_campaign_command(
     unknown = [w for w in chosen if w not in known]
     if unknown or not chosen:
         raise click.BadParameter(f"unknown ways {unknown}; expected one, fixed, continuous", param_hint="--ways")
-    bench_campaign(networks, names, width, target_loss)  # a bad machine list is one clear line, before any run
+    bench_campaign(networks, names, width, target_loss, ds)  # a bad machine list is one clear line, before any run
     click.echo(
-        f"campaign: {networks} ds1 networks ({', '.join(names)}), {workers} worker(s), stack width {width} "
+        f"campaign: {networks} {ds.value} networks ({', '.join(names)}), {workers} worker(s), stack width {width} "
         f"({networks / (width * workers):.1f} units per slot), target loss {target_loss or 1e-4:g}; "
         f"{os.cpu_count()} CPUs"
     )
     runs = [known[w] for w in chosen]
     for way in runs:
-        _run(way, networks, names, workers, target_loss)
+        _run(way, networks, names, workers, target_loss, ds)
         click.echo(f"  ran {way.label}: load average {way.load}")
     _report(runs, networks, workers)
     for line in spread_lines(runs, slots=width * workers):

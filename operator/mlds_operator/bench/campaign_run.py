@@ -34,13 +34,17 @@ __all__ = ["bench_campaign", "bench_run_command"]
 
 
 def bench_campaign(
-    networks: int, machines: list[str], units_per_lease: int, target_loss: float | None = None
+    networks: int,
+    machines: list[str],
+    units_per_lease: int,
+    target_loss: float | None = None,
+    dataset: Dataset = Dataset.ds1,
 ) -> TrainingCampaign:
-    """The fixed campaign: ``networks`` ds1 networks spread evenly over ``machines``, default training."""
+    """The fixed campaign: ``networks`` ds1 (or ds2) networks spread evenly over ``machines``, default training."""
     if not machines or networks % len(machines):
         raise UserError(f"{networks} networks do not split evenly over the machines {machines}")
     spec = CampaignSpec(
-        workload=Workload(dataset=Dataset.ds1, machines=machines),
+        workload=Workload(dataset=dataset, machines=machines),
         networks_per_target=networks // len(machines),
         seed=1,
         training=Training() if target_loss is None else Training(target_loss=target_loss),
