@@ -20,7 +20,9 @@ import shutil
 import signal
 from pathlib import Path
 
+import aiohttp
 import pytest
+from mlds_contract.lease import LeaseRequest, NoLease, NoLeaseReason
 from mlds_operator.controller import pods
 from mlds_operator.storage.manifest import read_manifest
 
@@ -145,6 +147,37 @@ async def test_a_campaign_survives_a_killed_worker_and_a_restarted_operator_and_
         exits = sorted(c for run in kubelet.runs.values() for c in run.exit_codes)
         assert exits.count(-signal.SIGKILL) == 1, exits
         assert all(c == 0 for c in exits if c != -signal.SIGKILL), exits
+
+        # Restarted after the end, the operator does not reopen the campaign (its status is final), but a
+        # worker still asking for work (one idling on Retry-After as it ended) hears "finished" and exits 0,
+        # not 401 (exit 3, a failed pod and a Job that retries it for nothing).
+        operator.kill()
+        logged = len(operator.log())
+        operator.start()
+        token = pods.token_from_secret(cluster.get(SECRETS, NS, pods.secret_name(NAME)))
+        assert token
+        url = pods.lease_url(f"http://127.0.0.1:{port}", NS, NAME) + "/leases"
+        ask = LeaseRequest(worker="late-worker", pool="small", accelerator="cpu", device_name="cpu", max_units=1)
+
+        async def answer() -> tuple[int, object] | None:
+            try:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.post(
+                        url, data=ask.model_dump_json(by_alias=True), headers={"Authorization": f"Bearer {token}"}
+                    ) as resp,
+                ):
+                    got = (resp.status, await resp.json(content_type=None))
+            except aiohttp.ClientConnectionError:
+                return None  # not listening yet
+            return got if got[0] == 200 else None  # 401 until its first pass over the campaign
+
+        _, body = await wait_until_async(
+            answer, what="the restarted operator to answer the lease API", progress=lambda: len(operator.log())
+        )
+        assert NoLease.model_validate(body).reason is NoLeaseReason.finished
+        assert cluster.status(NS, NAME)["phase"] == "Succeeded"
+        assert "lease service open" not in operator.log()[logged:], "a finished campaign is not reopened"
 
         transcript.append("\n$ kubectl get tc -n research -o wide    # finished\n")
         transcript.append(await kubectl(cluster, "get", "tc", "-n", NS, "-o", "wide"))

@@ -164,9 +164,8 @@ class Controller:
                 "ownerReference to it); the operator neither uses nor deletes it: remove or rename it",
                 spec=False,
             )
-            if rt.service is not None:
-                await self._close_service(ns, name, logger)
-                rt.service = None
+            await self._close_service(ns, name, logger)  # also forgets a finished campaign's token
+            rt.service = None
         token = (None if foreign else pods.token_from_secret(secret)) or rt.token or secrets.token_urlsafe(32)
         rt.token = token
         pinned = (
@@ -176,6 +175,9 @@ class Controller:
         finished_before = campaign.status is not None and terminal(campaign.status)
         if rt.service is None and problem is None and not finished_before and not foreign:
             external = await self._open(campaign, token, rt, logger)
+        elif rt.service is None and finished_before and not foreign:
+            # Not reopened (that would re-read every result), but its last workers hear "finished" and exit 0.
+            self.campaigns.add_finished(ns, name, token)
         progress: Progress | None = None
         if rt.service is not None:
             try:

@@ -13,7 +13,10 @@ ASCII digits only) or input file (the ``input`` route serves a campaign's input 
 from its store to workers, which hold no storage credentials), 409 a lease the worker does not hold,
 413 a body over :data:`MAX_BODY`, 422 a malformed body (types are checked strictly), a pool that is not
 the campaign's, an attempt the server never issued, or a result that fails verification, 503 storage
-outage (with Retry-After). Anything else is a bug and answers 500 with no internals; the fuzzers
+outage (with Retry-After). A finished campaign the operator knows by its token only (it restarted after
+the campaign ended: :meth:`Campaigns.add_finished`) answers a lease request ``finished``, so its last
+workers exit 0, a heartbeat or release 409 (it holds no lease), and anything else 401, as a campaign
+that is gone. Anything else is a bug and answers 500 with no internals; the fuzzers
 (tests/e2e/test_api_fuzz.py) hunt for those.
 
 This port serves the lease API, health and the OpenAPI document only: metrics are served on a port of
@@ -48,6 +51,7 @@ from mlds_contract.lease import (
     LeaseGrant,
     LeaseRequest,
     NoLease,
+    NoLeaseReason,
     ReleaseReply,
     ReleaseRequest,
 )
@@ -164,18 +168,35 @@ class _HttpProblem(Exception):
         self.status, self.title, self.detail, self.kind, self.headers = status, title, detail, kind, headers
 
 
+def _unauthorized(kind: type[_HttpProblem] = _HttpProblem) -> _HttpProblem:
+    return kind(
+        401,
+        "Unauthorized",
+        "missing or wrong bearer token for this campaign",
+        kind="unauthorized",
+        headers={"WWW-Authenticate": 'Bearer realm="mlds"'},
+    )
+
+
+class _Finished(_HttpProblem):
+    """A finished campaign known by its token only, and the right token: 401 unless the route knows better."""
+
+
+def _not_held_when_finished() -> _HttpProblem:
+    detail = "the campaign is finished: it holds no leases"
+    return _HttpProblem(409, "Not the lease holder", detail, kind="not-holder")
+
+
 def _service(request: web.Request) -> CampaignService:
     campaigns = request.app[CAMPAIGNS]
-    service = campaigns.get(request.match_info["namespace"], request.match_info["name"])
+    namespace, name = request.match_info["namespace"], request.match_info["name"]
+    service = campaigns.get(namespace, name)
+    authorization = request.headers.get("Authorization")
+    if service is None and campaigns.finished(namespace, name, authorization):
+        raise _unauthorized(_Finished)
     # Unknown campaign and wrong token look the same: a token holder learns nothing about other campaigns.
-    if service is None or not service.authorized(request.headers.get("Authorization")):
-        raise _HttpProblem(
-            401,
-            "Unauthorized",
-            "missing or wrong bearer token for this campaign",
-            kind="unauthorized",
-            headers={"WWW-Authenticate": 'Bearer realm="mlds"'},
-        )
+    if service is None or not service.authorized(authorization):
+        raise _unauthorized()
     return service
 
 
@@ -238,21 +259,32 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _lease(request: web.Request) -> web.Response:
-    service = _service(request)
+    try:
+        service: CampaignService | None = _service(request)
+    except _Finished:
+        service = None
     body = await _parse(request, LeaseRequest)
+    if service is None:  # a finished campaign known by its token only: the worker exits
+        return _reply(NoLease(reason=NoLeaseReason.finished, retry_after_seconds=0))
     reply: LeaseGrant | NoLease = await service.grant(body)
     return _reply(reply)
 
 
 async def _heartbeat(request: web.Request) -> web.Response:
-    service = _service(request)
+    try:
+        service = _service(request)
+    except _Finished:
+        raise _not_held_when_finished() from None
     body = await _parse(request, HeartbeatRequest)
     reply: HeartbeatReply = service.heartbeat(request.match_info["lease"], body)
     return _reply(reply)
 
 
 async def _release(request: web.Request) -> web.Response:
-    service = _service(request)
+    try:
+        service = _service(request)
+    except _Finished:
+        raise _not_held_when_finished() from None
     body = await _parse(request, ReleaseRequest)
     reply: ReleaseReply = service.release(request.match_info["lease"], body)
     return _reply(reply)

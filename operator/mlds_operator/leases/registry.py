@@ -6,6 +6,11 @@
 :func:`open_campaign`: open the campaign's store, open its :class:`CampaignService` (which resumes from
 the store's checkpoint and the results after it), give it its metrics, and serve it. Neither caller
 needs the HTTP module for that.
+
+A finished campaign that is not open (the operator restarted after it ended, and does not reopen it:
+that would re-read every result for nothing) can still be *known* to the registry by its token
+(:meth:`Campaigns.add_finished`): its workers, still asking for work, then hear ``finished`` and exit 0
+instead of getting 401 and exiting as unauthorised, which would fail their pods and Jobs for nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from mlds_contract.campaign import CampaignSpec
 from mlds_contract.errors import MldsError
 
 from mlds_operator.leases.metrics import instrument
-from mlds_operator.leases.service import CampaignService, ServiceSettings
+from mlds_operator.leases.service import CampaignService, ServiceSettings, bearer_matches
 from mlds_operator.storage.store import open_store
 
 __all__ = ["Campaigns", "open_campaign"]
@@ -32,15 +37,28 @@ class Campaigns:
 
     def __init__(self) -> None:
         self._by_key: dict[tuple[str, str], CampaignService] = {}
+        self._finished: dict[tuple[str, str], str] = {}  # finished campaigns not served: their tokens
 
     def add(self, namespace: str, name: str, service: CampaignService) -> None:
+        self._finished.pop((namespace, name), None)
         self._by_key[(namespace, name)] = service
 
+    def add_finished(self, namespace: str, name: str, token: str) -> None:
+        """Know a finished campaign that is not served: its workers are told it is finished (see above)."""
+        if (namespace, name) not in self._by_key:
+            self._finished[(namespace, name)] = token
+
     def remove(self, namespace: str, name: str) -> CampaignService | None:
+        self._finished.pop((namespace, name), None)
         return self._by_key.pop((namespace, name), None)
 
     def get(self, namespace: str, name: str) -> CampaignService | None:
         return self._by_key.get((namespace, name))
+
+    def finished(self, namespace: str, name: str, authorization: str | None) -> bool:
+        """Is this a finished campaign known by its token only, and does ``authorization`` carry that token?"""
+        token = self._finished.get((namespace, name))
+        return token is not None and bearer_matches(authorization, token)
 
     def items(self) -> list[tuple[tuple[str, str], CampaignService]]:
         return list(self._by_key.items())

@@ -94,6 +94,7 @@ __all__ = [
     "ServiceSettings",
     "Snapshot",
     "UnknownInput",
+    "bearer_matches",
     "missing_inputs",
 ]
 
@@ -105,6 +106,15 @@ BUNDLE_SUFFIX = "~bundle"
 #: Rejections that mean "this result can never become a manifest row": the unit goes back to pending. The
 #: others are about the staged copy, which the worker uploads afresh (RejectReason.cured_by_upload).
 _UNUSABLE = frozenset(reason for reason in RejectReason if not reason.cured_by_upload)
+
+
+def bearer_matches(header: str | None, token: str) -> bool:
+    """Constant-time check of an ``Authorization: Bearer <token>`` header against ``token``."""
+    if not header or not header.startswith("Bearer "):
+        return False
+    # aiohttp decodes header bytes as UTF-8 with surrogateescape: encode them back the same way, or a
+    # non-UTF-8 header would raise (a 500) instead of being just a wrong token.
+    return hmac.compare_digest(header[7:].strip().encode("utf-8", "surrogateescape"), token.encode())
 
 
 class UnknownInput(MldsError):
@@ -348,11 +358,7 @@ class CampaignService:
 
     def authorized(self, header: str | None) -> bool:
         """Constant-time check of an ``Authorization: Bearer <token>`` header."""
-        if not header or not header.startswith("Bearer "):
-            return False
-        # aiohttp decodes header bytes as UTF-8 with surrogateescape: encode them back the same way, or a
-        # non-UTF-8 header would raise (a 500) instead of being just a wrong token.
-        return hmac.compare_digest(header[7:].strip().encode("utf-8", "surrogateescape"), self.token.encode())
+        return bearer_matches(header, self.token)
 
     # ------------------------------------------------------------------------------------------ protocol
 

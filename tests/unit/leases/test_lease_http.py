@@ -588,6 +588,41 @@ async def test_a_heartbeat_after_a_server_restart_readopts_the_lease(api: ApiHar
     assert (status, reply["status"]) == (200, "accepted")
 
 
+async def test_a_finished_campaign_known_by_its_token_only_tells_its_workers_to_exit(api: ApiHarness) -> None:
+    # The operator restarted after the campaign ended and did not reopen it: it knows the token only.
+    api.campaigns.remove(NAMESPACE, NAME)
+    api.campaigns.add_finished(NAMESPACE, NAME, TOKEN)
+
+    status, reply = await api.post(api.base + "/leases", LeaseRequest.model_validate(LEASE_BODY))
+    assert status == 200
+    assert NoLease.model_validate(reply).reason is NoLeaseReason.finished  # the worker exits 0
+    async with LeaseClient(str(api.client.make_url(api.base)), TOKEN) as client:  # as the worker reads it
+        got = await client.lease(LeaseRequest.model_validate(LEASE_BODY))
+        assert isinstance(got, NoLease)
+        assert got.reason is NoLeaseReason.finished
+    for endpoint in ("heartbeat", "release"):  # it holds no lease: stop training it
+        path, body = ENDPOINTS[endpoint]
+        status, headers, problem = await api.request("POST", api.base + path, body)
+        assert_problem(status, headers, problem, 409, "not-holder")
+    for endpoint in ("complete", "fail"):  # gone, as far as results go
+        path, body = ENDPOINTS[endpoint]
+        status, headers, problem = await api.request("POST", api.base + path, body)
+        assert_problem(status, headers, problem, 401, "unauthorized")
+    # Without the token nothing changes: the same 401 as for any campaign.
+    status, headers, problem = await api.request(
+        "POST", api.base + "/leases", LEASE_BODY, headers={"Authorization": "Bearer wrong"}
+    )
+    assert_problem(status, headers, problem, 401, "unauthorized")
+
+    # Serving the campaign again (re-created on the same name) replaces the finished entry.
+    api.campaigns.add(NAMESPACE, NAME, api.service)
+    grant = await api.grant("w-1")
+    assert grant.units
+    api.campaigns.remove(NAMESPACE, NAME)  # and deleting it forgets the token too
+    status, headers, problem = await api.request("POST", api.base + "/leases", LEASE_BODY)
+    assert_problem(status, headers, problem, 401, "unauthorized")
+
+
 # ---------------------------------------------------------------------------------- upload route
 
 
