@@ -7,7 +7,8 @@ the campaign file has been judged valid: a mistake in the file is reported in we
 Devices: a pool whose accelerator is ``nvidia`` or ``rocm`` trains on the GPUs torch sees here (one
 worker per GPU by default; workers are spread over the GPUs in turn). With no GPU of that vendor
 visible, `mlds run` refuses (exit 2) rather than silently train on the CPU; ``--device cpu`` trains such
-a campaign on the CPU on purpose. Which device trains is printed before the first lease.
+a campaign on the CPU on purpose. Which device trains is printed once the campaign is open, before the
+first lease.
 
 Exit status: 0 when every network converged, 1 when some units failed, 2 for a mistake in the file or
 the flags, 130 when interrupted (Ctrl-C or SIGTERM; progress is saved, run the same command to resume).
@@ -156,7 +157,6 @@ def run_command(
     gpu_pool = campaign.spec.pools[0].accelerator is not Accelerator.cpu
     plan = plan_devices(campaign, device, probe_devices() if gpu_pool and device == "auto" else None)
     n = workers or (len(plan.devices) if plan.accelerator is not Accelerator.cpu else os.cpu_count() or 1)
-    click.echo(f"{campaign.name}: training on {plan.description}; {n} worker{'s' if n != 1 else ''}", err=True)
 
     from .runner import RunOptions, occupancy_lines, run_campaign  # noqa: PLC0415 - the server stack, only for a valid file
 
@@ -170,6 +170,7 @@ def run_command(
         progress=not quiet,
         devices=plan.devices,
         accelerator=plan.accelerator.value,
+        announce=f"{campaign.name}: training on {plan.description}; {n} worker{'s' if n != 1 else ''}",
     )
     try:
         summary = asyncio.run(run_campaign(campaign, campaign_file, opts))

@@ -69,6 +69,9 @@ class RunOptions:
     progress_log: list[tuple[float, int]] | None = None
     devices: tuple[str, ...] = ("cpu",)  # torch devices, handed to workers in turn (mlds_operator.run.command)
     accelerator: str = "cpu"  # what the workers report: cpu, nvidia or rocm
+    #: Printed (stderr) once the campaign is open, before any worker starts: which device trains
+    #: (`mlds run`); a campaign that cannot be opened is refused without it.
+    announce: str | None = None
     #: False for a store thrown away afterwards (a benchmark's temporary folder): an interrupted run then
     #: says there is nothing to resume instead of pointing at a folder that no longer exists.
     resumable: bool = True
@@ -409,6 +412,8 @@ async def run_campaign(campaign: TrainingCampaign, manifest_path: Path, opts: Ru
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, interrupt)
     started = time.monotonic()
+    if opts.announce:
+        click.echo(opts.announce, err=True)
     _say_where_it_starts(campaign.name, server.service.snapshot())
     try:
         display = _Display(campaign.name, enabled=opts.progress)
