@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -390,8 +391,9 @@ async def _passes(n: int) -> None:
 
 
 async def test_a_missing_credentials_secret_waits_and_the_campaign_starts_once_it_appears(
-    cluster: Cluster, s3_server: S3Server, s3_bucket: str
+    cluster: Cluster, s3_server: S3Server, s3_bucket: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     async with running_operator(operator_config(cluster)):
         manifest = campaign_manifest(
             "creds", NS, storage=s3_server.storage(s3_bucket, "creds"), credentials_secret="later"
@@ -417,6 +419,9 @@ async def test_a_missing_credentials_secret_waits_and_the_campaign_starts_once_i
         await wait_until_async(lambda: cluster.jobs(NS, "creds").get("cpu"), what="the Job once the Secret exists")
         await wait_until_async(lambda: ready(cluster, "creds"), what="Ready=True")
         assert condition(cluster.status(NS, "creds"), "InvalidSpec")["status"] == "False"
+    # The waiting is said by the condition and its Events, not by an ERROR line (and Error Event) per retry.
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], errors
 
 
 async def test_mnist_files_missing_from_storage_hold_the_campaign_with_a_condition_until_they_are_uploaded(

@@ -12,10 +12,13 @@ What happens next is said by the exception a change handler raises after the sta
 
 - :class:`InvalidSpecError` (a ``kopf.PermanentError``): the spec must be edited; kopf does not retry,
   and the next edit runs the update handler again.
-- :class:`OutageError` (a ``kopf.TemporaryError``): the bucket or the API server is unreachable, a
-  credentials Secret is missing; kopf retries after the error's delay. The timer retries anyway.
+- Nothing for a problem outside the spec (the bucket or the API server is unreachable, a credentials
+  Secret or MNIST's files are missing): the status timer's next tick is the retry, and the status, an
+  Event on the condition's change and a warning in the log already say what is wrong. (Raising
+  ``kopf.TemporaryError`` would only add kopf's ERROR line and Error Event per retry, for nothing.)
 
-The timer never raises for these: its next tick is the retry, and the status already says what is wrong.
+:class:`OutageError` is kept for the deletion handler, whose cleanup kopf must retry (the finalizer
+waits on it).
 
 kopf's own storage lives in annotations under ``mlds.dev/`` (progress of retried handlers, the last
 handled spec), its finalizer is ``mlds.dev/cleanup``, and it posts Events only for warnings and errors:
@@ -63,11 +66,8 @@ def _write(patch: kopf.Patch, result: PassResult) -> None:
 def _raise_for(result: PassResult) -> None:
     if result.problem is not None and result.problem.permanent:
         raise InvalidSpecError(f"{result.problem.reason.value}: {result.problem.message}")
-    if result.error is not None:
-        raise OutageError(str(result.error), delay=getattr(result.error, "delay", 10.0))
-    if result.problem is not None:
-        # Fixable outside the spec (a Secret, the bucket) or by reverting an edit: check again later.
-        raise OutageError(f"{result.problem.reason.value}: {result.problem.message}", delay=30.0)
+    # Anything else is fixable outside the spec (a Secret, the bucket) or by reverting an edit: the timer
+    # checks again every status interval (see the module docstring).
 
 
 def build_registry(*, status_interval: float = 5.0) -> kopf.OperatorRegistry:
@@ -110,7 +110,8 @@ def build_registry(*, status_interval: float = 5.0) -> kopf.OperatorRegistry:
         try:
             result = await controller.sync(body, logger)
         except TemporaryError as exc:  # the API server or the bucket went away mid-pass
-            raise OutageError(str(exc), delay=exc.delay) from exc
+            logger.warning("reconcile pass failed; the status timer retries: %s", exc)
+            return
         _write(patch, result)
         _raise_for(result)
 

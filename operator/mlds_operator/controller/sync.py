@@ -87,11 +87,14 @@ class OperatorSettings:
 
 @dataclass(frozen=True)
 class PassResult:
-    """What a pass produced, for the handler to write and to turn into kopf's retry decisions."""
+    """What a pass produced, for the handler to write; a problem of the spec stops kopf's retries.
+
+    Outages met during the pass are logged and said in the status; the next pass (the status timer's)
+    is their retry.
+    """
 
     status_patch: dict[str, Any] | None
     problem: Problem | None = None  # why the campaign cannot run (InvalidSpec & co.)
-    error: MldsError | None = None  # an outage met while acting: retry soon
 
 
 @dataclass
@@ -152,7 +155,6 @@ class Controller:
             await self._close_service(ns, name, logger)
             rt.service, rt.token, rt.conditions, rt.taken_jobs = None, None, None, set()
         rt.uid = campaign.uid
-        error: MldsError | None = None
         secret = await asyncio.to_thread(self.kube.get_secret, ns, pods.secret_name(name))
         external: Problem | None = None
         foreign = secret is not None and not pods.owns_secret(campaign.ref, secret)
@@ -184,7 +186,6 @@ class Controller:
                 await rt.service.tick()
             except StorageUnavailable as exc:
                 logger.warning("storage unavailable during housekeeping (retried): %s", exc)
-                error = exc
             progress = self._progress(rt.service, campaign)
         jobs = [ObservedJob.from_manifest(j) for j in await asyncio.to_thread(self.kube.list_jobs, ns, name)]
         observed = Observed(
@@ -203,15 +204,11 @@ class Controller:
             await self._apply(campaign, outcome.actions, rt, logger)
         except TemporaryError as exc:
             logger.warning("could not carry out the reconcile actions (retried): %s", exc)
-            error = exc
         rt.conditions = list(outcome.status.conditions or ())
         await self._post_events(campaign, outcome.changes, logger)
-        if external is not None and not external.spec and error is None:
-            error = TemporaryError(external.message)
         return PassResult(
             status_patch=status_patch(body.get("status"), outcome.status),
             problem=problem or (external if external is not None and external.spec else None),
-            error=error,
         )
 
     async def _open(self, campaign: Campaign, token: str, rt: _Runtime, logger: Logger) -> Problem | None:
