@@ -30,14 +30,20 @@ import click
 
 __all__ = ["REFERENCE_EPOCHS", "StepCurve", "bench_simulate_command", "simulate"]
 
-#: docs/reference-study/report.md: epochs to converge per ds1 machine, (mean, min, max) over 20 networks.
+#: docs/reference-study/report.md: epochs to converge per machine, (mean, min, max): ds1 over 20 networks,
+#: ds2 over 11-16 (ParityModified and EightBitModified were not established there).
 REFERENCE_EPOCHS: dict[str, tuple[float, float, float]] = {
     "SingleDirectMachine": (88, 68, 118),
     "SingleInvertMachine": (87, 56, 165),
     "SimpleXORMachine": (181, 95, 657),
     "ParityMachine": (345, 176, 1493),
     "EightBitMachine": (1864, 1114, 3750),
+    "SingleDirectModified": (100, 69, 205),
+    "SingleInvertModified": (337, 56, 707),
+    "SimpleXORModified": (193, 102, 658),
 }
+#: A ds2 epoch trains four times ds1's sequences (docs/workloads.md §5): it costs about four ds1 epochs.
+DS2_EPOCH_COST = 4
 #: `mlds bench train` on the 2-core machine (bench/README.md, 2026-12-01 and issue 7): network-epochs per core-second.
 CPU_RATE: dict[int, float] = {1: 3.67, 4: 9.0, 16: 16.9, 32: 20.17, 64: 21.43, 256: 21.0}
 
@@ -67,17 +73,26 @@ class StepCurve:
         return k / (CPU_RATE[lo] * (1 - w) + CPU_RATE[hi] * w)
 
 
-def draw_epochs(machines: list[str], networks: int, seed: int = 0) -> list[tuple[str, int]]:
-    """``networks`` (machine, epochs) pairs, machines in equal shares, in the lease book's order (slowest first)."""
+def _epoch_cost(machine: str) -> int:
+    return DS2_EPOCH_COST if machine.endswith("Modified") else 1
+
+
+def draw_epochs(machines: list[str], networks: int, seed: int = 0, spread: float = 0.35) -> list[tuple[str, int]]:
+    """``networks`` (machine, epochs) pairs, machines in equal shares, in the lease book's order (costliest first).
+
+    Epochs are log-normal with the machine's reference mean and shape ``spread`` (sigma), clipped to its
+    reference range, and counted in ds1 epochs of work (a ds2 epoch is :data:`DS2_EPOCH_COST` of them).
+    """
     rng = random.Random(seed)
     out: list[tuple[str, int]] = []
     for i in range(networks):
         machine = machines[i % len(machines)]
         mean, lo, hi = REFERENCE_EPOCHS[machine]
-        sigma = 0.35
-        mu = math.log(mean) - sigma * sigma / 2
-        out.append((machine, int(min(hi, max(lo, round(rng.lognormvariate(mu, sigma)))))))
-    out.sort(key=lambda me: -REFERENCE_EPOCHS[me[0]][0])  # cost-aware grants: the slowest machine first
+        mu = math.log(mean) - spread * spread / 2
+        epochs = int(min(hi, max(lo, round(rng.lognormvariate(mu, spread)))))
+        out.append((machine, epochs * _epoch_cost(machine)))
+    # cost-aware grants: the costliest machine first
+    out.sort(key=lambda me: -REFERENCE_EPOCHS[me[0]][0] * _epoch_cost(me[0]))
     return out
 
 
@@ -146,7 +161,10 @@ def simulate(epochs: list[int], workers: int, width: int, curve: StepCurve, way:
 @click.option("--curve", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--networks", type=click.IntRange(1), default=1000, show_default=True)
 @click.option(
-    "--machines", default=",".join(REFERENCE_EPOCHS), show_default=True, help="ds1 machines, comma-separated."
+    "--machines",
+    default=",".join(m for m in REFERENCE_EPOCHS if m.endswith("Machine")),
+    show_default=True,
+    help="ds1 (or ds2 Modified) machines, comma-separated.",
 )
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--stack", "width", type=click.IntRange(1), default=64, show_default=True, help="Stack width S.")
@@ -155,6 +173,13 @@ def simulate(epochs: list[int], workers: int, width: int, curve: StepCurve, way:
     "--gpu-knee", type=click.IntRange(1), default=4096, show_default=True, help="K where t(K) starts to grow."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--spread",
+    type=click.FloatRange(0),
+    default=0.35,
+    show_default=True,
+    help="Shape (sigma) of the log-normal epochs: 0.6 resembles what campaigns at the spec's 1e-4 met.",
+)
 def bench_simulate_command(
     curve: str,
     networks: int,
@@ -164,6 +189,7 @@ def bench_simulate_command(
     gpu_epoch_seconds: float,
     gpu_knee: int,
     seed: int,
+    spread: float,
 ) -> None:
     """Fixed against continuous stacks on a step-time curve, with the reference study's epochs."""
     names = [m.strip() for m in machines.split(",") if m.strip()]
@@ -171,10 +197,11 @@ def bench_simulate_command(
     if unknown or not names:
         raise click.BadParameter(f"unknown machines {unknown}; expected some of {list(REFERENCE_EPOCHS)}")
     step = StepCurve(curve, gpu_epoch_seconds, gpu_knee)
-    drawn = draw_epochs(names, networks, seed)
+    drawn = draw_epochs(names, networks, seed, spread)
     epochs = [e for _, e in drawn]
     click.echo(
-        f"simulated: {networks} ds1 networks ({', '.join(names)}; {sum(epochs) / len(epochs):.0f} epochs on average), "
+        f"simulated: {networks} networks ({', '.join(names)}; {sum(epochs) / len(epochs):.0f} ds1 epochs of work on "
+        f"average, spread {spread:g}), "
         f"{workers} worker(s), S={width}, {curve} curve: t(1)={step(1):.3f} s, t(S)={step(width):.3f} s per epoch"
     )
     header = f"{'way':<14}{'hours':>10}{'networks/h':>12}{'x one':>8}{'occupancy':>11}{'tail 90-100% h':>16}"
