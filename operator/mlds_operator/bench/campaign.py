@@ -18,13 +18,16 @@ verified. The machine's load average is printed with every run: ratios are measu
 one way after the other, so a load that changes between runs moves them.
 
 Training is deterministic, so every way trains the same networks for the same epochs; the report ends
-with their spread per target and the longest network, which no schedule on the campaign's workers can
-finish before: what bounds the tail of a campaign with few units per slot.
+with their spread per target, the attempts that hit the epoch cap (work every way does, retried with
+fresh seeds only after the cap) and the longest unit (all its attempts, one after the other), which no
+schedule on the campaign's workers can finish before: what bounds the tail of a campaign with few units
+per slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import resource
 import tempfile
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import click
 from mlds_contract.campaign import Dataset
+from mlds_contract.results import META_FILE
 
 from mlds_operator.bench.campaign_run import bench_campaign
 from mlds_operator.run.runner import RunOptions, RunSummary, run_campaign
@@ -59,6 +63,7 @@ class _Way:
     load: str = ""
     cpu: float = float("nan")  # CPU seconds of the worker processes (children of this process)
     rows: list[dict[str, object]] | None = None  # the manifest's unit, target, epochs and seconds per network
+    capped: list[dict[str, object]] | None = None  # the same of each attempt that hit the epoch cap
 
 
 def _loadavg() -> str:
@@ -86,8 +91,9 @@ def _run(
         )
         way.summary = asyncio.run(run_campaign(campaign, Path(tmp) / "bench-campaign.yaml", opts))
         if way.summary.manifest is not None:
-            table = read_manifest(LocalStore(Path(tmp) / "store"))
-            way.rows = table.select(["unit", "target", "epochs", "seconds"]).to_pylist()
+            store = LocalStore(Path(tmp) / "store")
+            way.rows = read_manifest(store).select(["unit", "target", "epochs", "seconds"]).to_pylist()
+            way.capped = capped_attempts(store)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     way.cpu = (after.ru_utime + after.ru_stime) - (used.ru_utime + used.ru_stime)
     way.tail = tail_seconds(progress, networks)
@@ -180,35 +186,61 @@ def _report(runs: list[_Way], networks: int, workers: int) -> None:
     click.echo(f"({networks} networks; every figure from runs in this process, one way after the other)")
 
 
-def spread_lines(runs: list[_Way], *, slots: int) -> list[str]:
-    """Epochs per target (min / median / max), the longest network, and the occupancy it leaves possible.
+def capped_attempts(store: LocalStore) -> list[dict[str, object]]:
+    """Unit, target, epochs and seconds of every attempt that hit the epoch cap (kept under ``unconverged/``)."""
+    out: list[dict[str, object]] = []
+    for key in sorted(store.list("unconverged/")):
+        if key.endswith("/" + META_FILE):
+            meta = json.loads(store.get_bytes(key) or b"{}")
+            out.append({k: meta.get(k) for k in ("unit", "target", "epochs", "seconds")})
+    return out
 
-    However units are ordered, ``slots`` slots cannot all be busy for longer than the total epochs allow,
-    and the campaign lasts at least as long as its longest network: the mean occupancy of any schedule is
-    at most total / (slots x max(longest, total / slots)) (epochs as time; members of a stack step together).
+
+def spread_lines(runs: list[_Way], *, slots: int) -> list[str]:
+    """Epochs per target (min / median / max), capped attempts, the longest unit, and the occupancy left possible.
+
+    A unit's attempts run one after the other (a capped attempt is retried, with fresh seeds, once it hit
+    the cap), so the campaign lasts at least as long as its longest unit, all attempts together; and
+    however units are ordered, ``slots`` slots cannot all be busy for longer than the total epochs allow:
+    the mean occupancy of any schedule is at most total / (slots x max(longest, total / slots)) (epochs
+    as time; members of a stack step together).
     """
-    rows = next((w.rows for w in runs if w.rows), None)
-    if not rows:
+    way = next((w for w in runs if w.rows), None)
+    if way is None or not way.rows:
         return []
-    epochs = [int(str(row["epochs"])) for row in rows]
+    rows, capped = way.rows, way.capped or []
     by_target: dict[str, list[int]] = {}
-    for row, n in zip(rows, epochs, strict=True):
-        by_target.setdefault(str(row["target"]), []).append(n)
+    for row in rows:
+        by_target.setdefault(str(row["target"]), []).append(int(str(row["epochs"])))
     parts = [f"{t} {min(e)}/{sorted(e)[len(e) // 2]}/{max(e)}" for t, e in sorted(by_target.items())]
     lines = ["epochs to converge (min/median/max): " + ", ".join(parts)]
-    most = max(epochs)
-    longest = rows[epochs.index(most)]
-    alone = next((w.rows for w in runs if w.units_per_lease == 1 and w.rows), None)
-    seconds = next((float(str(r["seconds"])) for r in alone or [] if r["unit"] == longest["unit"]), None)
-    took = f", {seconds:,.1f} s alone" if seconds is not None else ""
+    if capped:
+        named = ", ".join(f"unit {c['unit']} ({c['target']}) {int(str(c['epochs'])):,}" for c in capped)
+        lines.append(
+            f"attempts that hit the epoch cap: {len(capped)} ({named} epochs); each unit was trained again, "
+            "with fresh seeds, after its cap"
+        )
+    chains: dict[object, list[int]] = {}
+    targets: dict[object, object] = {}
+    for row in [*capped, *rows]:
+        chains.setdefault(row["unit"], []).append(int(str(row["epochs"])))
+        targets[row["unit"]] = row["target"]
+    unit, attempts = max(chains.items(), key=lambda kv: sum(kv[1]))
+    most = sum(attempts)
+    alone = next((w for w in runs if w.units_per_lease == 1 and w.rows), None)
+    took = ""
+    if alone is not None:
+        seconds = [float(str(r["seconds"])) for r in [*(alone.capped or []), *(alone.rows or [])] if r["unit"] == unit]
+        took = f", {sum(seconds):,.1f} s alone" if len(seconds) == len(attempts) else ""
+    over = f" over {len(attempts)} attempts, one after the other" if len(attempts) > 1 else ""
     lines.append(
-        f"longest network: unit {longest['unit']} ({longest['target']}), {most} epochs{took}; "
+        f"longest {'unit' if over else 'network'}: unit {unit} ({targets[unit]}), {most:,} epochs{over}{took}; "
         "no schedule ends the campaign before it does"
     )
-    total = sum(epochs)
+    total = sum(sum(e) for e in chains.values())
     ceiling = total / (slots * max(most, total / slots))
     lines.append(
         f"best mean occupancy of any schedule with {slots} slots: {ceiling:.1%} "
-        f"({total:,} epochs in all, {most / total:.0%} of them in the longest network)"
+        f"({total:,} epochs in all, {most / total:.0%} of them in the longest {'unit' if over else 'network'})"
     )
     return lines
