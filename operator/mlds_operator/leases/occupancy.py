@@ -5,9 +5,11 @@ arrives with a lease request or heartbeat; metrics (:mod:`mlds_operator.leases.m
 summary and `mlds bench campaign` read :meth:`StackOccupancy.pools`. Pure bookkeeping, no I/O.
 
 Two figures per pool: the occupancy now (live members / slots, over workers heard from recently) and
-the mean over the campaign (the workers' time-weighted totals, ``memberSeconds / slotSeconds``), also
-as it stood while units were still pending (the tail, when there is nothing left to refill slots
-with, empties stacks by design; a report that arrives while units are pending freezes that figure).
+the mean over the campaign (the workers' time-weighted totals, ``memberSeconds / slotSeconds``), and
+the same over the time units were pending only: the tail, when there is nothing left to refill slots
+with, empties stacks by design. A worker's totals are cumulative, so the time between two of its
+reports counts as "pending" when units were pending as the first of them arrived; a retry that turns
+pending late (an attempt capped at the end) does not pull the lonely time before it into that figure.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class PoolOccupancy:
     live: int
     slots: int
     mean: float | None  # over the campaign so far
-    mean_while_pending: float | None  # up to the last report made while units were pending
+    mean_while_pending: float | None  # over the time units were pending (see the module docstring)
 
     @property
     def now(self) -> float | None:
@@ -48,6 +50,7 @@ class _Worker:
     report: StackReport
     seen: float
     fed: tuple[float, float] = (0.0, 0.0)  # (member seconds, slot seconds) while units were pending
+    pending: int = 0  # units pending as its latest report arrived
 
 
 class StackOccupancy:
@@ -65,10 +68,16 @@ class StackOccupancy:
         now = self._clock()
         entry = self._workers.get(worker)
         if entry is None:
-            entry = self._workers[worker] = _Worker(pool, report, now)
-        entry.pool, entry.report, entry.seen = pool, report, now
-        if pending > 0:
-            entry.fed = (report.member_seconds, report.slot_seconds)
+            # Before its first report the worker was starting up, granted units: fed, when units were pending.
+            fed = (report.member_seconds, report.slot_seconds) if pending > 0 else (0.0, 0.0)
+            entry = self._workers[worker] = _Worker(pool, report, now, fed, pending)
+        else:
+            if entry.pending > 0:  # units were pending when this interval began
+                member = report.member_seconds - entry.report.member_seconds
+                slot = report.slot_seconds - entry.report.slot_seconds
+                if member >= 0 and slot >= 0:  # totals only grow; a worker id reused by a fresh process restarts them
+                    entry.fed = (entry.fed[0] + member, entry.fed[1] + slot)
+            entry.pool, entry.report, entry.seen, entry.pending = pool, report, now, pending
         if len(self._workers) > MAX_WORKERS:
             self._forget(now)
 

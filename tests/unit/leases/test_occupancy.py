@@ -41,3 +41,17 @@ def test_invented_worker_ids_are_forgotten_after_an_hour_and_the_means_keep_what
     assert cpu.workers == 10
     assert cpu.mean == (MAX_WORKERS * 1.0 + 10 * 3.0) / (MAX_WORKERS * 2.0 + 10 * 4.0)
     assert cpu.mean_while_pending == cpu.mean
+
+
+def test_the_pending_mean_counts_the_time_between_reports_that_began_with_units_pending() -> None:
+    occ = StackOccupancy(clock=FakeClock())
+    occ.report("a", "cpu", report(10.0, 20.0), pending=3)  # fed from the start
+    occ.report("a", "cpu", report(50.0, 60.0), pending=0)  # +40 of 40: pending when the interval began
+    occ.report("a", "cpu", report(55.0, 100.0), pending=2)  # a lonely tail, then a late retry turns pending
+    occ.report("a", "cpu", report(95.0, 140.0), pending=0)  # +40 of 40 again
+
+    (cpu,) = occ.pools().values()
+
+    assert cpu.mean == 95.0 / 140.0
+    # 90 of 100 slot-seconds: the 40 lonely slot-seconds before the retry stay out of it.
+    assert cpu.mean_while_pending == 90.0 / 100.0
