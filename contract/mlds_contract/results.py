@@ -32,6 +32,7 @@ __all__ = [
     "META_FILE",
     "MODEL_FILE",
     "SNAPSHOTS_FILE",
+    "UNCONVERGED_PREFIX",
     "Measured",
     "image_size_of",
     "model_tensors",
@@ -47,6 +48,9 @@ META_FILE: Final = "meta.json"
 HISTORY_FILE: Final = "history.csv"
 #: ds3 only: the flattened weights after every epoch.
 SNAPSHOTS_FILE: Final = "snapshots.safetensors"
+#: Attempts that hit the epoch cap keep their files under ``unconverged/<target>/<replica>/attempt-<n>/``
+#: beneath the campaign prefix, out of the manifest.
+UNCONVERGED_PREFIX: Final = "unconverged/"
 
 #: Largest result file the server accepts, uploaded or declared (ds3 snapshots of 4,096 epochs are ~70 MB).
 #: The server holds a file in memory while it verifies and publishes it, so this bounds that memory.

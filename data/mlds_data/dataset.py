@@ -72,7 +72,7 @@ import pyarrow.parquet as pq
 from mlds_contract.campaign import Storage
 from mlds_contract.errors import StorageUnavailable, UserError
 from mlds_contract.files import load_campaign
-from mlds_contract.results import META_FILE, MODEL_FILE
+from mlds_contract.results import META_FILE, MODEL_FILE, UNCONVERGED_PREFIX
 from mlds_operator.storage.manifest import DATA_PREFIX, MANIFEST_KEY, README_KEY, read_parts
 from mlds_operator.storage.store import LocalStore, ObjectInfo, Store, open_store
 
@@ -112,7 +112,7 @@ _FETCH_TRIES = 3
 _BACKOFF_S = 0.5
 _TMP_MARK = ".mlds-tmp-"
 # Folders a pull leaves out: the generator's bookkeeping, and attempts that never converged.
-_SKIP_PREFIXES = ("_mlds/", "unconverged/")
+_SKIP_PREFIXES = ("_mlds/", UNCONVERGED_PREFIX)
 _HEADER_LEN = struct.Struct("<Q")
 
 
@@ -836,7 +836,7 @@ def summarize(store: Store) -> dict[str, Any]:
     for key, size in sizes.items():
         folder = key.rpartition("/")[0]
         by_folder[folder] = by_folder.get(folder, 0) + size
-    unconverged = sum(1 for k in sizes if k.startswith("unconverged/") and k.endswith("/" + META_FILE))
+    unconverged = sum(1 for k in sizes if k.startswith(UNCONVERGED_PREFIX) and k.endswith("/" + META_FILE))
     n = table.num_rows
     # Targets in order of first appearance (dictionary_encode keeps that order), then per-target sums with
     # np.bincount, which adds in row order: the float sums are bit-identical to a loop over the rows.

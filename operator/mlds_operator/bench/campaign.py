@@ -36,7 +36,7 @@ from pathlib import Path
 
 import click
 from mlds_contract.campaign import Dataset
-from mlds_contract.results import META_FILE
+from mlds_contract.results import META_FILE, UNCONVERGED_PREFIX
 
 from mlds_operator.bench.campaign_run import bench_campaign
 from mlds_operator.run.runner import RunOptions, RunSummary, run_campaign
@@ -189,7 +189,7 @@ def _report(runs: list[_Way], networks: int, workers: int) -> None:
 def capped_attempts(store: LocalStore) -> list[dict[str, object]]:
     """Unit, target, epochs and seconds of every attempt that hit the epoch cap (kept under ``unconverged/``)."""
     out: list[dict[str, object]] = []
-    for key in sorted(store.list("unconverged/")):
+    for key in sorted(store.list(UNCONVERGED_PREFIX)):
         if key.endswith("/" + META_FILE):
             meta = json.loads(store.get_bytes(key) or b"{}")
             out.append({k: meta.get(k) for k in ("unit", "target", "epochs", "seconds")})

@@ -27,6 +27,9 @@ import random
 from dataclasses import dataclass
 
 import click
+from mlds_contract.campaign import DS2_MACHINES, Dataset
+
+from mlds_operator.leases.costs import EPOCH_COST
 
 __all__ = ["REFERENCE_EPOCHS", "StepCurve", "bench_simulate_command", "simulate"]
 
@@ -42,8 +45,6 @@ REFERENCE_EPOCHS: dict[str, tuple[float, float, float]] = {
     "SingleInvertModified": (337, 56, 707),
     "SimpleXORModified": (193, 102, 658),
 }
-#: A ds2 epoch trains four times ds1's sequences (docs/workloads.md §5): it costs about four ds1 epochs.
-DS2_EPOCH_COST = 4
 #: `mlds bench train` on the 2-core machine (bench/README.md, 2026-12-01 and issue 7): network-epochs per core-second.
 CPU_RATE: dict[int, float] = {1: 3.67, 4: 9.0, 16: 16.9, 32: 20.17, 64: 21.43, 256: 21.0}
 
@@ -74,14 +75,15 @@ class StepCurve:
 
 
 def _epoch_cost(machine: str) -> int:
-    return DS2_EPOCH_COST if machine.endswith("Modified") else 1
+    """ds1 epochs of work in one epoch of ``machine`` (the lease book's figure: a ds2 epoch is four)."""
+    return round(EPOCH_COST[Dataset.ds2]) if machine in DS2_MACHINES else 1
 
 
 def draw_epochs(machines: list[str], networks: int, seed: int = 0, spread: float = 0.35) -> list[tuple[str, int]]:
     """``networks`` (machine, epochs) pairs, machines in equal shares, in the lease book's order (costliest first).
 
     Epochs are log-normal with the machine's reference mean and shape ``spread`` (sigma), clipped to its
-    reference range, and counted in ds1 epochs of work (a ds2 epoch is :data:`DS2_EPOCH_COST` of them).
+    reference range, and counted in ds1 epochs of work (a ds2 epoch is four of them, as the lease book counts).
     """
     rng = random.Random(seed)
     out: list[tuple[str, int]] = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 from mlds_contract.campaign import CampaignSpec, Dataset
 from mlds_contract.plan import Target, campaign_targets
 
-__all__ = ["REFERENCE_EPOCHS", "reference_costs"]
+__all__ = ["EPOCH_COST", "REFERENCE_EPOCHS", "reference_costs"]
 
 #: Epochs to converge per machine (ds1 names and ds2 names), the middle of the reference points.
 REFERENCE_EPOCHS: dict[str, float] = {
@@ -34,12 +34,12 @@ REFERENCE_EPOCHS: dict[str, float] = {
     "EightBitModified": 4000,  # not established (stopped unfinished at 625 epochs): at least EightBit's
 }
 #: Cost of one epoch relative to ds1 (ds2 trains on four times the sequences).
-_EPOCH_COST = {Dataset.ds2: 4.0}
+EPOCH_COST: dict[Dataset, float] = {Dataset.ds2: 4.0}
 
 
 def _cost(target: Target) -> float:
     epochs = REFERENCE_EPOCHS.get(target.machine or "", 1.0)
-    return epochs * _EPOCH_COST.get(target.dataset, 1.0)
+    return epochs * EPOCH_COST.get(target.dataset, 1.0)
 
 
 def reference_costs(spec: CampaignSpec, targets: list[Target] | None = None) -> list[float]:

@@ -75,7 +75,7 @@ from mlds_contract.lease import (
     ReleaseRequest,
 )
 from mlds_contract.plan import Target, UnitSpec, campaign_targets, unit_spec
-from mlds_contract.results import META_FILE, MODEL_FILE, SNAPSHOTS_FILE, result_files_for
+from mlds_contract.results import META_FILE, MODEL_FILE, SNAPSHOTS_FILE, UNCONVERGED_PREFIX, result_files_for
 from mlds_workloads import input_files, save_data, target_data
 
 from mlds_operator.leases import checks
@@ -578,7 +578,7 @@ class CampaignService:
                 observer.result_duplicate(req.pool)
             return CompleteReply(status=Outcome.duplicate, state=self.book.unit(req.unit).state)
         spec = self.unit_spec(req.unit, req.attempt)
-        final = spec.key if req.converged else f"unconverged/{spec.key}/attempt-{req.attempt}"
+        final = spec.key if req.converged else f"{UNCONVERGED_PREFIX}{spec.key}/attempt-{req.attempt}"
         try:
             # One thread hop for both: a hop costs more CPU than a small result's reads and renames.
             verified = await asyncio.to_thread(self._verify_and_publish, req, spec, final)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+from mlds_contract.campaign import Dataset
 from mlds_operator.bench.simulate import (
-    DS2_EPOCH_COST,
     REFERENCE_EPOCHS,
     StepCurve,
     bench_simulate_command,
     draw_epochs,
     simulate,
 )
+from mlds_operator.leases.costs import EPOCH_COST
 
 CPU = StepCurve("cpu")
 FLAT = StepCurve("gpu", gpu_epoch_seconds=1.0, gpu_knee=1024)  # every epoch costs 1 s up to K = 1024
@@ -71,7 +72,7 @@ def test_drawn_epochs_keep_to_the_reference_range_and_come_costliest_machine_fir
     assert [m for m, _ in drawn[100:200]] == ["ParityMachine"] * 100
     for machine, epochs in drawn:
         _, lo, hi = REFERENCE_EPOCHS[machine]
-        cost = DS2_EPOCH_COST if machine.endswith("Modified") else 1
+        cost = EPOCH_COST[Dataset.ds2] if machine.endswith("Modified") else 1
         assert lo * cost <= epochs <= hi * cost
     assert draw_epochs(machines, 30, seed=3) == draw_epochs(machines, 30, seed=3)  # a seed replays
 
