@@ -153,9 +153,10 @@ def test_killing_a_worker_and_the_server_mid_lease_loses_and_double_counts_nothi
         # 2. SIGKILL mlds run while one of its workers holds a lease it has just been granted.
         def fresh_lease() -> dict[int, str] | None:
             workers = workers_of(run1)
-            fresh = (events_of(logs, slot(w), at_victim_kill) for w in workers.values())
-            # Nothing trained from it yet: the worker's last line is the grant (or, K > 1, the stack's start).
-            if any(ev and ev[-1].message in ("leased", "training a stack") for ev in fresh):
+            # A lease granted since the first kill with units still in training. (Not "the worker's last
+            # line is the grant": a continuous stack logs on at once, and a 0.2-s poll could miss every
+            # such moment of a short campaign.)
+            if any(open_lease(events_of(logs, slot(w), at_victim_kill)) for w in workers.values()):
                 return workers
             return None
 
