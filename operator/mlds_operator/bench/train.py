@@ -15,7 +15,10 @@ hour projected for a ds1 campaign from the spec's reference epochs-to-converge (
 hours 50,000 ds1 networks would take. On the CPU "per core" divides by the process's CPU time (one
 intra-op thread: CPU seconds are core-seconds), which other processes on a shared machine disturb far
 less than wall time; on a GPU it is per device and wall time. Every configuration runs ``--rounds``
-times, interleaved, and the best round counts. ``--profile`` adds a torch.profiler table of one epoch
+times, interleaved, and the best round counts in the table. With two rounds or more, a line per stack
+gives the median and range of its per-round ratios, each against the baseline of the same round: a
+shared machine's speed drifts by a quarter within minutes, and a ratio of two measurements taken seconds
+apart drifts less than one of two best rounds. ``--profile`` adds a torch.profiler table of one epoch
 of the largest K: what limits the stack.
 
 Data generation and a warm-up epoch of each configuration are not timed.
@@ -25,9 +28,10 @@ from __future__ import annotations
 
 import functools
 import os
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import click
@@ -58,9 +62,11 @@ class _Timing:
     epochs: int
     wall: float = float("inf")  # seconds, best round
     cpu: float = float("inf")  # process CPU seconds, best round
+    rounds: list[tuple[float, float]] = field(default_factory=list)  # (wall, cpu) of every round, in order
 
     def add(self, wall: float, cpu: float) -> None:
         self.wall, self.cpu = min(self.wall, wall), min(self.cpu, cpu)
+        self.rounds.append((wall, cpu))
 
     @property
     def network_epochs(self) -> int:
@@ -78,7 +84,13 @@ class _Timing:
     show_default=True,
     help="Networks the baseline trains one after the other.",
 )
-@click.option("--rounds", type=click.IntRange(1), default=2, show_default=True, help="Repeats; the best counts.")
+@click.option(
+    "--rounds",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    help="Repeats, interleaved; the best counts in the table, and each stack's per-round ratios are summarised.",
+)
 @click.option("--profile", is_flag=True, help="Profile one epoch of the largest K and print the top operators.")
 def bench_train_command(device: str, epochs: int, ks: str, baseline_networks: int, rounds: int, profile: bool) -> None:
     """Network-epochs per second: one nn.GRU at a time (a) against K networks batched (b), ds1 data."""
@@ -202,6 +214,22 @@ def _report(timings: list[_Timing], gpu: bool) -> None:
         click.echo(
             "".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
         )
+    if len(timings[0].rounds) > 1:
+        for t in timings[1:]:
+            ratios = round_ratios(timings[0], t, gpu=gpu)
+            click.echo(
+                f"per-round x (a), {t.label}: median {statistics.median(ratios):.2f}x, "
+                f"range {min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} rounds"
+            )
+
+
+def round_ratios(base: _Timing, stack: _Timing, *, gpu: bool) -> list[float]:
+    """Per core (per device and wall time on a GPU), ``stack``'s rate over ``base``'s in each round."""
+    pick = 0 if gpu else 1
+    return [
+        (stack.network_epochs / s[pick]) / (base.network_epochs / b[pick])
+        for b, s in zip(base.rounds, stack.rounds, strict=True)
+    ]
 
 
 def _profile(units: list[UnitSpec], device: torch.device) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlds_contract.errors import UserError
-from mlds_operator.bench.train import DS1_REFERENCE_EPOCHS, bench_train_command, ds1_units
+from mlds_operator.bench.train import DS1_REFERENCE_EPOCHS, _Timing, bench_train_command, ds1_units, round_ratios
 
 
 def test_the_bench_units_are_ds1_networks_of_every_machine_that_train_a_fixed_number_of_epochs() -> None:
@@ -31,9 +31,22 @@ def test_stack_sizes_must_be_positive_integers(sizes: str) -> None:
     assert "--k" in result.output
 
 
+def test_each_round_is_compared_with_the_baseline_of_the_same_round() -> None:
+    base = _Timing("(a)", networks=2, epochs=5)  # 10 network-epochs a round
+    stack = _Timing("(b) K=4", networks=4, epochs=5)  # 20
+    for (b_wall, b_cpu), (s_wall, s_cpu) in [((3.0, 2.0), (2.0, 1.0)), ((6.0, 4.0), (3.0, 1.0))]:
+        base.add(b_wall, b_cpu)
+        stack.add(s_wall, s_cpu)
+    # Per core: round 1 20/1 over 10/2 = 4x; round 2 20/1 over 10/4 = 8x. The best rounds would say 20/1 over 10/2.
+    assert round_ratios(base, stack, gpu=False) == [4.0, 8.0]
+    # On a GPU, wall time: 20/2 over 10/3 = 3x, 20/3 over 10/6 = 4x.
+    assert round_ratios(base, stack, gpu=True) == pytest.approx([3.0, 4.0])
+    assert (base.cpu, stack.cpu) == (2.0, 1.0)  # the table still shows the best round
+
+
 @pytest.mark.slow
 def test_a_small_run_prints_the_baseline_and_each_stack_with_its_ratio() -> None:
-    args = ["--epochs", "1", "--k", "1,2", "--baseline-networks", "1", "--rounds", "1"]
+    args = ["--epochs", "1", "--k", "1,2", "--baseline-networks", "1", "--rounds", "2"]
     result = CliRunner().invoke(bench_train_command, args)
     assert result.exit_code == 0, result.output
     assert f"torch {torch.__version__}; intra-op threads 1; device cpu" in result.output
@@ -43,3 +56,6 @@ def test_a_small_run_prints_the_baseline_and_each_stack_with_its_ratio() -> None
     assert rows["(a) one at a time, nn.GRU"][-3] == "1.00"  # the baseline's ratio to itself
     for cells in rows.values():
         assert float(cells[-4]) > 0  # network-epochs per second per core
+    summary = [line for line in lines if line.startswith("per-round x (a), ")]
+    assert [line.split(", ")[1].split(":")[0] for line in summary] == ["(b) batched K=1", "(b) batched K=2"]
+    assert all(line.endswith("over 2 rounds") for line in summary)
