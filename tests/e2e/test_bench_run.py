@@ -23,6 +23,8 @@ def test_the_fixed_campaign_spreads_the_networks_evenly_over_its_machines() -> N
     assert campaign.spec.networks_per_target == 50
     assert campaign.spec.training.target_loss == pytest.approx(1e-4)  # the spec's criterion unless asked
     assert [p.units_per_lease for p in campaign.spec.pools] == [1]
+    assert campaign.spec.seed == 1  # every way, and every run of the benchmark, trains the same networks
+    assert bench_campaign(100, ["SingleDirectMachine"], units_per_lease=4, seed=5).spec.seed == 5
 
 
 def test_a_ds2_campaign_trains_the_modified_machines_under_either_spelling() -> None:

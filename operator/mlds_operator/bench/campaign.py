@@ -74,9 +74,15 @@ def _loadavg() -> str:
 
 
 def _run(
-    way: _Way, networks: int, machines: list[str], workers: int, target_loss: float | None, dataset: Dataset
+    way: _Way,
+    networks: int,
+    machines: list[str],
+    workers: int,
+    target_loss: float | None,
+    dataset: Dataset,
+    seed: int,
 ) -> None:
-    campaign = bench_campaign(networks, machines, way.units_per_lease, target_loss, dataset)
+    campaign = bench_campaign(networks, machines, way.units_per_lease, target_loss, dataset, seed=seed)
     progress: list[tuple[float, int]] = []
     before = _loadavg()
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -129,8 +135,22 @@ def _run(
     default=None,
     help="Evaluation MSE that ends training [default: the spec's 1e-4]; larger for a shorter run.",
 )
+@click.option(
+    "--seed",
+    type=click.IntRange(0),
+    default=1,
+    show_default=True,
+    help="The campaign's seed: another draws other initial weights and data orders (every way gets the same).",
+)
 def bench_campaign_command(
-    networks: int, dataset: str, machines: str, workers: int, width: int, ways: str, target_loss: float | None
+    networks: int,
+    dataset: str,
+    machines: str,
+    workers: int,
+    width: int,
+    ways: str,
+    target_loss: float | None,
+    seed: int,
 ) -> None:
     """The same ds1 (or ds2) campaign one network at a time, in fixed stacks and in continuous stacks."""
     ds = Dataset(dataset)
@@ -144,15 +164,16 @@ def bench_campaign_command(
     unknown = [w for w in chosen if w not in known]
     if unknown or not chosen:
         raise click.BadParameter(f"unknown ways {unknown}; expected one, fixed, continuous", param_hint="--ways")
-    bench_campaign(networks, names, width, target_loss, ds)  # a bad machine list is one clear line, before any run
+    # A bad machine list is one clear line, before any run.
+    bench_campaign(networks, names, width, target_loss, ds, seed=seed)
     click.echo(
         f"campaign: {networks} {ds.value} networks ({', '.join(names)}), {workers} worker(s), stack width {width} "
-        f"({networks / (width * workers):.1f} units per slot), target loss {target_loss or 1e-4:g}; "
+        f"({networks / (width * workers):.1f} units per slot), target loss {target_loss or 1e-4:g}, seed {seed}; "
         f"{os.cpu_count()} CPUs"
     )
     runs = [known[w] for w in chosen]
     for way in runs:
-        _run(way, networks, names, workers, target_loss, ds)
+        _run(way, networks, names, workers, target_loss, ds, seed)
         click.echo(f"  ran {way.label}: load average {way.load}")
     _report(runs, networks, workers)
     for line in spread_lines(runs, slots=width * workers):

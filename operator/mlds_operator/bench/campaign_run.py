@@ -39,14 +39,19 @@ def bench_campaign(
     units_per_lease: int,
     target_loss: float | None = None,
     dataset: Dataset = Dataset.ds1,
+    *,
+    seed: int = 1,
 ) -> TrainingCampaign:
-    """The fixed campaign: ``networks`` ds1 (or ds2) networks spread evenly over ``machines``, default training."""
+    """The fixed campaign: ``networks`` ds1 (or ds2) networks spread evenly over ``machines``, default training.
+
+    ``seed`` is the campaign's: another seed draws other initial weights and data orders for every unit.
+    """
     if not machines or networks % len(machines):
         raise UserError(f"{networks} networks do not split evenly over the machines {machines}")
     spec = CampaignSpec(
         workload=Workload(dataset=dataset, machines=machines),
         networks_per_target=networks // len(machines),
-        seed=1,
+        seed=seed,
         training=Training() if target_loss is None else Training(target_loss=target_loss),
         pools=[Pool(name="cpu", units_per_lease=units_per_lease)],
     )
