@@ -27,6 +27,7 @@ per slot.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import resource
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-from mlds_contract.campaign import Dataset
+from mlds_contract.campaign import Dataset, TrainingCampaign
 from mlds_contract.results import META_FILE, UNCONVERGED_PREFIX
 
 from mlds_operator.bench.campaign_run import bench_campaign
@@ -73,16 +74,7 @@ def _loadavg() -> str:
         return "n/a"
 
 
-def _run(
-    way: _Way,
-    networks: int,
-    machines: list[str],
-    workers: int,
-    target_loss: float | None,
-    dataset: Dataset,
-    seed: int,
-) -> None:
-    campaign = bench_campaign(networks, machines, way.units_per_lease, target_loss, dataset, seed=seed)
+def _run(way: _Way, campaign: TrainingCampaign, networks: int, workers: int) -> None:
     progress: list[tuple[float, int]] = []
     before = _loadavg()
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -164,8 +156,9 @@ def bench_campaign_command(
     unknown = [w for w in chosen if w not in known]
     if unknown or not chosen:
         raise click.BadParameter(f"unknown ways {unknown}; expected one, fixed, continuous", param_hint="--ways")
-    # A bad machine list is one clear line, before any run.
-    bench_campaign(networks, names, width, target_loss, ds, seed=seed)
+    # The campaign of each way differs in its stack width only.
+    build = functools.partial(bench_campaign, networks, names, target_loss=target_loss, dataset=ds, seed=seed)
+    build(units_per_lease=width)  # a bad machine list is one clear line, before any run
     click.echo(
         f"campaign: {networks} {ds.value} networks ({', '.join(names)}), {workers} worker(s), stack width {width} "
         f"({networks / (width * workers):.1f} units per slot), target loss {target_loss or 1e-4:g}, seed {seed}; "
@@ -173,7 +166,7 @@ def bench_campaign_command(
     )
     runs = [known[w] for w in chosen]
     for way in runs:
-        _run(way, networks, names, workers, target_loss, ds, seed)
+        _run(way, build(units_per_lease=way.units_per_lease), networks, workers)
         click.echo(f"  ran {way.label}: load average {way.load}")
     _report(runs, networks, workers)
     for line in spread_lines(runs, slots=width * workers):

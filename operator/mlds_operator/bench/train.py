@@ -60,13 +60,20 @@ class _Timing:
     label: str
     networks: int
     epochs: int
-    wall: float = float("inf")  # seconds, best round
-    cpu: float = float("inf")  # process CPU seconds, best round
-    rounds: list[tuple[float, float]] = field(default_factory=list)  # (wall, cpu) of every round, in order
+    rounds: list[tuple[float, float]] = field(default_factory=list)  # (wall s, process CPU s) of every round
 
     def add(self, wall: float, cpu: float) -> None:
-        self.wall, self.cpu = min(self.wall, wall), min(self.cpu, cpu)
         self.rounds.append((wall, cpu))
+
+    @property
+    def wall(self) -> float:
+        """Seconds of the best round."""
+        return min((w for w, _ in self.rounds), default=float("inf"))
+
+    @property
+    def cpu(self) -> float:
+        """Process CPU seconds of the best round (by CPU time)."""
+        return min((c for _, c in self.rounds), default=float("inf"))
 
     @property
     def network_epochs(self) -> int:
